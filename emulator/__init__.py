@@ -1,0 +1,1 @@
+"""Emulated vLLM server: block pool, continuous-batching engine, vLLM API, metrics, KV events."""

@@ -1,0 +1,28 @@
+"""The single definition of a KV block that the emulator and the proxy share.
+
+Tokenize -> cut into full blocks -> chained hashes identical to vLLM's for the same token ids.
+"""
+from .blocks import DEFAULT_BLOCK_SIZE, BlockHasher, full_blocks, num_full_blocks
+from .chat import ChatFormatError, render_chat
+from .errors import APIError, error_body
+from .hashing import HASH_ALGOS, hash_block, hash_fn, hash_to_int, none_hash
+from .tokenizer import BUILTIN_TOKENIZER, Tokenizer, get_tokenizer
+
+__all__ = [
+    "APIError",
+    "BUILTIN_TOKENIZER",
+    "BlockHasher",
+    "ChatFormatError",
+    "DEFAULT_BLOCK_SIZE",
+    "HASH_ALGOS",
+    "Tokenizer",
+    "error_body",
+    "full_blocks",
+    "get_tokenizer",
+    "hash_block",
+    "hash_fn",
+    "hash_to_int",
+    "none_hash",
+    "num_full_blocks",
+    "render_chat",
+]

@@ -1,0 +1,1 @@
+"""Load generator comparing routing strategies on realistic workloads."""

@@ -1,0 +1,1 @@
+"""KV-cache-aware OpenAI/vLLM-compatible reverse proxy."""
