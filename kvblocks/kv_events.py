@@ -14,6 +14,7 @@ import msgpack
 from .hashing import hash_to_int
 
 MEDIUM_GPU = "GPU"
+KV_CACHE_SPEC_FULL = "full_attention"
 REPLAY_END_SEQ = -1
 
 
@@ -30,6 +31,8 @@ class BlockStored:
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = 0
+    kv_cache_spec_kind: str | None = KV_CACHE_SPEC_FULL
+    kv_cache_spec_sliding_window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,16 @@ def wire_hash(digest: bytes, use_int: bool = True) -> int | bytes:
     return hash_to_int(digest) if use_int else digest
 
 
+def int_hash(h: int | bytes) -> int:
+    """The int key of a wire hash: raw digests (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0) become their int form."""
+    return hash_to_int(h) if isinstance(h, bytes) else h
+
+
 def _event_to_map(ev: KVEvent) -> dict[str, Any]:
+    """vLLM's msgspec map: fields without a default always present, defaulted ones omitted when None."""
     if isinstance(ev, BlockStored):
         extra = ev.extra_keys if ev.extra_keys is not None else [None] * len(ev.block_hashes)
-        return {
+        m: dict[str, Any] = {
             "type": "BlockStored",
             "block_hashes": list(ev.block_hashes),
             "parent_block_hash": ev.parent_block_hash,
@@ -76,13 +85,29 @@ def _event_to_map(ev: KVEvent) -> dict[str, Any]:
             "medium": ev.medium,
             "lora_name": ev.lora_name,
             "extra_keys": extra,
-            "group_idx": ev.group_idx,
         }
+        _put_optional(m, "group_idx", ev.group_idx)
+        _put_optional(m, "kv_cache_spec_kind", ev.kv_cache_spec_kind)
+        _put_optional(m, "kv_cache_spec_sliding_window", ev.kv_cache_spec_sliding_window)
+        return m
     if isinstance(ev, BlockRemoved):
-        return {"type": "BlockRemoved", "block_hashes": list(ev.block_hashes), "medium": ev.medium, "group_idx": ev.group_idx}
+        m = {"type": "BlockRemoved", "block_hashes": list(ev.block_hashes), "medium": ev.medium}
+        _put_optional(m, "group_idx", ev.group_idx)
+        return m
     if isinstance(ev, AllBlocksCleared):
         return {"type": "AllBlocksCleared"}
     raise TypeError(f"not a KV event: {ev!r}")
+
+
+def _put_optional(m: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        m[key] = value
+
+
+def _hashes(value: Any, what: str) -> list[int | bytes]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(h, (int, bytes)) for h in value):
+        raise ValueError(f"{what} must be a list of int or bytes block hashes")
+    return list(value)
 
 
 def _event_from_map(m: Any) -> KVEvent:
@@ -90,25 +115,41 @@ def _event_from_map(m: Any) -> KVEvent:
         raise ValueError("KV events must be maps tagged by 'type' (positional arrays are the pre-0.33 format)")
     kind = m.get("type")
     if kind == "BlockStored":
+        parent = m.get("parent_block_hash")
+        if parent is not None and not isinstance(parent, (int, bytes)):
+            raise ValueError("parent_block_hash must be an int, bytes or null")
+        token_ids = m.get("token_ids") or []
+        if not isinstance(token_ids, (list, tuple)):
+            raise ValueError("token_ids must be a list")
+        block_size = m.get("block_size")
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError("block_size must be a positive int")
         return BlockStored(
-            block_hashes=list(m["block_hashes"]),
-            parent_block_hash=m.get("parent_block_hash"),
-            token_ids=list(m.get("token_ids") or []),
-            block_size=int(m.get("block_size") or 16),
+            block_hashes=_hashes(m.get("block_hashes"), "BlockStored.block_hashes"),
+            parent_block_hash=parent,
+            token_ids=list(token_ids),
+            block_size=block_size,
             lora_id=m.get("lora_id"),
             medium=m.get("medium"),
             lora_name=m.get("lora_name"),
             extra_keys=m.get("extra_keys"),
             group_idx=m.get("group_idx"),
+            kv_cache_spec_kind=m.get("kv_cache_spec_kind"),
+            kv_cache_spec_sliding_window=m.get("kv_cache_spec_sliding_window"),
         )
     if kind == "BlockRemoved":
-        return BlockRemoved(block_hashes=list(m["block_hashes"]), medium=m.get("medium"), group_idx=m.get("group_idx"))
+        return BlockRemoved(
+            block_hashes=_hashes(m.get("block_hashes"), "BlockRemoved.block_hashes"),
+            medium=m.get("medium"),
+            group_idx=m.get("group_idx"),
+        )
     if kind == "AllBlocksCleared":
         return AllBlocksCleared()
     raise ValueError(f"unknown KV event type {kind!r}")
 
 
 def encode_batch(batch: EventBatch) -> bytes:
+    """The outer batch stays a positional array (as vLLM's); only the events are maps."""
     return msgpack.packb([batch.ts, [_event_to_map(e) for e in batch.events], batch.data_parallel_rank], use_bin_type=True)
 
 
@@ -118,13 +159,19 @@ def decode_batch(payload: bytes) -> EventBatch:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as e:
         raise ValueError(f"undecodable KV-event payload: {e}") from e
+    if isinstance(raw, dict):
+        raw = [raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")]
     if not isinstance(raw, (list, tuple)) or len(raw) < 2:
         raise ValueError("KV-event batch must be [ts, events, data_parallel_rank]")
+    ts, events = raw[0], raw[1]
+    if not isinstance(ts, (int, float)) or not isinstance(events, (list, tuple)):
+        raise ValueError("KV-event batch must be [ts (float), [events], data_parallel_rank]")
     rank = raw[2] if len(raw) > 2 else None
-    return EventBatch(ts=float(raw[0]), events=[_event_from_map(m) for m in raw[1]], data_parallel_rank=rank)
+    return EventBatch(ts=float(ts), events=[_event_from_map(m) for m in events], data_parallel_rank=rank)
 
 
 def encode_seq(seq: int) -> bytes:
+    """8-byte big-endian sequence frame; -1 is the replay end marker."""
     return seq.to_bytes(8, "big", signed=True)
 
 
