@@ -1,0 +1,172 @@
+"""The emulator's configuration in one place: defaults, CLI flags, env vars and a JSON file.
+
+Precedence: CLI flag > env var `KVROUTE_EMU_<FLAG>` > `--config FILE.json` > dataclass default.
+Defaults reproduce one vLLM server running Llama-2-13B on an A100 40GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from kvblocks import HASH_ALGOS
+
+from .latency import DEFAULT_PROFILE, PROFILES
+from .model_spec import DEFAULT_GPU, DEFAULT_MODEL, GPUS, MODELS, num_gpu_blocks
+
+ENV_PREFIX = "KVROUTE_EMU_"
+ENGINES = ("batched", "simple")
+LOG_FORMATS = ("console", "json")
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything one emulated vLLM server (or a group of replicas) is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    replicas: int = 1
+    model: str = DEFAULT_MODEL
+    gpu: str = DEFAULT_GPU
+    gpu_memory_utilization: float = 0.9
+    profile: str = DEFAULT_PROFILE
+    engine: str = "batched"
+    time_scale: float = 1.0
+    num_gpu_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    seed: int = 0
+    eos_probability: float = 0.0
+    prefix_caching_hash_algo: str = "sha256"
+    enable_prompt_tokens_details: bool = True
+    log_format: str = "console"
+    log_requests: bool = True
+    version: str = "0.33.0"
+    kv_events_config: dict[str, Any] | None = None
+    fault_injection: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject settings the emulator cannot honour, with a message naming the setting."""
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown latency profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        if self.prefix_caching_hash_algo not in HASH_ALGOS:
+            raise ValueError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if not self.time_scale > 0:
+            raise ValueError("time_scale must be > 0 (use profile 'zero' for no latency)")
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_model_len < 2 or self.replicas < 1:
+            raise ValueError("block_size, max_num_seqs, replicas must be >= 1 and max_model_len >= 2")
+        if not 0 <= self.eos_probability <= 1:
+            raise ValueError("eos_probability must be within [0, 1]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be within (0, 1]")
+        if self.num_gpu_blocks is None:
+            if self.model not in MODELS:
+                raise ValueError(f"unknown model {self.model!r} for capacity; pass num_gpu_blocks or use one of {', '.join(MODELS)}")
+            if self.gpu not in GPUS:
+                raise ValueError(f"unknown gpu {self.gpu!r}; choose one of {', '.join(GPUS)}")
+        elif self.num_gpu_blocks < 2:
+            raise ValueError("num_gpu_blocks must be >= 2 (block 0 is vLLM's null block)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be within 0..65535")
+
+    @property
+    def resolved_num_gpu_blocks(self) -> int:
+        """vLLM's num_gpu_blocks: explicit, or derived from model and GPU memory (924 by default)."""
+        if self.num_gpu_blocks is not None:
+            return self.num_gpu_blocks
+        return num_gpu_blocks(MODELS[self.model], GPUS[self.gpu], self.block_size, self.gpu_memory_utilization)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> EmulatorConfig:
+        """Build from `--config FILE.json`, then env vars, then CLI flags (each overriding the last)."""
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        if args.config:
+            with open(args.config, encoding="utf-8") as f:
+                loaded = json.load(f)
+            unknown = set(loaded) - {f.name for f in fields(cls)}
+            if unknown:
+                parser.error(f"unknown keys in {args.config}: {', '.join(sorted(unknown))}")
+            values.update(loaded)
+        env = os.environ if env is None else env
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse_env(f.name, raw)
+        for f in fields(cls):
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = v
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            parser.error(str(e))
+            raise
+
+
+_BOOL_FIELDS = {"enable_prompt_tokens_details", "log_requests"}
+_JSON_FIELDS = {"kv_events_config", "fault_injection"}
+
+
+def _field_type(name: str) -> type:
+    default = {f.name: f for f in fields(EmulatorConfig)}[name].default
+    if default is MISSING or default is None:
+        return {"num_gpu_blocks": int}.get(name, str)
+    return type(default)
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    if name in _BOOL_FIELDS:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if name in _JSON_FIELDS:
+        return json.loads(raw)
+    return _field_type(name)(raw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m emulator",
+        description="Emulated vLLM server(s): OpenAI API, vLLM metrics, prefix cache, continuous batching.",
+        epilog=f"Every flag can also be set as env var {ENV_PREFIX}<FLAG_IN_UPPER_SNAKE>, e.g. {ENV_PREFIX}PORT=8001.",
+    )
+    a = p.add_argument
+    a("--config", help="JSON file with config fields (overridden by env vars and flags)")
+    a("--host", help="address to bind (default 127.0.0.1)")
+    a("--port", type=int, help="first port; replica i listens on port+i; 0 = OS-assigned (default 8001)")
+    a("--replicas", type=int, help="number of emulated servers, one port each (default 1)")
+    a("--model", help="served model name and model spec (default meta-llama/Llama-2-13b-hf)")
+    a("--gpu", choices=sorted(GPUS), help="GPU spec for capacity (default a100-40gb)")
+    a("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (default 0.9)")
+    a("--profile", choices=sorted(PROFILES), help=f"latency profile (default {DEFAULT_PROFILE})")
+    a("--engine", choices=ENGINES, help="batched = continuous batching (default); simple = independent per request")
+    a("--time-scale", type=float, help="wall seconds per emulated second (default 1.0; 0.1 = 10x faster)")
+    a("--num-gpu-blocks", type=int, help="KV blocks incl. vLLM's null block (default: derived, 924)")
+    a("--block-size", type=int, help="tokens per KV block (default 16)")
+    a("--max-num-seqs", type=int, help="max running requests per step (default 256)")
+    a("--max-model-len", type=int, help="max prompt + output tokens (default 4096)")
+    a("--seed", type=int, help="seed of the dummy token generator (default 0)")
+    a("--eos-probability", type=float, help="chance per token of a natural EOS after min_tokens (default 0)")
+    a("--prefix-caching-hash-algo", choices=HASH_ALGOS, help="block hash algorithm (default sha256)")
+    a("--enable-prompt-tokens-details", dest="enable_prompt_tokens_details", action="store_const", const=True,
+      help="fill usage.prompt_tokens_details.cached_tokens (default on)")
+    a("--no-enable-prompt-tokens-details", dest="enable_prompt_tokens_details", action="store_const", const=False,
+      help="leave prompt_tokens_details null, like vLLM's default")
+    a("--log-format", choices=LOG_FORMATS, help="console (default) or json")
+    a("--no-log-requests", dest="log_requests", action="store_const", const=False, help="no per-request log line")
+    a("--kv-events-config", type=json.loads, help="vLLM-style KV events JSON, e.g. '{\"enable_kv_cache_events\":true}'")
+    return p
+
