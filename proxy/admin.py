@@ -1,0 +1,154 @@
+"""Admin API under /admin/: backends, strategy, reset. Guarded by `Authorization: Bearer <admin_key>`.
+
+The load generator switches strategies and resets caches between runs through these routes, so
+every answer is JSON and every bad input a 4xx OpenAI-style error.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from yarl import URL
+
+from kvblocks import APIError
+
+from .app_keys import STATE_KEY
+from .config import ProxyConfig, normalize_url
+from .health import BackendMonitor
+from .policies import policy_names
+from .router import Router
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise APIError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+class AdminHandlers:
+    def __init__(self, app: web.Application, config: ProxyConfig, router: Router) -> None:
+        self.app = app
+        self.router = router
+        self._key = config.admin_key.encode() if config.admin_key else None
+
+    def _guard(self, request: web.Request) -> None:
+        if self._key is None:
+            return
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+        if not hmac.compare_digest(token, self._key):
+            raise APIError(401, "admin key required (Authorization: Bearer ...)", type="AuthenticationError")
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        return self.app[STATE_KEY]["session"]
+
+    @property
+    def _monitor(self) -> BackendMonitor:
+        return self.app[STATE_KEY]["monitor"]
+
+    def describe(self) -> list[dict[str, Any]]:
+        idx = self.router.index
+        out = []
+        for b in self.router.registry:
+            s = b.scraped
+            out.append(
+                {
+                    "url": b.url,
+                    "healthy": b.healthy,
+                    "in_flight": b.in_flight,
+                    "processed": b.processed,
+                    "capacity_blocks": idx.capacity(b.url),
+                    "indexed_blocks": idx.num_blocks(b.url),
+                    "models": b.models,
+                    "last_error": b.last_error,
+                    "scraped": {"running": s.running, "waiting": s.waiting, "kv_cache_usage_perc": s.kv_usage},
+                }
+            )
+        return out
+
+    async def list_backends(self, request: web.Request) -> web.Response:
+        self._guard(request)
+        return _json({"backends": self.describe(), "strategy": self.router.strategy})
+
+    async def _url(self, request: web.Request) -> str:
+        url = request.query.get("url")
+        if url is None:
+            url = (await _json_body(request)).get("url")
+        if not isinstance(url, str) or not url.strip():
+            raise APIError(400, "url (string) is required", "url")
+        url = normalize_url(url)
+        parsed = URL(url)
+        if not parsed.host or parsed.scheme not in ("http", "https"):
+            raise APIError(400, f"not an http(s) URL: {url!r}", "url")
+        return url
+
+    async def add_backend(self, request: web.Request) -> web.Response:
+        self._guard(request)
+        url = await self._url(request)
+        b, created = self.router.add_backend(url)
+        if created:
+            await self._monitor.check_health(b)
+            await self._monitor.scrape(b)
+        return _json({"backend": url, "created": created, "healthy": b.healthy}, 201 if created else 200)
+
+    async def remove_backend(self, request: web.Request) -> web.Response:
+        self._guard(request)
+        url = await self._url(request)
+        if self.router.remove_backend(url) is None:
+            raise APIError(404, f"unknown backend {url!r}", "url", "NotFoundError")
+        return _json({"removed": url})
+
+    async def get_strategy(self, request: web.Request) -> web.Response:
+        self._guard(request)
+        return _json({"strategy": self.router.strategy, "available": policy_names()})
+
+    async def put_strategy(self, request: web.Request) -> web.Response:
+        self._guard(request)
+        name = (await _json_body(request)).get("strategy")
+        return _json({"strategy": self.router.set_strategy(name)})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        """Clear the prefix index and every backend's prefix cache (POST /reset_prefix_cache)."""
+        self._guard(request)
+        self.router.reset()
+        timeout = aiohttp.ClientTimeout(total=10)
+
+        async def reset_one(url: str) -> dict[str, Any]:
+            try:
+                async with self._session.post(url + "/reset_prefix_cache", timeout=timeout) as r:
+                    await r.read()
+                    return {"ok": 200 <= r.status < 300, "status": r.status}
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                return {"ok": False, "status": None, "error": f"{type(e).__name__}: {e}"}
+
+        urls = [b.url for b in self.router.registry]
+        results = await asyncio.gather(*(reset_one(u) for u in urls))
+        per = dict(zip(urls, results))
+        return _json({"index_cleared": True, "ok": all(r["ok"] for r in results), "backends": per})
+
+
+def add_admin_routes(app: web.Application, config: ProxyConfig, router: Router) -> None:
+    h = AdminHandlers(app, config, router)
+    app.router.add_get("/admin/backends", h.list_backends)
+    app.router.add_post("/admin/backends", h.add_backend)
+    app.router.add_delete("/admin/backends", h.remove_backend)
+    app.router.add_get("/admin/strategy", h.get_strategy)
+    app.router.add_put("/admin/strategy", h.put_strategy)
+    app.router.add_post("/admin/reset", h.reset)

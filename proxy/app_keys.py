@@ -1,0 +1,11 @@
+"""Typed keys of what the proxy app stores (shared by the server and admin handlers)."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from .metrics import ProxyMetrics
+from .router import Router
+
+ROUTER_KEY = web.AppKey("router", Router)
+METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
+STATE_KEY = web.AppKey("state", dict)

@@ -1,0 +1,162 @@
+"""The proxy's configuration, in one place: dataclass defaults < config file < env vars < CLI flags.
+
+Every CLI flag `--some-flag` is also the env var `KVROUTE_SOME_FLAG`; list flags (`--backend`,
+`--api-key`) take comma-separated env values. Defaults reproduce the A100/Llama-2-13B setup.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_STRATEGY = "kv_aware"
+ENV_PREFIX = "KVROUTE_"
+
+
+@dataclass
+class ProxyConfig:
+    """Everything `python -m proxy` and `start_proxy` need; field names match the CLI flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backends: list[str] = field(default_factory=list)
+    backends_file: str | None = None
+    strategy: str = DEFAULT_STRATEGY
+    api_keys: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    health_interval: float = 2.0
+    metrics_interval: float = 1.0
+    unhealthy_after: int = 2
+    connect_timeout: float = 3.0
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 600.0
+    # Routing model: what the cost-based policies assume a backend's GPU costs (emulator.latency
+    # profile, also the embedded emulators' profile) and how fast the backends' clock runs.
+    profile: str = "a100-40gb-llama2-13b"
+    time_scale: float = 1.0
+    default_capacity_blocks: int = 924
+    default_max_tokens: int = 16
+    tokenizer: str = "cl100k_base"
+    block_size: int = 16
+    hash_algo: str = "sha256"
+    # Embedded emulators, started when no backend is configured.
+    emulators: int = 4
+    emulator_model: str | None = None
+    log_format: str = "console"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        self.backends = [normalize_url(u) for u in self.backends]
+
+    def all_backends(self) -> list[str]:
+        """Backends from the flag list plus the backends file (one URL per line, # comments)."""
+        urls = list(self.backends)
+        if self.backends_file:
+            with open(self.backends_file, encoding="utf-8") as f:
+                for line in f:
+                    line = line.split("#", 1)[0].strip()
+                    if line:
+                        urls.append(normalize_url(line))
+        return list(dict.fromkeys(urls))
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ProxyConfig:
+        """Parse flags; each unset flag falls back to `KVROUTE_<FLAG>`, then `--config FILE.json`, then default."""
+        env = os.environ if env is None else env
+        parser = _build_parser()
+        ns = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        config_file = ns.config or env.get(ENV_PREFIX + "CONFIG")
+        if config_file:
+            with open(config_file, encoding="utf-8") as f:
+                file_values = json.load(f)
+            if not isinstance(file_values, dict):
+                parser.error(f"{config_file}: expected a JSON object")
+            unknown = set(file_values) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                parser.error(f"{config_file}: unknown keys {sorted(unknown)}")
+            values.update(file_values)
+        for f in dataclasses.fields(cls):
+            flag = _FLAG_NAMES.get(f.name, f.name)
+            env_name = ENV_PREFIX + flag.upper()
+            cli_value = getattr(ns, f.name, None)
+            if cli_value is not None:
+                values[f.name] = cli_value
+            elif env_name in env:
+                values[f.name] = _from_env(f, env[env_name], parser, env_name)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            parser.error(str(e))
+            raise  # unreachable: parser.error exits
+
+
+def normalize_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url
+
+
+# Dataclass field -> CLI flag stem (and env suffix) when they differ.
+_FLAG_NAMES = {"backends": "backend", "api_keys": "api_key"}
+_HELP = {
+    "backends": "backend base URL (repeatable); none = start embedded emulators",
+    "backends_file": "file with one backend URL per line",
+    "strategy": "routing strategy (see /admin/strategy); default: load-aware prefix routing",
+    "api_keys": "client API key accepted as 'Authorization: Bearer KEY' (repeatable)",
+    "admin_key": "key guarding /admin/ (Bearer)",
+    "emulators": "number of embedded emulators when no backend is given",
+    "profile": "latency profile of the backends (routing cost model; embedded emulators use it too)",
+    "time_scale": "backends' time scale (emulator --time-scale); embedded emulators use it too",
+    "log_format": "console or json",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m proxy",
+        description="kvroute: KV-cache-aware OpenAI/vLLM-compatible proxy. Every flag is also env KVROUTE_<FLAG>.",
+    )
+    p.add_argument("--config", help="JSON file with ProxyConfig fields")
+    for f in dataclasses.fields(ProxyConfig):
+        flag = "--" + _FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        kind = _field_kind(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": _HELP.get(f.name)}
+        if kind is list:
+            kwargs["action"] = "append"
+        elif kind is not str:
+            kwargs["type"] = kind
+        p.add_argument(flag, **kwargs)
+    return p
+
+
+def _field_kind(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    if t.startswith("list"):
+        return list
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def _from_env(f: dataclasses.Field, raw: str, parser: argparse.ArgumentParser, name: str) -> Any:
+    kind = _field_kind(f)
+    if kind is list:
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    try:
+        return kind(raw)
+    except ValueError:
+        parser.error(f"{name}={raw!r}: expected {kind.__name__}")
+        raise

@@ -1,0 +1,369 @@
+"""Follow one backend's KV cache from its vLLM KV events, and notice when we stopped following it.
+
+A `KVEventSubscriber` reads the backend's ZMQ PUB stream ([topic, seq, msgpack batch]), applies the
+events in sequence order to a sink (the proxy's prefix index) and watches for trouble: a sequence gap,
+a restarted publisher, an undecodable payload, or silence while the backend is busy. On trouble it
+tells the sink (`desync`) so routing falls back to the approximate index for that backend, then
+resyncs (replay from its last good batch when a replay endpoint is offered, else clear and rebuild
+from new events) and reports `resynced`. It knows nothing about routing policies.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from kvblocks.kv_events import (
+    MEDIUM_GPU,
+    REPLAY_END_SEQ,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    decode_batch,
+    decode_seq,
+    int_hash,
+)
+
+log = logging.getLogger(__name__)
+
+# Why a backend's exact view was lost (label values of kvroute_kv_events_desync_total).
+GAP = "gap"
+RESTART = "restart"
+UNDECODABLE = "undecodable"
+SILENCE = "silence"
+DESYNC_REASONS = (GAP, RESTART, UNDECODABLE, SILENCE)
+
+
+class KVEventSink(Protocol):
+    """Receives one backend's cache changes, in order; hashes are the int form of block digests."""
+
+    def stored(self, backend: str, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None: ...
+
+    def removed(self, backend: str, hashes: list[int]) -> None: ...
+
+    def clear(self, backend: str) -> None: ...
+
+    def desync(self, backend: str, reason: str) -> None: ...
+
+    def resynced(self, backend: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class KVEventSource:
+    """Where a backend publishes: vLLM's `--kv-events-config` endpoint/topic/replay_endpoint, as reachable
+    from the proxy (e.g. `tcp://10.0.0.5:5557` for a server started with `tcp://*:5557`)."""
+
+    endpoint: str
+    topic: str = ""
+    replay_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "://" not in value):
+                raise ValueError(f"kv_events {name} must be a ZMQ address such as tcp://127.0.0.1:5557")
+        if not isinstance(self.topic, str):
+            raise ValueError("kv_events topic must be a string")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any]) -> KVEventSource:
+        """A bare endpoint string, or `{"endpoint", "topic", "replay_endpoint"}` from a backends file."""
+        if isinstance(value, str):
+            return cls(endpoint=value)
+        if not isinstance(value, dict) or "endpoint" not in value:
+            raise ValueError('kv_events must be an endpoint string or {"endpoint": ..., "topic": ..., "replay_endpoint": ...}')
+        unknown = sorted(set(value) - {"endpoint", "topic", "replay_endpoint"})
+        if unknown:
+            raise ValueError(f"unknown kv_events key(s): {', '.join(unknown)}")
+        return cls(endpoint=value["endpoint"], topic=value.get("topic") or "", replay_endpoint=value.get("replay_endpoint"))
+
+
+@dataclass
+class SubscriberStats:
+    """Counters a caller can export; `synced` is True while the backend's exact view is trustworthy."""
+
+    synced: bool = False
+    messages: int = 0
+    batches_applied: int = 0
+    events_applied: int = 0
+    replays: int = 0
+    busy_checks: int = 0
+    last_seq: int | None = None
+    desyncs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DESYNC_REASONS, 0))
+
+
+class KVEventSubscriber:
+    """One backend's event stream -> sink, with gap/restart/corruption/silence detection and resync."""
+
+    def __init__(
+        self,
+        backend: str,
+        source: KVEventSource,
+        sink: KVEventSink,
+        *,
+        busy: Callable[[], bool] | None = None,
+        silence_timeout: float = 15.0,
+        replay_timeout: float = 2.0,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.backend = backend
+        self.source = source
+        self.sink = sink
+        self.stats = SubscriberStats()
+        self._busy = busy
+        self._silence_timeout = silence_timeout
+        self._replay_timeout = replay_timeout
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sub: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._applied: int | None = None
+        self._last_payload: bytes | None = None
+        self._replayed: dict[int, bytes] = {}
+        self._last_heard = 0.0
+        self._busy_since: float | None = None
+        self._last_probe = 0.0
+        self.bound_endpoint: str | None = None  # set when the subscriber binds and publishers connect to it
+
+    @property
+    def synced(self) -> bool:
+        return self.stats.synced
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (or bind, for an address with `*`) and follow the stream in a background task."""
+        if self._task is not None:
+            return
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode("utf-8"))
+        if "*" in self.source.endpoint:
+            sub.bind(self.source.endpoint)
+        else:
+            sub.connect(self.source.endpoint)
+        self._sub = sub
+        last = sub.getsockopt(zmq.LAST_ENDPOINT)
+        self.bound_endpoint = last.decode() if last and "*" in self.source.endpoint else None
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-{self.backend}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sub is not None:
+            self._sub.close(linger=0)
+            self._sub = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        assert self._sub is not None
+        try:
+            if self.source.replay_endpoint and await self._catch_up():
+                self._mark_synced()
+            tick_ms = int(1000 * max(0.02, min(0.25, self._silence_timeout / 4)))
+            while True:
+                try:
+                    if await self._sub.poll(tick_ms, zmq.POLLIN):
+                        await self._on_message(await self._sub.recv_multipart())
+                    await self._check_silence()
+                except (asyncio.CancelledError, zmq.ContextTerminated):
+                    raise
+                except Exception:
+                    log.exception("kv events %s: failed to apply events; rebuilding", self.backend)
+                    self._desync(UNDECODABLE)
+                    self._reset()
+        except zmq.ContextTerminated:
+            return
+
+    # ---- live stream --------------------------------------------------------------------------------
+
+    async def _on_message(self, frames: list[bytes]) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        self.stats.messages += 1
+        if len(frames) != 3 or len(frames[1]) != 8:
+            log.warning("kv events %s: message with %d frames is not vLLM's [topic, seq, payload]", self.backend, len(frames))
+            self._desync(UNDECODABLE)
+            self._reset()
+            return
+        _, seq_frame, payload = frames
+        seq = int.from_bytes(seq_frame, "big")
+        if self._applied is not None and seq <= self._applied:
+            if self._replayed.get(seq) == payload:
+                return  # already applied through a replay
+            log.warning("kv events %s: sequence went back from %d to %d: publisher restarted", self.backend, self._applied, seq)
+            self._desync(RESTART)
+            self._reset()
+        if self._replayed and seq > max(self._replayed):
+            self._replayed.clear()
+        expected = 0 if self._applied is None else self._applied + 1
+        if seq != expected:
+            if self._applied is not None:
+                log.warning("kv events %s: sequence gap, expected %d got %d", self.backend, expected, seq)
+                self._desync(GAP)
+            if self.source.replay_endpoint and await self._catch_up():
+                if self._applied is not None and seq <= self._applied:
+                    self._mark_synced()
+                    return
+            if self._applied is not None and seq != self._applied + 1:
+                self._reset()  # history lost: rebuild from what arrives from now on
+        if self._apply(seq, payload):
+            self._mark_synced()
+
+    def _apply(self, seq: int, payload: bytes) -> bool:
+        """Decode the whole batch first so a bad payload changes nothing, then apply it in order."""
+        try:
+            batch = decode_batch(payload)
+        except ValueError as e:
+            log.warning("kv events %s: batch %d undecodable: %s", self.backend, seq, e)
+            self._desync(UNDECODABLE)
+            self._reset()
+            self._applied, self._last_payload = seq, payload
+            return False
+        self._apply_batch(batch)
+        self._applied = seq
+        self._last_payload = payload
+        self.stats.last_seq = seq
+        self.stats.batches_applied += 1
+        return True
+
+    def _apply_batch(self, batch: EventBatch) -> None:
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                if ev.medium not in (None, MEDIUM_GPU):
+                    continue
+                parent = int_hash(ev.parent_block_hash) if ev.parent_block_hash is not None else None
+                self.sink.stored(self.backend, [int_hash(h) for h in ev.block_hashes], parent, ev.token_ids, ev.block_size)
+            elif isinstance(ev, BlockRemoved):
+                if ev.medium not in (None, MEDIUM_GPU):
+                    continue
+                self.sink.removed(self.backend, [int_hash(h) for h in ev.block_hashes])
+            elif isinstance(ev, AllBlocksCleared):
+                self.sink.clear(self.backend)
+            self.stats.events_applied += 1
+
+    # ---- state transitions --------------------------------------------------------------------------
+
+    def _desync(self, reason: str) -> None:
+        """Count and report once per episode: the sink falls back to approximate until `resynced`."""
+        if not self.stats.synced:
+            return
+        self.stats.synced = False
+        self.stats.desyncs[reason] = self.stats.desyncs.get(reason, 0) + 1
+        log.warning("kv events %s: exact view lost (%s); falling back to approximate", self.backend, reason)
+        self.sink.desync(self.backend, reason)
+
+    def _mark_synced(self) -> None:
+        if self.stats.synced:
+            return
+        self.stats.synced = True
+        self._busy_since = None
+        log.info("kv events %s: exact view (re)established at seq %s", self.backend, self._applied)
+        self.sink.resynced(self.backend)
+
+    def _reset(self) -> None:
+        """Forget the backend's exact state: what we hold can no longer be trusted."""
+        self.sink.clear(self.backend)
+        self._applied = None
+        self._last_payload = None
+        self._replayed.clear()
+
+    # ---- silence ------------------------------------------------------------------------------------
+
+    async def _check_silence(self) -> None:
+        if self._busy is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if not self.stats.synced:
+            if self.source.replay_endpoint and now - self._last_probe >= self._silence_timeout:
+                self._last_probe = now
+                if await self._catch_up():
+                    self._last_heard = asyncio.get_running_loop().time()
+                    self._mark_synced()
+            return
+        self.stats.busy_checks += 1
+        if not self._busy():
+            self._busy_since = None
+            return
+        if self._busy_since is None:
+            self._busy_since = now
+        if now - max(self._last_heard, self._busy_since) < self._silence_timeout:
+            return
+        if self.source.replay_endpoint:
+            self._last_probe = now
+            before = self._applied
+            if await self._catch_up():
+                self._last_heard = asyncio.get_running_loop().time()
+                if self._applied != before:
+                    self._desync(SILENCE)  # the publisher was alive but its batches never reached us
+                    self._mark_synced()
+                return
+        log.warning("kv events %s: busy but silent for %.1fs", self.backend, self._silence_timeout)
+        self._desync(SILENCE)
+
+    # ---- replay -------------------------------------------------------------------------------------
+
+    async def _catch_up(self) -> bool:
+        """Apply every batch after our last one from the publisher's replay buffer.
+
+        We ask from our last applied seq (not +1) so that its payload proves the publisher is the one
+        we followed; otherwise it restarted (or its buffer rolled past us) and we rebuild from seq 0.
+        Returns False when the replay socket does not answer in time.
+        """
+        items = await self._fetch_replay(self._applied if self._applied is not None else 0)
+        if items is None:
+            return False
+        if self._applied is not None:
+            if items and items[0] == (self._applied, self._last_payload):
+                items = items[1:]
+            else:
+                log.warning("kv events %s: publisher no longer has batch %d: restarted", self.backend, self._applied)
+                self._desync(RESTART)
+                self._reset()
+                if not items or items[0][0] != 0:
+                    items = await self._fetch_replay(0)
+                    if items is None:
+                        return False
+        if self._applied is None and items and items[0][0] != 0:
+            log.warning("kv events %s: replay starts at %d: older history is gone", self.backend, items[0][0])
+        for seq, payload in items:
+            if self._applied is not None and seq <= self._applied:
+                continue
+            self._apply(seq, payload)
+            self._replayed[seq] = payload
+        return True
+
+    async def _fetch_replay(self, start_seq: int) -> list[tuple[int, bytes]] | None:
+        """vLLM's replay protocol over a DEALER: send [b"", start], read [b"", seq, payload] until seq -1."""
+        assert self.source.replay_endpoint is not None
+        self.stats.replays += 1
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.source.replay_endpoint)
+            await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
+            items: list[tuple[int, bytes]] = []
+            while True:
+                if not await sock.poll(int(self._replay_timeout * 1000), zmq.POLLIN):
+                    log.warning("kv events %s: replay from %d timed out", self.backend, start_seq)
+                    return None
+                frames = await sock.recv_multipart()
+                if len(frames) != 3 or len(frames[1]) != 8:
+                    log.warning("kv events %s: malformed replay reply (%d frames)", self.backend, len(frames))
+                    return None
+                seq = decode_seq(frames[1])
+                if seq == REPLAY_END_SEQ:
+                    return items
+                items.append((seq, frames[2]))
+        finally:
+            sock.close(linger=0)

@@ -1,0 +1,50 @@
+"""The proxy's own Prometheus metrics, in a registry per proxy (several proxies can share a process).
+
+Per-backend gauges (in-flight, health, indexed blocks) are read from the registry at scrape time
+by a collector, so the request path does no gauge bookkeeping.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .router import Router
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
+BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class _BackendCollector(Collector):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily("kvroute_backend_in_flight", "Requests routed to the backend and not finished", labels=["backend"])
+        healthy = GaugeMetricFamily("kvroute_backend_healthy", "1 when the backend receives traffic", labels=["backend"])
+        blocks = GaugeMetricFamily("kvroute_backend_indexed_blocks", "Blocks the prefix index believes the backend caches", labels=["backend"])
+        for b in self.router.registry:
+            in_flight.add_metric([b.url], b.in_flight)
+            healthy.add_metric([b.url], 1.0 if b.healthy else 0.0)
+            blocks.add_metric([b.url], self.router.index.num_blocks(b.url))
+        yield in_flight
+        yield healthy
+        yield blocks
+
+
+class ProxyMetrics:
+    def __init__(self, router: Router) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("kvroute_requests", "Proxied requests", ["strategy", "backend", "status"], registry=r)
+        self.latency = Histogram("kvroute_request_latency_seconds", "Request latency through the proxy", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("kvroute_ttft_seconds", "Time to the first upstream body byte", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
+        self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
+        self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
+        r.register(_BackendCollector(router))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

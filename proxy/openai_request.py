@@ -1,0 +1,103 @@
+"""Parsing and validating OpenAI/vLLM request bodies at the edge, down to the routing key.
+
+Completions route on the prompt (text, or token ids as given; for a list of prompts, the first),
+chat on the WHOLE conversation rendered with `kvblocks.render_chat` - the emulator's template - so
+the proxy's block hashes are the backend's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from kvblocks import APIError, ChatFormatError, render_chat
+
+
+@dataclass
+class ParsedRequest:
+    """What routing and forwarding need from a body; the raw bytes are forwarded unchanged."""
+
+    model: str | None
+    stream: bool
+    max_tokens: int | None
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
+def _load(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _common(body: dict[str, Any], max_fields: tuple[str, ...]) -> tuple[str | None, bool, int | None]:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string", "model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be a boolean", "stream")
+    max_tokens = None
+    for f in max_fields:
+        v = body.get(f)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise APIError(400, f"{f} must be a positive integer", f)
+        max_tokens = v
+        break
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise APIError(400, "stream_options must be an object", "stream_options")
+    return model, stream, max_tokens
+
+
+def _is_token_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+
+def parse_completion(raw: bytes) -> ParsedRequest:
+    body = _load(raw)
+    model, stream, max_tokens = _common(body, ("max_tokens",))
+    if "prompt" not in body:
+        raise APIError(400, "prompt is required", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        return ParsedRequest(model, stream, max_tokens, text=prompt)
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int) and not isinstance(first, bool):
+            if not _is_token_list(prompt):
+                raise APIError(400, "prompt token ids must be non-negative integers", "prompt")
+            return ParsedRequest(model, stream, max_tokens, token_ids=prompt)
+        if all(isinstance(p, str) for p in prompt):
+            if not all(prompt):
+                raise APIError(400, "prompt must not be empty", "prompt")
+            return ParsedRequest(model, stream, max_tokens, text=first)
+        if all(_is_token_list(p) and p for p in prompt):
+            return ParsedRequest(model, stream, max_tokens, token_ids=first)
+        raise APIError(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
+    if isinstance(prompt, list):
+        raise APIError(400, "prompt must not be empty", "prompt")
+    raise APIError(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
+
+
+def parse_chat(raw: bytes) -> ParsedRequest:
+    body = _load(raw)
+    model, stream, max_tokens = _common(body, ("max_completion_tokens", "max_tokens"))
+    if "messages" not in body:
+        raise APIError(400, "messages is required", "messages")
+    try:
+        text = render_chat(body["messages"])
+    except ChatFormatError as e:
+        raise APIError(400, str(e), e.param) from None
+    return ParsedRequest(model, stream, max_tokens, text=text)

@@ -1,0 +1,91 @@
+"""The one interface every routing policy implements, and what a policy may look at.
+
+A policy sees the request (its block hashes, with the prefix matches per backend computed once,
+on demand) and the healthy candidate backends, and returns a `Decision`. Policies are plain
+classes so unit tests can drive them without HTTP.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from emulator.latency import LatencyProfile
+
+from ..backends import Backend
+from ..prefix_index import PrefixIndex
+
+
+@dataclass
+class RoutingEnv:
+    """Shared state policies read: the prefix index, the backends' latency model and clock scale."""
+
+    index: PrefixIndex
+    profile: LatencyProfile
+    block_size: int = 16
+    time_scale: float = 1.0
+    rng: random.Random = field(default_factory=random.Random)
+
+
+@dataclass
+class RequestContext:
+    """One request as routing sees it: token count, chained block hashes (int form), output budget."""
+
+    hashes: Sequence[int]
+    num_tokens: int
+    max_tokens: int = 16
+    model: str | None = None
+    index: PrefixIndex | None = None
+    _matches: dict | None = field(default=None, repr=False)
+
+    @property
+    def matches(self) -> dict:
+        """Backend URL -> leading blocks it holds (computed once per request)."""
+        if self._matches is None:
+            self._matches = self.index.match(self.hashes) if self.index is not None else {}
+        return self._matches
+
+    def matched(self, backend: Backend) -> int:
+        return self.matches.get(backend.url, 0)
+
+
+@dataclass
+class Decision:
+    backend: Backend
+    matched_blocks: int
+    reason: str = ""
+
+
+class Policy:
+    """Base class: subclasses set `name` and implement `pick`; `observe`/`reset` are optional hooks."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, env: RoutingEnv) -> None:
+        self.env = env
+
+    def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        raise NotImplementedError
+
+    def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        """Called after any policy routed `ctx` to `backend` (policies with private state update it)."""
+
+    def reset(self) -> None:
+        """Forget private routing state (admin reset)."""
+
+    def forget_backend(self, url: str) -> None:
+        """A backend was removed."""
+
+
+def least_loaded(candidates: Sequence[Backend], start: int = 0) -> Backend:
+    """Fewest in-flight requests; ties go to the first at or after `start` (rotation avoids a favourite)."""
+    n = len(candidates)
+    best = None
+    best_load = 1 << 62
+    for k in range(n):
+        b = candidates[(start + k) % n]
+        load = len(b.requests)
+        if load < best_load:
+            best, best_load = b, load
+    return best

@@ -1,0 +1,87 @@
+"""The default: load-aware prefix routing, a cost in emulated seconds per backend (after Dynamo).
+
+    cost(b) = overlap_weight x prefill(blocks not cached on b)          # what this request computes there
+            + pending prefill on b + (1 + pending) x decode step(b)       # what it queues behind
+            + unseen waiting requests x mean prefill                      # load other clients put there
+            + eviction_weight x prefill(blocks b must evict to fit it)    # cache it destroys there
+
+Prefill and decode times come from the backends' latency profile and in-flight requests count from
+the moment they are routed, so affinity holds while it pays and a hot prefix spreads once a second
+copy is cheaper than the queue. Costs within `tie_blocks` blocks of prefill of the best count as a
+tie (a one-block shared prefix is not worth a hot spot): the backend with the fewest indexed blocks
+(the most free cache) wins, then the next in rotation, so distinct prefixes spread at low load.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..backends import Backend, now
+from .base import Decision, Policy, RequestContext
+
+SCRAPE_FRESH_S = 5.0
+
+
+class KvAwarePolicy(Policy):
+    name = "kv_aware"
+    overlap_weight = 1.0
+    eviction_weight = 0.25
+    tie_blocks = 1.0
+
+    def __init__(self, env) -> None:
+        super().__init__(env)
+        self._turn = 0
+        self._mean_prefill = env.profile.prefill_base + 64 * env.profile.prefill_per_block
+
+    def costs(self, ctx: RequestContext, candidates: Sequence[Backend]) -> list[float]:
+        env = self.env
+        prof = env.profile
+        ppb = prof.prefill_per_block
+        bs = env.block_size
+        index = env.index
+        t = now()
+        n_tok = ctx.num_tokens
+        prompt_blocks = n_tok / bs
+        full_blocks = len(ctx.hashes)
+        max_hit = max(0, (n_tok - 1) // bs)
+        matches = ctx.matches
+        out = []
+        for b in candidates:
+            m = matches.get(b.url, 0)
+            if m > max_hit:
+                m = max_hit
+            cost = self.overlap_weight * (prompt_blocks - m) * ppb
+            if b.requests:
+                pending_s, n_pending = b.pending_prefill(t)
+                cost += pending_s + (1 + n_pending) * prof.decode_step(len(b.requests) - n_pending)
+            else:
+                n_pending = 0
+            s = b.scraped
+            if s.waiting and s.waiting > n_pending and t - s.at < SCRAPE_FRESH_S:
+                cost += (s.waiting - n_pending) * self._mean_prefill
+            overflow = index.num_blocks(b.url) + (full_blocks - m) - index.capacity(b.url)
+            if overflow > 0:
+                cost += self.eviction_weight * overflow * ppb
+            out.append(cost)
+        return out
+
+    def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        costs = self.costs(ctx, candidates)
+        best = min(costs)
+        tol = self.tie_blocks * self.env.profile.prefill_per_block + 1e-12
+        n = len(candidates)
+        self._turn += 1
+        index = self.env.index
+        choice, choice_key = None, None
+        for k in range(n):
+            i = (self._turn + k) % n
+            if costs[i] - best <= tol:
+                key = index.num_blocks(candidates[i].url)
+                if choice_key is None or key < choice_key:
+                    choice, choice_key = i, key
+        b = candidates[choice]
+        return Decision(b, ctx.matched(b), f"cost={costs[choice]:.4f}s")
+
+    def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        p = self.env.profile
+        uncached = max(0, len(ctx.hashes) - ctx.matches.get(backend.url, 0))
+        self._mean_prefill += 0.05 * (p.prefill_base + uncached * p.prefill_per_block - self._mean_prefill)

@@ -1,0 +1,15 @@
+"""A uniformly random healthy backend (seeded through the routing env for reproducible runs)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..backends import Backend
+from .base import Decision, Policy, RequestContext
+
+
+class RandomPolicy(Policy):
+    name = "random"
+
+    def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        b = candidates[self.env.rng.randrange(len(candidates))]
+        return Decision(b, ctx.matched(b), "random")

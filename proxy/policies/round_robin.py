@@ -1,0 +1,23 @@
+"""Each request to the next healthy backend in turn: the cache-blind baseline."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..backends import Backend
+from .base import Decision, Policy, RequestContext
+
+
+class RoundRobinPolicy(Policy):
+    name = "round_robin"
+
+    def __init__(self, env) -> None:
+        super().__init__(env)
+        self._next = 0
+
+    def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        b = candidates[self._next % len(candidates)]
+        self._next += 1
+        return Decision(b, ctx.matched(b), "turn")
+
+    def reset(self) -> None:
+        self._next = 0

@@ -1,0 +1,70 @@
+"""SGLang router / SMG `cache_aware`, with its Rust CLI defaults (peer-routers.md section 1).
+
+1. load = in-flight requests the router dispatched. Imbalanced iff max-min > balance_abs (64) AND
+   max > min * balance_rel (1.5): then the least loaded worker, ties by (load, processed, index).
+2. Otherwise match_rate = matched tokens / prompt tokens in the router's own approximate tree; if
+   it is > cache_threshold (0.3) the worker owning the deepest match (the one that last inserted
+   it); else the least loaded worker (SMG HEAD).
+3. The chosen worker's tree gets the whole prompt. The tree is the router's own, bounded only by
+   max_tree_size (2^26 chars per worker, about 2^24 tokens): it does not mirror backend eviction.
+Match rate is counted over 16-token blocks instead of characters.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..backends import Backend
+from ..prefix_index import PrefixIndex
+from .base import Decision, Policy, RequestContext
+
+MAX_TREE_CHARS = 1 << 26
+CHARS_PER_TOKEN = 4
+
+
+class SGLangCacheAwarePolicy(Policy):
+    name = "sglang"
+    cache_threshold = 0.3
+    balance_abs_threshold = 64
+    balance_rel_threshold = 1.5
+
+    def __init__(self, env) -> None:
+        super().__init__(env)
+        self._tree = PrefixIndex(MAX_TREE_CHARS // (CHARS_PER_TOKEN * env.block_size))
+        self._last_insert: dict[str, int] = {}
+        self._seq = 0
+
+    def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        loads = [b.in_flight for b in candidates]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
+            b = self._min_load(candidates)
+            return Decision(b, ctx.matched(b), "imbalanced")
+        tree_matches = self._tree.match(ctx.hashes)
+        best_depth = 0
+        best = None
+        for b in candidates:
+            d = tree_matches.get(b.url, 0)
+            if d > best_depth or (d == best_depth and d and self._last_insert.get(b.url, 0) > self._last_insert.get(best.url, 0)):
+                best, best_depth = b, d
+        rate = best_depth * self.env.block_size / ctx.num_tokens if ctx.num_tokens else 0.0
+        if best is not None and rate > self.cache_threshold:
+            return Decision(best, ctx.matched(best), f"match_rate={rate:.2f}")
+        b = self._min_load(candidates)
+        return Decision(b, ctx.matched(b), f"match_rate={rate:.2f}<=threshold")
+
+    @staticmethod
+    def _min_load(candidates: Sequence[Backend]) -> Backend:
+        return min(enumerate(candidates), key=lambda ib: (ib[1].in_flight, ib[1].processed, ib[0]))[1]
+
+    def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        self._tree.record_routed(backend.url, ctx.hashes)
+        self._seq += 1
+        self._last_insert[backend.url] = self._seq
+
+    def reset(self) -> None:
+        self._tree.clear()
+        self._last_insert.clear()
+
+    def forget_backend(self, url: str) -> None:
+        self._tree.remove_backend(url)
+        self._last_insert.pop(url, None)

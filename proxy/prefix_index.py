@@ -1,0 +1,194 @@
+"""Which backend holds which KV block, keyed by the 64-bit int form of vLLM's chained block hashes.
+
+One global map `hash -> bitmask of backend slots` makes a lookup cost O(prompt blocks): walk the
+prompt's hashes while any backend still matches. Each backend also has an LRU-ordered store so the
+approximate mode (fed by routing decisions) can mirror the backend's capacity and eviction order:
+the least recently used block goes first and, within one request, the deepest block first (vLLM
+releases a finished request's blocks last-to-first), so shared prefixes outlive their suffixes.
+The same store takes exact `stored`/`removed`/`clear` updates from KV events.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+DEFAULT_CAPACITY_BLOCKS = 924
+
+
+@dataclass
+class _BackendStore:
+    slot: int
+    capacity: int
+    lru: OrderedDict[int, None] = field(default_factory=OrderedDict)  # oldest first
+
+
+class PrefixIndex:
+    """Approximate or event-fed map from block hashes to the backends caching them."""
+
+    def __init__(self, default_capacity: int = DEFAULT_CAPACITY_BLOCKS) -> None:
+        self.default_capacity = default_capacity
+        self._owners: dict[int, int] = {}  # block hash -> bitmask of slots
+        self._stores: dict[Hashable, _BackendStore] = {}
+        self._slot_backend: dict[int, Hashable] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+
+    # -- backends -------------------------------------------------------------------------------
+    def _store(self, backend: Hashable) -> _BackendStore:
+        st = self._stores.get(backend)
+        if st is None:
+            slot = self._free_slots.pop() if self._free_slots else self._alloc_slot()
+            st = _BackendStore(slot, self.default_capacity)
+            self._stores[backend] = st
+            self._slot_backend[slot] = backend
+        return st
+
+    def _alloc_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def add_backend(self, backend: Hashable, capacity: int | None = None) -> None:
+        self._store(backend)
+        if capacity is not None:
+            self.set_capacity(backend, capacity)
+
+    def remove_backend(self, backend: Hashable) -> None:
+        """Forget a backend entirely and free its slot for reuse."""
+        if backend not in self._stores:
+            return
+        self.clear(backend)
+        st = self._stores.pop(backend)
+        del self._slot_backend[st.slot]
+        self._free_slots.append(st.slot)
+
+    def backends(self) -> list[Hashable]:
+        return list(self._stores)
+
+    def set_capacity(self, backend: Hashable, blocks: int) -> None:
+        """Mirror the backend's KV capacity (vllm:cache_config_info num_gpu_blocks); evicts if it shrank."""
+        st = self._store(backend)
+        st.capacity = max(1, int(blocks))
+        self._evict_to(st, st.capacity)
+
+    def capacity(self, backend: Hashable) -> int:
+        return self._store(backend).capacity
+
+    def num_blocks(self, backend: Hashable) -> int:
+        st = self._stores.get(backend)
+        return len(st.lru) if st else 0
+
+    def __len__(self) -> int:
+        """Distinct block hashes held by at least one backend."""
+        return len(self._owners)
+
+    # -- updates --------------------------------------------------------------------------------
+    def record_routed(self, backend: Hashable, hashes: Sequence[int]) -> None:
+        """Approximate mode: the backend is about to compute/hit these blocks; LRU-touch and evict to capacity.
+
+        Touched deepest-first so block 0 ends most recently used, as vLLM's reverse-order release does.
+        """
+        st = self._store(backend)
+        bit = 1 << st.slot
+        lru = st.lru
+        owners = self._owners
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                owners[h] = owners.get(h, 0) | bit
+        self._evict_to(st, st.capacity)
+
+    def stored(self, backend: Hashable, hashes: Iterable[int]) -> None:
+        """Exact mode (BlockStored): the backend cached these blocks; its own events report evictions."""
+        st = self._store(backend)
+        bit = 1 << st.slot
+        lru = st.lru
+        owners = self._owners
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                owners[h] = owners.get(h, 0) | bit
+
+    def removed(self, backend: Hashable, hashes: Iterable[int]) -> None:
+        """Exact mode (BlockRemoved): the backend evicted these blocks."""
+        st = self._stores.get(backend)
+        if st is None:
+            return
+        for h in hashes:
+            if h in st.lru:
+                del st.lru[h]
+                self._drop_owner(h, ~(1 << st.slot))
+
+    def clear(self, backend: Hashable | None = None) -> None:
+        """Forget one backend's blocks (AllBlocksCleared, reset), or every backend's when None."""
+        if backend is None:
+            self._owners.clear()
+            for st in self._stores.values():
+                st.lru.clear()
+            return
+        st = self._stores.get(backend)
+        if st is None:
+            return
+        keep = ~(1 << st.slot)
+        for h in st.lru:
+            self._drop_owner(h, keep)
+        st.lru.clear()
+
+    def _drop_owner(self, h: int, keep_mask: int) -> None:
+        m = self._owners.get(h, 0) & keep_mask
+        if m:
+            self._owners[h] = m
+        else:
+            self._owners.pop(h, None)
+
+    def _evict_to(self, st: _BackendStore, limit: int) -> None:
+        lru = st.lru
+        if len(lru) <= limit:
+            return
+        keep = ~(1 << st.slot)
+        while len(lru) > limit:
+            h, _ = lru.popitem(last=False)
+            self._drop_owner(h, keep)
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def match(self, hashes: Sequence[int]) -> dict[Hashable, int]:
+        """Leading blocks of `hashes` each backend holds; backends with no match are absent.
+
+        Cost: one dict lookup per block until no backend matches, plus one step per matching backend.
+        """
+        owners = self._owners
+        if not hashes:
+            return {}
+        mask = owners.get(hashes[0], 0)
+        if not mask:
+            return {}
+        out: dict[Hashable, int] = {}
+        slot_backend = self._slot_backend
+        i = 1
+        n = len(hashes)
+        while i < n:
+            m = mask & owners.get(hashes[i], 0)
+            if m != mask:
+                _emit(out, mask & ~m, i, slot_backend)
+                mask = m
+                if not mask:
+                    return out
+            i += 1
+        _emit(out, mask, n, slot_backend)
+        return out
+
+    def contains(self, backend: Hashable, h: int) -> bool:
+        st = self._stores.get(backend)
+        return st is not None and h in st.lru
+
+
+def _emit(out: dict[Hashable, int], bits: int, depth: int, slot_backend: dict[int, Hashable]) -> None:
+    while bits:
+        low = bits & -bits
+        out[slot_backend[low.bit_length() - 1]] = depth
+        bits ^= low

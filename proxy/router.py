@@ -1,0 +1,125 @@
+"""Routing as a plain class: request -> block hashes -> policy decision -> in-flight bookkeeping.
+
+Owns the prefix index, the backend registry and one instance of each policy; the HTTP layer calls
+`context`, `decide`, `begin`, `first_byte` and `end`, and tests can drive it without HTTP.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from emulator.latency import get_profile
+from kvblocks import APIError, BlockHasher, get_tokenizer
+
+from .backends import Backend, BackendRegistry, InFlight, now
+from .config import ProxyConfig
+from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
+from .prefix_index import PrefixIndex
+
+# Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
+FIRST_TOKEN_MARGIN = 1.5
+
+
+class UnknownStrategy(APIError):
+    def __init__(self, name: object) -> None:
+        super().__init__(400, f"unknown strategy {name!r}; choose one of {', '.join(policy_names())}", "strategy")
+
+
+class Router:
+    """The proxy's routing state; one per proxy."""
+
+    def __init__(self, config: ProxyConfig, registry: BackendRegistry | None = None) -> None:
+        self.config = config
+        self.tokenizer = get_tokenizer(config.tokenizer)
+        self.hasher = BlockHasher(config.block_size, config.hash_algo)
+        self.registry = registry or BackendRegistry()
+        self.index = PrefixIndex(config.default_capacity_blocks)
+        self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
+        self.policies: dict[str, Policy] = create_policies(self.env)
+        self.strategy = self.policy(config.strategy).name
+
+    # -- configuration --------------------------------------------------------------------------
+    def policy(self, name: object) -> Policy:
+        p = self.policies.get(name) if isinstance(name, str) else None
+        if p is None:
+            raise UnknownStrategy(name)
+        return p
+
+    def set_strategy(self, name: object) -> str:
+        self.strategy = self.policy(name).name
+        return self.strategy
+
+    def add_backend(self, url: str) -> tuple[Backend, bool]:
+        b, created = self.registry.add(url)
+        if created:
+            self.index.add_backend(url)
+        return b, created
+
+    def remove_backend(self, url: str) -> Backend | None:
+        b = self.registry.remove(url)
+        if b is not None:
+            self.index.remove_backend(url)
+            for p in self.policies.values():
+                p.forget_backend(url)
+        return b
+
+    def reset(self) -> None:
+        """Forget every cached-prefix belief (the backends' caches are reset by the caller)."""
+        self.index.clear()
+        for p in self.policies.values():
+            p.reset()
+
+    # -- per request ----------------------------------------------------------------------------
+    def hashes(self, token_ids: Sequence[int]) -> list[int]:
+        return [int.from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids)]
+
+    def context(self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None) -> RequestContext:
+        return RequestContext(
+            self.hashes(token_ids),
+            len(token_ids),
+            max_tokens if max_tokens is not None else self.config.default_max_tokens,
+            model,
+            self.index,
+        )
+
+    def candidates(self, model: str | None = None, exclude: Collection[Backend] = ()) -> list[Backend]:
+        healthy = self.registry.healthy()
+        if model is None and not exclude:
+            return healthy
+        return [b for b in healthy if b not in exclude and b.serves(model)]
+
+    def decide(self, ctx: RequestContext, strategy: str | None = None, exclude: Collection[Backend] = ()) -> Decision:
+        policy = self.policies[strategy or self.strategy]
+        cands = self.candidates(ctx.model, exclude)
+        if not cands:
+            if exclude and self.candidates(ctx.model):
+                raise APIError(502, "the backend failed and no other healthy backend is left")
+            raise APIError(503, "no healthy backend available" + (f" for model {ctx.model!r}" if ctx.model else ""))
+        return policy.pick(ctx, cands)
+
+    def begin(self, ctx: RequestContext, decision: Decision, strategy: str | None = None) -> InFlight:
+        """Count the request as the backend's load from now on and assume it will cache the prompt."""
+        b = decision.backend
+        prof = self.env.profile
+        t = now()
+        uncached = max(0.0, ctx.num_tokens / self.env.block_size - decision.matched_blocks)
+        prefill_s = prof.prefill_base + uncached * prof.prefill_per_block
+        pending_s, _ = b.pending_prefill(t) if b.requests else (0.0, 0)
+        expected = t + FIRST_TOKEN_MARGIN * (pending_s + prefill_s) * self.env.time_scale
+        rec = InFlight(
+            self.registry.new_request_id(), b, ctx.num_tokens / self.env.block_size, uncached, ctx.max_tokens,
+            prefill_s, expected, t,
+        )
+        b.requests[rec.id] = rec
+        b.processed += 1
+        self.index.record_routed(b.url, ctx.hashes)
+        self.policies[strategy or self.strategy].observe(ctx, b)
+        return rec
+
+    @staticmethod
+    def first_byte(rec: InFlight) -> None:
+        if rec.first_byte_at is None:
+            rec.first_byte_at = now()
+
+    @staticmethod
+    def end(rec: InFlight) -> None:
+        rec.backend.requests.pop(rec.id, None)

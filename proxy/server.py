@@ -1,0 +1,251 @@
+"""The proxy's aiohttp app: thin OpenAI/admin handlers over `Router` and `Forwarder`.
+
+`create_app(config)` builds the app (client session, monitor and backends come up in its startup
+hook); `start_proxy(config)` serves it on the current loop and, when no backend is configured,
+first starts embedded emulators on the same loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from kvblocks import APIError, error_body
+
+from .admin import add_admin_routes
+from .app_keys import METRICS_KEY, ROUTER_KEY, STATE_KEY
+from .config import ProxyConfig
+from .forward import Forwarder
+from .health import BackendMonitor
+from .metrics import ProxyMetrics
+from .openai_request import ParsedRequest, parse_chat, parse_completion
+from .router import Router
+
+log = logging.getLogger("kvroute.proxy")
+
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(e: APIError) -> web.Response:
+    return json_response(e.body(), e.status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error leaves as OpenAI-style JSON; a bug answers 500 without a trace."""
+    try:
+        return await handler(request)
+    except APIError as e:
+        if request.app.get(METRICS_KEY) is not None:
+            request.app[METRICS_KEY].errors.labels(str(e.status)).inc()
+        return error_response(e)
+    except web.HTTPRequestEntityTooLarge as e:
+        return json_response(error_body(413, f"request body too large (limit {e.max_size} bytes)"), 413)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return json_response(error_body(e.status, e.reason or "error"), e.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response(error_body(500, "internal proxy error"), 500)
+
+
+class ProxyHandlers:
+    """The OpenAI-facing routes; parsing happens here, routing in Router, forwarding in Forwarder."""
+
+    def __init__(self, app: web.Application, config: ProxyConfig) -> None:
+        self.app = app
+        self.config = config
+        self.router: Router = app[ROUTER_KEY]
+        self._keys = [k.encode() for k in config.api_keys]
+        self.forwarder: Forwarder | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    def _check_api_key(self, request: web.Request) -> None:
+        if not self._keys:
+            return
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+        ok = False
+        for k in self._keys:
+            ok |= hmac.compare_digest(token, k)
+        if not ok:
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", type="AuthenticationError")
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise APIError(413, f"request body too large (limit {limit} bytes)")
+        return await request.read()
+
+    def _strategy(self, request: web.Request) -> str:
+        name = request.headers.get("x-kvroute-strategy")
+        if name is None:
+            return self.router.strategy
+        return self.router.policy(name.strip()).name
+
+    def _check_model(self, parsed: ParsedRequest) -> None:
+        if parsed.model is None:
+            return
+        known: set[str] = set()
+        for b in self.router.registry:
+            if b.models:
+                known.update(b.models)
+        if known and parsed.model not in known:
+            raise APIError(404, f"The model `{parsed.model}` does not exist.", "model", "NotFoundError")
+
+    async def _proxy(self, request: web.Request, path: str, parse) -> web.StreamResponse:
+        self._check_api_key(request)
+        strategy = self._strategy(request)
+        raw = await self._body(request)
+        parsed = parse(raw)
+        self._check_model(parsed)
+        router = self.router
+        tokens = parsed.token_ids if parsed.token_ids is not None else router.tokenizer.encode(parsed.text)
+        ctx = router.context(tokens, parsed.max_tokens, parsed.model)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, request_id)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "/v1/completions", parse_completion)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "/v1/chat/completions", parse_chat)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._check_api_key(request)
+        healthy = self.router.registry.healthy()
+
+        async def fetch(url: str) -> list[dict]:
+            try:
+                async with self.session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    if r.status == 200:
+                        data = await r.json(loads=orjson.loads)
+                        return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError):
+                pass
+            return []
+
+        merged: dict[str, dict] = {}
+        for models in await asyncio.gather(*(fetch(b.url) for b in healthy)):
+            for m in models:
+                merged.setdefault(m["id"], m)
+        return json_response({"object": "list", "data": list(merged.values())})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.router.registry.healthy():
+            return web.Response(status=200)
+        return json_response(error_body(503, "no healthy backend"), 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self.app[METRICS_KEY].exposition()
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def create_app(config: ProxyConfig) -> web.Application:
+    """The proxy app for `config` (backends = config.all_backends(); none is allowed and answers 503)."""
+    app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
+    router = Router(config)
+    for url in config.all_backends():
+        router.add_backend(url)
+    app[ROUTER_KEY] = router
+    app[METRICS_KEY] = ProxyMetrics(router)
+    app[STATE_KEY] = {}
+    h = ProxyHandlers(app, config)
+
+    async def lifecycle(app: web.Application):
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        monitor = BackendMonitor(router, session)
+        h.session = session
+        h.forwarder = Forwarder(router, session, app[METRICS_KEY], monitor)
+        app[STATE_KEY].update(session=session, monitor=monitor)
+        await monitor.check_all_health()
+        monitor.start()
+        yield
+        await monitor.stop()
+        await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/completions", h.completions)
+    app.router.add_post("/v1/chat/completions", h.chat_completions)
+    app.router.add_get("/v1/models", h.models)
+    app.router.add_get("/health", h.health)
+    app.router.add_get("/metrics", h.metrics)
+    add_admin_routes(app, config, router)
+    return app
+
+
+@dataclass
+class RunningProxy:
+    """A proxy serving on the current loop; `stop()` also stops its embedded emulators."""
+
+    url: str
+    port: int
+    app: web.Application
+    runner: web.AppRunner
+    emulators: list[Any] = field(default_factory=list)
+
+    @property
+    def router(self) -> Router:
+        return self.app[ROUTER_KEY]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        for e in self.emulators:
+            await e.stop()
+
+
+async def start_embedded_emulators(config: ProxyConfig) -> list[Any]:
+    from emulator.config import EmulatorConfig
+    from emulator.server import start_emulators
+
+    kwargs: dict[str, Any] = dict(
+        host=config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1",
+        port=0,
+        profile=config.profile,
+        time_scale=config.time_scale,
+        block_size=config.block_size,
+        num_gpu_blocks=config.default_capacity_blocks,
+    )
+    if config.emulator_model:
+        kwargs["model"] = config.emulator_model
+    names = {f.name for f in dataclasses.fields(EmulatorConfig)}
+    base = EmulatorConfig(**{k: v for k, v in kwargs.items() if k in names})
+    return list(await start_emulators(base, config.emulators))
+
+
+async def start_proxy(config: ProxyConfig) -> RunningProxy:
+    """Serve the proxy on the current event loop (port 0 = OS-assigned)."""
+    emulators: list[Any] = []
+    if not config.all_backends():
+        emulators = await start_embedded_emulators(config)
+        config = dataclasses.replace(config, backends=[e.url for e in emulators], backends_file=None)
+    try:
+        app = create_app(config)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        for e in emulators:
+            await e.stop()
+        raise
+    sock: socket.socket = site._server.sockets[0]  # type: ignore[union-attr]
+    port = sock.getsockname()[1]
+    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return RunningProxy(f"http://{host}:{port}", port, app, runner, emulators)
