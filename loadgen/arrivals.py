@@ -1,0 +1,64 @@
+"""Arrival processes: when each chain of requests starts.
+
+Open loop: `PoissonArrivals` (exponential gaps at a rate) and `TraceArrivals` (the trace's own
+offsets) give start times independent of how fast the server answers. Closed loop:
+`ConcurrencyArrivals` keeps a fixed number of chains in flight. Times are emulated seconds.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .workloads import RequestSpec
+
+
+@dataclass(frozen=True)
+class PoissonArrivals:
+    """Chains start with exponential gaps at `rate` per emulated second (seeded)."""
+
+    rate: float
+    seed: int = 0
+
+    def start_times(self, chains: list[list[RequestSpec]]) -> list[float]:
+        rng = random.Random(repr((self.seed, "poisson")))
+        t, out = 0.0, []
+        for _ in chains:
+            out.append(t)
+            t += rng.expovariate(self.rate)
+        return out
+
+    def describe(self) -> str:
+        return f"Poisson {self.rate:g} req/s"
+
+
+@dataclass(frozen=True)
+class TraceArrivals:
+    """Chains start at their first request's `arrival` offset (set by the trace workload)."""
+
+    def start_times(self, chains: list[list[RequestSpec]]) -> list[float]:
+        return [c[0].arrival or 0.0 for c in chains]
+
+    def describe(self) -> str:
+        return "trace timestamps"
+
+
+@dataclass(frozen=True)
+class ConcurrencyArrivals:
+    """Closed loop: `concurrency` workers each run one chain at a time, back to back."""
+
+    concurrency: int
+
+    def describe(self) -> str:
+        return f"concurrency {self.concurrency}"
+
+
+Arrivals = PoissonArrivals | TraceArrivals | ConcurrencyArrivals
+
+
+def make_arrivals(workload_name: str, rate: float, concurrency: int, seed: int) -> Arrivals:
+    """A rate gives Poisson, a concurrency a closed loop; otherwise the trace's own times, or concurrency 1."""
+    if workload_name == "trace" and not concurrency and not rate:
+        return TraceArrivals()
+    if rate > 0:
+        return PoissonArrivals(rate, seed)
+    return ConcurrencyArrivals(max(1, concurrency))

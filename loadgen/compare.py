@@ -1,0 +1,78 @@
+"""One-run strategy comparison: the same seeded workload once per strategy against ONE proxy.
+
+Between strategies the proxy's strategy is switched and its index and every backend's prefix cache
+are reset through the admin API, so each strategy starts cold on identical requests. Without a
+target, a proxy with embedded emulators is started for the comparison (see `stack.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .plots import compare_plots, run_plots
+from .proxy_admin import ProxyAdmin
+from .report import compare_report, run_report
+from .results import SUMMARY_JSON, write_json, write_records
+from .runner import RunResult, run_workload
+from .stack import managed_proxy
+from .summary import summarize
+from .workloads import build_workload
+
+DEFAULT_ALIAS = "default"
+
+
+@dataclass
+class CompareResult:
+    """Per-strategy results and summaries, in the order run, plus the written files."""
+
+    target: str
+    results: dict[str, RunResult] = field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+    report: Path | None = None
+
+
+async def compare(config: RunConfig, strategies: list[str], target: str | None = None, command: str = "",
+                  backends: int = 4) -> CompareResult:
+    """Run every strategy on `config`'s workload; write records, summary.json, plots and report.md to `config.out`.
+
+    `target` is a running proxy's OpenAI base URL; None starts one with `backends` embedded emulators.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workload = build_workload(config.workload)
+    async with managed_proxy(target, config.time_scale, backends) as stack:
+        target = config.target = stack.target
+        admin = ProxyAdmin(target, config.admin_key)
+        original = await admin.strategy()
+        names = [original if s == DEFAULT_ALIAS else s for s in strategies]
+        backend_urls = await admin.backends()
+        res = CompareResult(target)
+        try:
+            for name in names:
+                await admin.set_strategy(name)
+                await admin.reset()
+                result = await run_workload(workload, config, backend_urls, label=name)
+                summary = summarize(result)
+                summary["strategy"] = name
+                summary["is_default"] = name == original
+                res.results[name] = result
+                res.summaries[name] = summary
+                folder = out / _safe(name)
+                write_records(folder, result)
+                write_json(folder / SUMMARY_JSON, summary)
+                run_report(summary, command, target, run_plots(result, folder), folder)
+                if result.interrupted:
+                    break
+        finally:
+            await admin.set_strategy(original)
+    write_json(out / SUMMARY_JSON, res.summaries)
+    res.plots = compare_plots(res.results, res.summaries, out)
+    res.report = compare_report(res.summaries, command, stack.description, res.plots, out)
+    return res
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,123 @@
+"""Every load-generator setting in one place: defaults here, overridable by env vars and CLI flags.
+
+Precedence is CLI flag > `KVROUTE_LOADGEN_<FIELD>` env var > the defaults below, which reproduce
+the A100-40GB / Llama-2-13B setup (max_model_len 4096) the emulator models by default.
+All timing settings (rate, think time, trace timestamps) are in emulated GPU seconds: the runner
+divides every wait by `time_scale`, so a run against X-times-faster emulators is the same scenario.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "KVROUTE_LOADGEN_"
+DEFAULT_TRACE = "/work/shared/traces/mooncake_fast25_conversation_trace.jsonl"
+WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace")
+
+
+@dataclass
+class WorkloadConfig:
+    """What the requests look like; together with `seed` it fixes every prompt's text."""
+
+    name: str = "rag"
+    seed: int = 0
+    requests: int = 200
+    output_tokens: int = 64
+    max_model_len: int = 4096
+    # rag
+    documents: int = 16
+    doc_tokens_min: int = 1000
+    doc_tokens_max: int = 4000
+    zipf_s: float = 1.1
+    question_tokens: int = 48
+    # multiturn
+    sessions: int = 0
+    turns: int = 6
+    turn_tokens: int = 96
+    think_time: float = 2.0
+    # sysprompt
+    system_prompts: int = 3
+    system_tokens: int = 600
+    few_shot: int = 3
+    # prefix-sweep
+    prefix_lengths: tuple[int, ...] = (0, 16, 64, 256, 1024, 4096)
+    # tenants
+    tenants: int = 12
+    tenant_tokens: int = 2500
+    users_per_tenant: int = 4
+    # trace
+    trace_path: str = DEFAULT_TRACE
+    trace_offset: int = 0
+    trace_speedup: float = 1.0
+    trace_max_output: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in WORKLOAD_NAMES:
+            raise ValueError(f"unknown workload {self.name!r}; choose one of {', '.join(WORKLOAD_NAMES)}")
+        if self.requests <= 0:
+            raise ValueError("requests must be positive")
+        if self.doc_tokens_min > self.doc_tokens_max:
+            raise ValueError("doc_tokens_min must not exceed doc_tokens_max")
+
+
+@dataclass
+class RunConfig:
+    """How the requests are sent: target, arrival process, bounds and where results go."""
+
+    target: str = "http://127.0.0.1:8000/v1"
+    out: str = "loadgen-results"
+    rate: float = 0.0
+    concurrency: int = 0
+    duration: float = 0.0
+    time_scale: float = 1.0
+    model: str = ""
+    api_key: str = "EMPTY"
+    admin_key: str = ""
+    request_timeout: float = 300.0
+    metrics_interval: float = 0.5
+    progress: bool = True
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+    def __post_init__(self) -> None:
+        if self.rate < 0 or self.concurrency < 0:
+            raise ValueError("rate and concurrency must not be negative")
+        if self.rate > 0 and self.concurrency > 0:
+            raise ValueError("give either a rate or a concurrency, not both")
+        if self.time_scale <= 0:
+            raise ValueError("time_scale must be positive")
+
+    @property
+    def load_description(self) -> str:
+        """The load level in words, for reports."""
+        if self.workload.name == "trace":
+            return f"trace timestamps at {self.workload.trace_speedup:g}x speed-up (emulated time)"
+        if self.rate > 0:
+            return f"Poisson arrivals at {self.rate:g} req/s (emulated time)"
+        if self.concurrency > 0:
+            return f"fixed concurrency {self.concurrency}"
+        return "fixed concurrency 1"
+
+
+def _coerce(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    if isinstance(like, tuple):
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    return value
+
+
+def env_overrides(cls: type, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Values for `cls`'s fields taken from `KVROUTE_LOADGEN_<FIELD>` env vars."""
+    environ = dict(os.environ if environ is None else environ)
+    out: dict[str, Any] = {}
+    defaults = cls()
+    for f in fields(cls):
+        key = ENV_PREFIX + f.name.upper()
+        if key in environ and f.name != "workload":
+            out[f.name] = _coerce(environ[key], getattr(defaults, f.name))
+    return out

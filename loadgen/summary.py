@@ -1,0 +1,160 @@
+"""Summary statistics of a run: hit rate, latency percentiles, throughput, per-backend load.
+
+Latencies are measured in wall-clock seconds. With emulators running `time_scale` times faster,
+the `emulated` block gives the same figures divided by the time scale: GPU-equivalent seconds.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from .client import RequestRecord
+from .runner import RunResult
+
+LATENCY_FIELDS = ("ttft", "tpot", "e2e")
+
+
+def stats(values: list[float]) -> dict[str, float | None]:
+    """avg/p50/p95/p99/max of `values` (None when empty)."""
+    if not values:
+        return {"avg": None, "p50": None, "p95": None, "p99": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"avg": float(a.mean()), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def _scaled(d: dict[str, float | None], scale: float) -> dict[str, float | None]:
+    return {k: (v / scale if v is not None else None) for k, v in d.items()}
+
+
+def hit_rate(records: list[RequestRecord]) -> float:
+    """Cached prompt tokens / prompt tokens over successful requests."""
+    prompt = sum(r.prompt_tokens for r in records if r.ok)
+    return sum(r.cached_tokens for r in records if r.ok) / prompt if prompt else 0.0
+
+
+def _latency_block(records: list[RequestRecord]) -> dict[str, dict[str, float | None]]:
+    return {f: stats([getattr(r, f) for r in records if r.ok and getattr(r, f) is not None]) for f in LATENCY_FIELDS}
+
+
+def group_stats(records: list[RequestRecord], tag: str, scale: float) -> dict[str, dict[str, Any]]:
+    """Hit rate and TTFT per value of a workload tag (e.g. prefix_len in the sweep)."""
+    groups: dict[Any, list[RequestRecord]] = defaultdict(list)
+    for r in records:
+        if tag in r.tags:
+            groups[r.tags[tag]].append(r)
+    out = {}
+    for key in sorted(groups):
+        rs = groups[key]
+        ttft = stats([r.ttft for r in rs if r.ok and r.ttft is not None])
+        out[str(key)] = {"requests": len(rs), "errors": sum(not r.ok for r in rs), "hit_rate": hit_rate(rs),
+                         "ttft": ttft, "ttft_emulated": _scaled(ttft, scale)}
+    return out
+
+
+def backend_load(result: RunResult) -> dict[str, Any]:
+    """Mean/max running, waiting and KV usage per backend from the sampled metrics, and counter deltas."""
+    per: dict[str, dict[str, Any]] = {}
+    by: dict[str, list] = defaultdict(list)
+    for s in result.samples:
+        by[s.backend].append(s)
+    for b, ss in sorted(by.items()):
+        per[b] = {
+            "samples": len(ss),
+            "running_mean": float(np.mean([s.running for s in ss])), "running_max": max(s.running for s in ss),
+            "waiting_mean": float(np.mean([s.waiting for s in ss])), "waiting_max": max(s.waiting for s in ss),
+            "kv_usage_mean": float(np.mean([s.kv_usage for s in ss])), "kv_usage_max": max(s.kv_usage for s in ss),
+        }
+    for b in set(result.metrics_before) | set(result.metrics_after):
+        before, after = result.metrics_before.get(b, {}), result.metrics_after.get(b, {})
+        entry = per.setdefault(b, {})
+        entry["prefix_hits_delta"] = after.get("prefix_hits", 0.0) - before.get("prefix_hits", 0.0)
+        entry["prefix_queries_delta"] = after.get("prefix_queries", 0.0) - before.get("prefix_queries", 0.0)
+    out: dict[str, Any] = {"per_backend": per}
+    if result.samples:
+        # Mean over time of the summed load across backends, and per backend on average.
+        times = sorted({s.t for s in result.samples})
+        n = max(1, len(by))
+        out["running_mean_per_backend"] = float(np.mean([s.running for s in result.samples]))
+        out["waiting_mean_per_backend"] = float(np.mean([s.waiting for s in result.samples]))
+        out["kv_usage_mean"] = float(np.mean([s.kv_usage for s in result.samples]))
+        out["sample_times"] = len(times)
+        out["backends_sampled"] = n
+    if result.metrics_before or result.metrics_after:
+        out["prefix_hits_delta_total"] = sum(v.get("prefix_hits_delta", 0.0) for v in per.values())
+        out["prefix_queries_delta_total"] = sum(v.get("prefix_queries_delta", 0.0) for v in per.values())
+    return out
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    """The summary.json entry of one run."""
+    recs = result.records
+    scale = result.config.time_scale
+    ok = [r for r in recs if r.ok]
+    cancelled = [r for r in recs if r.error == "cancelled"]
+    failed = [r for r in recs if not r.ok and r.error != "cancelled"]
+    lat = _latency_block(recs)
+    hits = [r for r in ok if r.hit]
+    misses = [r for r in ok if not r.hit]
+    dur = result.duration or 1e-9
+    backends = Counter(r.backend or "(none)" for r in ok)
+    per_backend: dict[str, Any] = {}
+    for b, n in sorted(backends.items()):
+        rs = [r for r in ok if (r.backend or "(none)") == b]
+        per_backend[b] = {"requests": n, "share": n / len(ok), "prompt_tokens": sum(r.prompt_tokens for r in rs),
+                          "cached_tokens": sum(r.cached_tokens for r in rs), "hit_rate": hit_rate(rs)}
+    counts = list(backends.values())
+    matched = [r.matched_blocks for r in ok if r.matched_blocks is not None]
+    cached_blocks = [r.cached_tokens // 16 for r in ok]
+    summary: dict[str, Any] = {
+        "label": result.label,
+        "workload": result.workload.name,
+        "strategy": Counter(r.strategy for r in ok).most_common(1)[0][0] if ok and ok[0].strategy else "",
+        "load": result.config.load_description,
+        "arrivals": result.arrivals,
+        "time_scale": scale,
+        "requests_planned": len(result.workload.requests),
+        "requests_sent": len(recs),
+        "ok": len(ok),
+        "errors": len(failed),
+        "cancelled": len(cancelled),
+        "error_kinds": dict(Counter(r.error[:120] for r in failed).most_common(10)),
+        "interrupted": result.interrupted,
+        "stopped_by_duration": result.stopped_by_duration,
+        "duration_s": result.duration,
+        "duration_emulated_s": result.duration * scale,
+        "hit_rate": hit_rate(recs),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_tokens": sum(r.cached_tokens for r in ok),
+        "completion_tokens": sum(r.completion_tokens for r in ok),
+        "hit_requests": len(hits),
+        "miss_requests": len(misses),
+        "throughput_rps": len(ok) / dur,
+        "throughput_rps_emulated": len(ok) / dur * scale,
+        "output_tokens_per_s": sum(r.completion_tokens for r in ok) / dur,
+        "output_tokens_per_s_emulated": sum(r.completion_tokens for r in ok) / dur * scale,
+        "ttft_p50": lat["ttft"]["p50"],
+        "ttft_p99": lat["ttft"]["p99"],
+        "latency": lat,
+        "latency_emulated": {f: _scaled(v, scale) for f, v in lat.items()},
+        "ttft_hit": stats([r.ttft for r in hits if r.ttft is not None]),
+        "ttft_miss": stats([r.ttft for r in misses if r.ttft is not None]),
+        "e2e_hit": stats([r.e2e for r in hits if r.e2e is not None]),
+        "e2e_miss": stats([r.e2e for r in misses if r.e2e is not None]),
+        "per_backend": per_backend,
+        "load_imbalance": (max(counts) / (sum(counts) / len(counts))) if counts else None,
+        "matched_blocks": stats([float(m) for m in matched]) if matched else None,
+        "cached_blocks": stats([float(c) for c in cached_blocks]),
+        "backend_metrics": backend_load(result),
+        "workload_params": result.workload.params,
+        "notes": result.workload.notes,
+    }
+    summary["ttft_p50_emulated"] = summary["latency_emulated"]["ttft"]["p50"]
+    summary["ttft_p99_emulated"] = summary["latency_emulated"]["ttft"]["p99"]
+    if result.workload.name == "prefix-sweep":
+        summary["by_prefix_len"] = group_stats(recs, "prefix_len", scale)
+    elif result.workload.name == "multiturn":
+        summary["by_turn"] = group_stats(recs, "turn", scale)
+    return summary

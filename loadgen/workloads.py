@@ -1,0 +1,238 @@
+"""Seeded workloads: the list of requests an experiment sends, fixed by (workload config, seed).
+
+Each workload returns `RequestSpec`s grouped into chains: requests of one chain run one after the
+other (a chat session's turns, with think time between them); chains are started by the arrival
+process. Prompt text comes from `text.py`, so token counts and shared prefixes are exact.
+"""
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvblocks import render_chat
+
+from .config import WorkloadConfig
+from .text import count_tokens, seeded_words, words
+from .trace import TracePromptBuilder, read_trace
+
+# Headroom for the chat template's own tokens (role markers) in chat workloads.
+CHAT_TEMPLATE_MARGIN = 64
+
+
+@dataclass
+class RequestSpec:
+    """One request to send: completions (`prompt`) or chat (`messages`), and where it sits in its chain."""
+
+    index: int
+    api: str
+    max_tokens: int
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    chain: int = 0
+    turn: int = 0
+    think_time: float = 0.0
+    arrival: float | None = None
+    prompt_tokens: int = 0
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    def rendered_prompt(self) -> str:
+        """The text the backend tokenizes (the chat template applied for chat requests)."""
+        if self.messages is not None:
+            return render_chat(self.messages)
+        return self.prompt or ""
+
+
+@dataclass
+class Workload:
+    """A named, seeded list of requests plus the parameters and caveats a report should state."""
+
+    name: str
+    requests: list[RequestSpec]
+    params: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def chains(self) -> list[list[RequestSpec]]:
+        """Requests grouped by chain, in chain order; each chain in turn order."""
+        by: dict[int, list[RequestSpec]] = {}
+        for r in self.requests:
+            by.setdefault(r.chain, []).append(r)
+        return [sorted(v, key=lambda r: r.turn) for _, v in sorted(by.items())]
+
+
+def zipf_sampler(n: int, s: float, rng: random.Random):
+    """Draw ranks 0..n-1 with P(k) proportional to 1/(k+1)^s."""
+    weights = [1.0 / (k + 1) ** s for k in range(n)]
+    total = sum(weights)
+    cum, acc = [], 0.0
+    for w in weights:
+        acc += w / total
+        cum.append(acc)
+
+    def draw() -> int:
+        return min(bisect.bisect_left(cum, rng.random()), n - 1)
+
+    return draw
+
+
+def _prompt_budget(cfg: WorkloadConfig) -> int:
+    """Most prompt tokens a request may carry: max_model_len minus its output."""
+    return cfg.max_model_len - cfg.output_tokens
+
+
+def rag(cfg: WorkloadConfig) -> Workload:
+    """K documents of 1-4k tokens, each request = one Zipf-popular document + a fresh question."""
+    rng = random.Random(repr((cfg.seed, "rag")))
+    budget = _prompt_budget(cfg) - cfg.question_tokens
+    sizes = [min(rng.randint(cfg.doc_tokens_min, cfg.doc_tokens_max), budget) for _ in range(cfg.documents)]
+    docs = [seeded_words(n, cfg.seed, "rag-doc", i) for i, n in enumerate(sizes)]
+    draw = zipf_sampler(cfg.documents, cfg.zipf_s, rng)
+    reqs = []
+    for i in range(cfg.requests):
+        d = draw()
+        prompt = docs[d] + words(rng, cfg.question_tokens)
+        reqs.append(RequestSpec(i, "completions", cfg.output_tokens, prompt=prompt, chain=i,
+                                prompt_tokens=sizes[d] + cfg.question_tokens, tags={"doc": d}))
+    return Workload("rag", reqs, {
+        "documents": cfg.documents, "doc_tokens": f"{cfg.doc_tokens_min}-{cfg.doc_tokens_max}",
+        "doc_tokens_total": sum(sizes), "zipf_s": cfg.zipf_s, "question_tokens": cfg.question_tokens,
+        "output_tokens": cfg.output_tokens,
+    })
+
+
+def multiturn(cfg: WorkloadConfig) -> Workload:
+    """Chat sessions; every turn resends the whole conversation plus a new user message.
+
+    Assistant turns in the history are seeded text of `output_tokens` tokens (not the server's
+    reply), so the prompts are identical whichever backend answered.
+    """
+    per_turn = cfg.turn_tokens + cfg.output_tokens + 16
+    max_turns = max(1, (_prompt_budget(cfg) - CHAT_TEMPLATE_MARGIN) // per_turn)
+    turns = min(cfg.turns, max_turns)
+    sessions = cfg.sessions or -(-cfg.requests // turns)
+    reqs: list[RequestSpec] = []
+    notes = [] if turns == cfg.turns else [f"turns capped at {turns} to fit max_model_len {cfg.max_model_len}"]
+    for s in range(sessions):
+        history: list[dict[str, str]] = []
+        for t in range(turns):
+            if len(reqs) >= cfg.requests:
+                break
+            history.append({"role": "user", "content": seeded_words(cfg.turn_tokens, cfg.seed, "mt-user", s, t)})
+            msgs = [dict(m) for m in history]
+            reqs.append(RequestSpec(len(reqs), "chat", cfg.output_tokens, messages=msgs, chain=s, turn=t,
+                                    think_time=cfg.think_time if t else 0.0,
+                                    prompt_tokens=count_tokens(render_chat(msgs)), tags={"turn": t}))
+            history.append({"role": "assistant",
+                            "content": seeded_words(cfg.output_tokens, cfg.seed, "mt-assistant", s, t)})
+    return Workload("multiturn", reqs, {
+        "sessions": sessions, "turns": turns, "turn_tokens": cfg.turn_tokens, "think_time_s": cfg.think_time,
+        "output_tokens": cfg.output_tokens,
+    }, notes)
+
+
+def sysprompt(cfg: WorkloadConfig) -> Workload:
+    """A few shared system prompts with few-shot examples; every request asks a new question."""
+    rng = random.Random(repr((cfg.seed, "sysprompt")))
+    shot_tokens = 48
+    prefixes = []
+    for p in range(cfg.system_prompts):
+        msgs = [{"role": "system", "content": seeded_words(cfg.system_tokens, cfg.seed, "sys", p)}]
+        for k in range(cfg.few_shot):
+            msgs.append({"role": "user", "content": seeded_words(shot_tokens, cfg.seed, "shot-q", p, k)})
+            msgs.append({"role": "assistant", "content": seeded_words(shot_tokens, cfg.seed, "shot-a", p, k)})
+        prefixes.append(msgs)
+    reqs = []
+    for i in range(cfg.requests):
+        p = rng.randrange(cfg.system_prompts)
+        msgs = [dict(m) for m in prefixes[p]] + [{"role": "user", "content": words(rng, cfg.question_tokens)}]
+        reqs.append(RequestSpec(i, "chat", cfg.output_tokens, messages=msgs, chain=i,
+                                prompt_tokens=count_tokens(render_chat(msgs)), tags={"system_prompt": p}))
+    return Workload("sysprompt", reqs, {
+        "system_prompts": cfg.system_prompts, "system_tokens": cfg.system_tokens, "few_shot": cfg.few_shot,
+        "question_tokens": cfg.question_tokens, "output_tokens": cfg.output_tokens,
+    })
+
+
+def prefix_sweep(cfg: WorkloadConfig) -> Workload:
+    """One shared prefix per length in the sweep; requests = prefix + unique question, lengths interleaved."""
+    rng = random.Random(repr((cfg.seed, "prefix-sweep")))
+    cap = _prompt_budget(cfg) - cfg.question_tokens
+    lengths = sorted({min(n, cap) for n in cfg.prefix_lengths})
+    notes = []
+    if any(n > cap for n in cfg.prefix_lengths):
+        notes.append(f"prefix lengths above {cap} tokens capped to {cap} "
+                     f"(max_model_len {cfg.max_model_len} - question {cfg.question_tokens} - output {cfg.output_tokens})")
+    prefixes = {n: seeded_words(n, cfg.seed, "sweep-prefix", n) for n in lengths}
+    order = [lengths[i % len(lengths)] for i in range(cfg.requests)]
+    rng.shuffle(order)
+    reqs = [RequestSpec(i, "completions", cfg.output_tokens, prompt=prefixes[n] + words(rng, cfg.question_tokens),
+                        chain=i, prompt_tokens=n + cfg.question_tokens, tags={"prefix_len": n})
+            for i, n in enumerate(order)]
+    return Workload("prefix-sweep", reqs, {
+        "prefix_lengths": lengths, "question_tokens": cfg.question_tokens, "output_tokens": cfg.output_tokens,
+    }, notes)
+
+
+def tenants(cfg: WorkloadConfig) -> Workload:
+    """Many tenants, each a long shared context; the tenant's users take turns asking questions."""
+    rng = random.Random(repr((cfg.seed, "tenants")))
+    size = min(cfg.tenant_tokens, _prompt_budget(cfg) - cfg.question_tokens - 32)
+    contexts = [seeded_words(size, cfg.seed, "tenant", t) for t in range(cfg.tenants)]
+    next_user = [0] * cfg.tenants
+    reqs = []
+    for i in range(cfg.requests):
+        t = rng.randrange(cfg.tenants)
+        u = next_user[t]
+        next_user[t] = (u + 1) % cfg.users_per_tenant
+        user_line = seeded_words(8, cfg.seed, "tenant-user", t, u)
+        prompt = contexts[t] + user_line + words(rng, cfg.question_tokens)
+        reqs.append(RequestSpec(i, "completions", cfg.output_tokens, prompt=prompt, chain=i,
+                                prompt_tokens=size + 8 + cfg.question_tokens, tags={"tenant": t, "user": u}))
+    return Workload("tenants", reqs, {
+        "tenants": cfg.tenants, "tenant_tokens": size, "users_per_tenant": cfg.users_per_tenant,
+        "question_tokens": cfg.question_tokens, "output_tokens": cfg.output_tokens,
+    })
+
+
+def trace(cfg: WorkloadConfig) -> Workload:
+    """Replay a Mooncake trace: its sharing, lengths and arrival times (divided by the speed-up)."""
+    records = read_trace(cfg.trace_path, cfg.trace_offset, cfg.requests)
+    builder = TracePromptBuilder(cfg.seed)
+    reqs, truncated, out_capped = [], 0, 0
+    t0 = records[0].timestamp_ms if records else 0.0
+    for i, rec in enumerate(records):
+        out = max(1, rec.output_length)
+        if cfg.trace_max_output and out > cfg.trace_max_output:
+            out, out_capped = cfg.trace_max_output, out_capped + 1
+        out = min(out, cfg.max_model_len // 2)
+        prompt, n = builder.prompt(rec, cfg.max_model_len - out)
+        truncated += n < rec.input_length
+        reqs.append(RequestSpec(i, "completions", out, prompt=prompt, chain=i,
+                                arrival=(rec.timestamp_ms - t0) / 1000.0 / cfg.trace_speedup, prompt_tokens=n,
+                                tags={"trace_line": cfg.trace_offset + i, "input_length": rec.input_length}))
+    notes = []
+    if truncated:
+        notes.append(f"{truncated} of {len(reqs)} trace prompts truncated to fit max_model_len "
+                     f"{cfg.max_model_len} minus their output length")
+    if out_capped:
+        notes.append(f"{out_capped} output lengths capped at {cfg.trace_max_output} tokens")
+    return Workload("trace", reqs, {
+        "trace": cfg.trace_path, "offset": cfg.trace_offset, "speedup": cfg.trace_speedup,
+        "records": len(reqs), "trace_span_s": (records[-1].timestamp_ms - t0) / 1000.0 if records else 0.0,
+    }, notes)
+
+
+WORKLOADS = {
+    "rag": rag,
+    "multiturn": multiturn,
+    "sysprompt": sysprompt,
+    "prefix-sweep": prefix_sweep,
+    "tenants": tenants,
+    "trace": trace,
+}
+
+
+def build_workload(cfg: WorkloadConfig) -> Workload:
+    """The requests of `cfg.name`, reproducible from the config and seed."""
+    return WORKLOADS[cfg.name](cfg)
