@@ -72,6 +72,23 @@ class Backend:
                 n += 1
         return total, n
 
+    def queue_state(self, now: float, decode_per_token: float, time_scale: float) -> tuple[float, int, float]:
+        """(pending prefill seconds, requests still prefilling, decode tokens left across in-flight requests)."""
+        total = 0.0
+        n = 0
+        tokens = 0.0
+        for r in self.requests.values():
+            if r.first_byte_at is None:
+                if now < r.expected_first_token:
+                    total += r.prefill_s
+                    n += 1
+                tokens += r.max_tokens
+            else:
+                done = _elapsed(now - r.first_byte_at, time_scale) / decode_per_token if decode_per_token > 0 else r.max_tokens
+                if done < r.max_tokens:
+                    tokens += r.max_tokens - done
+        return total, n, tokens
+
     def outstanding_work(self, now: float, profile: LatencyProfile, time_scale: float) -> float:
         """Remaining prefill + decode seconds of in-flight requests, as if run one after another."""
         total = 0.0

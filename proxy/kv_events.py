@@ -208,13 +208,15 @@ class KVEventSubscriber:
             self._replayed.clear()
         expected = 0 if self._applied is None else self._applied + 1
         if seq != expected:
-            if self._applied is not None:
+            missed = GAP if self._applied is not None else None
+            if missed:
                 log.warning("kv events %s: sequence gap, expected %d got %d", self.backend, expected, seq)
-                self._desync(GAP)
-            if self.source.replay_endpoint and await self._catch_up():
+            if self.source.replay_endpoint and await self._catch_up(missed):
                 if self._applied is not None and seq <= self._applied:
                     self._mark_synced()
                     return
+            if missed:
+                self._desync(missed)
             if self._applied is not None and seq != self._applied + 1:
                 self._reset()  # history lost: rebuild from what arrives from now on
         if self._apply(seq, payload):
@@ -313,12 +315,12 @@ class KVEventSubscriber:
 
     # ---- replay -------------------------------------------------------------------------------------
 
-    async def _catch_up(self) -> bool:
+    async def _catch_up(self, missed: str | None = None) -> bool:
         """Apply every batch after our last one from the publisher's replay buffer.
 
         We ask from our last applied seq (not +1) so that its payload proves the publisher is the one
-        we followed; otherwise it restarted (or its buffer rolled past us) and we rebuild from seq 0.
-        Returns False when the replay socket does not answer in time.
+        we followed (then a known loss is reported as `missed`); otherwise it restarted (or its buffer
+        rolled past us) and we rebuild from seq 0. Returns False when the replay socket does not answer.
         """
         items = await self._fetch_replay(self._applied if self._applied is not None else 0)
         if items is None:
@@ -326,6 +328,8 @@ class KVEventSubscriber:
         if self._applied is not None:
             if items and items[0] == (self._applied, self._last_payload):
                 items = items[1:]
+                if missed:
+                    self._desync(missed)
             else:
                 log.warning("kv events %s: publisher no longer has batch %d: restarted", self.backend, self._applied)
                 self._desync(RESTART)

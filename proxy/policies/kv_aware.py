@@ -1,15 +1,18 @@
 """The default: load-aware prefix routing, a cost in emulated seconds per backend (after Dynamo).
 
-    cost(b) = overlap_weight x prefill(blocks not cached on b)          # what this request computes there
-            + pending prefill on b + (1 + pending) x decode step(b)       # what it queues behind
-            + unseen waiting requests x mean prefill                      # load other clients put there
-            + eviction_weight x prefill(blocks b must evict to fit it)    # cache it destroys there
+    cost(b) = overlap_weight x P(b)                        # prefill of the blocks b lacks: its own TTFT share
+            + pending prefill on b + decode step(b)          # the queue it waits behind
+            + in_flight(b) x P(b)                            # the stall its prefill imposes on b's running requests
+            + batch_coef x decode_per_token x decode tokens left on b   # decode slowdown it shares there
+            + unseen waiting requests x mean prefill         # load other clients put on b (scraped)
+            + eviction_weight x prefill(blocks b must evict)  # cache it would destroy there
 
-Prefill and decode times come from the backends' latency profile and in-flight requests count from
-the moment they are routed, so affinity holds while it pays and a hot prefix spreads once a second
-copy is cheaper than the queue. Costs within `tie_blocks` blocks of prefill of the best count as a
-tie (a one-block shared prefix is not worth a hot spot): the backend with the fewest indexed blocks
-(the most free cache) wins, then the next in rotation, so distinct prefixes spread at low load.
+Times come from the backends' latency profile; in-flight requests count from the moment they are
+routed. So affinity holds while it pays (a miss costs its prefill once, plus the stall of everyone
+running there) and a hot prefix gets a second copy once its home's queue costs more. Costs within
+`tie_blocks` blocks of prefill of the best are a tie (a one-block shared prefix is not worth a hot
+spot): the backend with the fewest indexed blocks (most free cache) wins, then the next in rotation,
+so distinct prefixes spread over backends even at low load.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ class KvAwarePolicy(Policy):
         env = self.env
         prof = env.profile
         ppb = prof.prefill_per_block
+        dpt = prof.decode_per_token
+        interference = prof.batch_coef * dpt
         bs = env.block_size
         index = env.index
         t = now()
@@ -49,10 +54,12 @@ class KvAwarePolicy(Policy):
             m = matches.get(b.url, 0)
             if m > max_hit:
                 m = max_hit
-            cost = self.overlap_weight * (prompt_blocks - m) * ppb
+            own = (prompt_blocks - m) * ppb
+            cost = self.overlap_weight * own
             if b.requests:
-                pending_s, n_pending = b.pending_prefill(t)
-                cost += pending_s + (1 + n_pending) * prof.decode_step(len(b.requests) - n_pending)
+                pending_s, n_pending, tokens_left = b.queue_state(t, dpt, env.time_scale)
+                in_flight = len(b.requests)
+                cost += pending_s + prof.decode_step(in_flight - n_pending) + in_flight * own + interference * tokens_left
             else:
                 n_pending = 0
             s = b.scraped

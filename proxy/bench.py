@@ -1,0 +1,202 @@
+"""Benchmarks (commands, not tests): `python -m proxy.bench overhead|decide`.
+
+`overhead` measures the proxy's added latency, throughput and CPU per request against a direct
+connection to the same zero-delay emulator, both in one run; `decide` times one routing decision
+(tokenize + hash + match + policy) against a large index. Ratios are printed against baselines
+measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from .config import ProxyConfig
+from .router import Router
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her which an be this have are not but had "
+    "they were its their one all would there been has when who more will if no out so said what up about into "
+    "than them can only other new some could time these two may then first any like now my such make over "
+    "cache block prefix router backend latency token model serving request memory batch decode prefill"
+).split()
+
+
+def make_text(n_tokens: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    tok = Router(ProxyConfig(backends=[])).tokenizer
+    words: list[str] = []
+    while True:
+        words.extend(rng.choice(WORDS) for _ in range(256))
+        text = " ".join(words)
+        ids = tok.encode(text)
+        if len(ids) >= n_tokens:
+            return tok.decode(ids[:n_tokens])
+
+
+def pct(xs: Sequence[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+# -- decide ----------------------------------------------------------------------------------------
+def bench_decide(args: argparse.Namespace) -> None:
+    backends = [f"http://10.0.0.{i}:8000" for i in range(args.backends)]
+    cfg = ProxyConfig(backends=backends, strategy=args.strategy)
+    router = Router(cfg)
+    per_backend = args.index_blocks // len(backends)
+    for url in backends:
+        router.add_backend(url)
+        router.index.set_capacity(url, per_backend + 1000)
+    text = make_text(args.tokens, seed=1)
+    prompt_hashes = router.hashes(router.tokenizer.encode(text))
+    rng = random.Random(2)
+    # Fill: every backend holds filler chains; 8 of them also hold a part of this prompt's prefix.
+    for i, url in enumerate(backends):
+        own = prompt_hashes[: rng.randrange(1, len(prompt_hashes))] if i % (len(backends) // 8 or 1) == 0 else []
+        filler = [rng.getrandbits(64) for _ in range(per_backend - len(own))]
+        router.index.record_routed(url, filler)
+        router.index.record_routed(url, own)
+    print(f"index: {len(router.index):,} distinct blocks over {len(backends)} backends; "
+          f"prompt {args.tokens} tokens = {len(prompt_hashes)} blocks; strategy {args.strategy}")
+    tok = router.tokenizer
+    parts = {"tokenize": [], "hash": [], "decide": [], "total": []}
+    for i in range(args.iterations + 20):
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        t1 = time.perf_counter()
+        ctx = router.context(ids, 64)
+        t2 = time.perf_counter()
+        d = router.decide(ctx)
+        t3 = time.perf_counter()
+        if i >= 20:
+            parts["tokenize"].append(t1 - t0)
+            parts["hash"].append(t2 - t1)
+            parts["decide"].append(t3 - t2)
+            parts["total"].append(t3 - t0)
+    for k, xs in parts.items():
+        print(f"  {k:9s} median {statistics.median(xs) * 1e3:.3f} ms   p99 {pct(xs, 99) * 1e3:.3f} ms")
+    med = statistics.median(parts["total"])
+    print(f"decision: {d.backend.url} matched {d.matched_blocks} blocks; "
+          f"median total {med * 1e3:.3f} ms = {med / 1e-3:.2f}x the 1 ms target")
+
+
+# -- overhead --------------------------------------------------------------------------------------
+async def _run_load(url: str, payload: dict, concurrency: int, total: int, stream: bool) -> tuple[list[float], float]:
+    import aiohttp
+
+    lat: list[float] = []
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        counter = iter(range(total))
+
+        async def worker() -> None:
+            for _ in counter:
+                t0 = time.perf_counter()
+                async with session.post(url + "/v1/completions", json=payload) as r:
+                    if stream:
+                        await r.content.readany()
+                        lat.append(time.perf_counter() - t0)
+                        await r.read()
+                    else:
+                        await r.read()
+                        lat.append(time.perf_counter() - t0)
+                    if r.status != 200:
+                        raise RuntimeError(f"status {r.status}")
+
+        for _ in range(min(concurrency, 4)):  # warm up connections
+            async with session.post(url + "/v1/completions", json=payload) as r:
+                await r.read()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return lat, total / elapsed
+
+
+def _start_proc(args: list[str], ready: str) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        if ready in line:
+            for tok in line.split():
+                if tok.startswith("http://"):
+                    return p, tok.rstrip(",;)")
+    p.kill()
+    raise RuntimeError(f"{args} did not start")
+
+
+def bench_overhead(args: argparse.Namespace) -> None:
+    import psutil
+
+    emu, emu_url = _start_proc(
+        ["-m", "emulator", "--port", "0", "--profile", "zero", "--max-num-seqs", "1024", "--log-requests", "false"], "http://"
+    )
+    prox, prox_url = _start_proc(
+        ["-m", "proxy", "--port", "0", "--backend", emu_url, "--strategy", args.strategy, "--log-level", "warning"], "listening on"
+    )
+    try:
+        text = make_text(args.tokens, seed=3)
+        proc = psutil.Process(prox.pid)
+        print(f"backend {emu_url} (zero-latency emulator), proxy {prox_url} ({args.strategy}); prompt {args.tokens} tokens, max_tokens {args.max_tokens}")
+        rows = []
+        for stream in (False, True):
+            for c in (1, 32):
+                n = args.requests if c == 1 else args.requests * 4
+                payload = {"model": None, "prompt": text, "max_tokens": args.max_tokens, "stream": stream}
+                payload = {k: v for k, v in payload.items() if v is not None}
+                res = {}
+                for name, url in (("direct", emu_url), ("proxy", prox_url)):
+                    cpu0 = sum(proc.cpu_times()[:2])
+                    lat, thr = asyncio.run(_run_load(url, payload, c, n, stream))
+                    cpu = sum(proc.cpu_times()[:2]) - cpu0
+                    res[name] = (lat, thr, cpu / n)
+                rows.append((stream, c, res))
+        print(f"{'mode':<22}{'direct p50':>11}{'proxy p50':>11}{'added p50':>11}{'added p99':>11}{'thr ratio':>11}{'proxy CPU/req':>15}")
+        for stream, c, res in rows:
+            dl, dt, _ = res["direct"]
+            pl, pt, pcpu = res["proxy"]
+            mode = f"{'stream TTFB' if stream else 'non-stream'} c={c}"
+            print(f"{mode:<22}{statistics.median(dl) * 1e3:>9.3f}ms{statistics.median(pl) * 1e3:>9.3f}ms"
+                  f"{(statistics.median(pl) - statistics.median(dl)) * 1e3:>9.3f}ms{(pct(pl, 99) - pct(dl, 99)) * 1e3:>9.3f}ms"
+                  f"{pt / dt:>10.2f}x{pcpu * 1e6:>12.0f} us")
+        print("targets: added p50 <= 0.5 ms at c=1; throughput >= 0.35x direct at c=32; CPU <= 300 us/request")
+    finally:
+        for p in (prox, emu):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m proxy.bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("decide", help="routing-decision micro-benchmark")
+    d.add_argument("--tokens", type=int, default=4096)
+    d.add_argument("--index-blocks", type=int, default=100_000)
+    d.add_argument("--backends", type=int, default=64)
+    d.add_argument("--iterations", type=int, default=500)
+    d.add_argument("--strategy", default="kv_aware")
+    o = sub.add_parser("overhead", help="proxy latency/throughput/CPU vs a direct connection")
+    o.add_argument("--tokens", type=int, default=1000)
+    o.add_argument("--max-tokens", type=int, default=8)
+    o.add_argument("--requests", type=int, default=300)
+    o.add_argument("--strategy", default="kv_aware")
+    args = ap.parse_args(argv)
+    if args.cmd == "decide":
+        bench_decide(args)
+    else:
+        bench_overhead(args)
+
+
+if __name__ == "__main__":
+    main()
