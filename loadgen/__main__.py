@@ -77,6 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmp_.add_argument("--strategies", default="default,round_robin,least_loaded",
                       help="comma-separated strategy names; 'default' = the proxy's current strategy")
     cmp_.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given")
+    cmp_.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
+                      help="without --target: run the started proxy in its own process (default) or in this one")
     return parser.parse_args(argv)
 
 
@@ -121,7 +123,7 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .report import compare_table
 
     strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
-    res = await compare(cfg, strategies, ns.target, command, ns.backends)
+    res = await compare(cfg, strategies, ns.target, command, ns.backends, ns.spawn)
     print("\n".join(compare_table(res.summaries)))
     print(f"report: {res.report}")
     return 130 if any(r.interrupted for r in res.results.values()) else 0

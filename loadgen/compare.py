@@ -35,7 +35,7 @@ class CompareResult:
 
 
 async def compare(config: RunConfig, strategies: list[str], target: str | None = None, command: str = "",
-                  backends: int = 4) -> CompareResult:
+                  backends: int = 4, spawn: str = "subprocess") -> CompareResult:
     """Run every strategy on `config`'s workload; write records, summary.json, plots and report.md to `config.out`.
 
     `target` is a running proxy's OpenAI base URL; None starts one with `backends` embedded emulators.
@@ -43,7 +43,7 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     workload = build_workload(config.workload)
-    async with managed_proxy(target, config.time_scale, backends) as stack:
+    async with managed_proxy(target, config.time_scale, backends, spawn) as stack:
         target = config.target = stack.target
         admin = ProxyAdmin(target, config.admin_key)
         original = await admin.strategy()

@@ -40,7 +40,10 @@ class ProxyAdmin:
             raise AdminError(f"strategy is {current!r} after setting {name!r}")
 
     async def reset(self) -> None:
-        await self._call("POST", "/admin/reset")
+        """Clear the proxy's index and every backend's prefix cache; fail if any backend did not reset."""
+        body = await self._call("POST", "/admin/reset")
+        if isinstance(body, dict) and body.get("ok") is False:
+            raise AdminError(f"reset failed on some backend: {body.get('backends')}")
 
     async def backends(self) -> list[str]:
         """URLs of the proxy's backends."""

@@ -83,6 +83,7 @@ class Runner:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._interrupted = False
+        self.records_so_far: list[RequestRecord] = []
 
     def interrupt(self) -> None:
         """Stop issuing requests and cancel those in flight (what Ctrl-C does)."""
@@ -97,6 +98,7 @@ class Runner:
         model = cfg.model or await discover_model(client) or "default"
         arrivals = make_arrivals(self.workload.name, cfg.rate, cfg.concurrency, cfg.workload.seed)
         result = RunResult(self.label, self.workload, cfg, arrivals.describe(), model)
+        self.records_so_far = result.records
         result.metrics_before = await scrape_all(self.backends) if self.backends else {}
         sampler = MetricsSampler(self.backends, cfg.metrics_interval)
         progress = Progress(len(self.workload.requests), self.label, cfg.progress)
