@@ -125,7 +125,8 @@ class KVEventSubscriber:
         self._task: asyncio.Task[None] | None = None
         self._applied: int | None = None
         self._last_payload: bytes | None = None
-        self._replayed: dict[int, bytes] = {}
+        self._replayed: dict[int, bytes] = {}  # batches applied by the last replay, still queued live
+        self._replayed_max = -1
         self._last_heard = 0.0
         self._busy_since: float | None = None
         self._last_probe = 0.0
@@ -204,7 +205,7 @@ class KVEventSubscriber:
             log.warning("kv events %s: sequence went back from %d to %d: publisher restarted", self.backend, self._applied, seq)
             self._desync(RESTART)
             self._reset()
-        if self._replayed and seq > max(self._replayed):
+        if self._replayed and seq > self._replayed_max:
             self._replayed.clear()
         expected = 0 if self._applied is None else self._applied + 1
         if seq != expected:
@@ -345,6 +346,7 @@ class KVEventSubscriber:
                 continue
             self._apply(seq, payload)
             self._replayed[seq] = payload
+            self._replayed_max = seq
         return True
 
     async def _fetch_replay(self, start_seq: int) -> list[tuple[int, bytes]] | None:
