@@ -1,0 +1,62 @@
+"""`python -m emulator`: run 1..N emulated vLLM servers until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+
+from .config import EmulatorConfig
+from .logs import configure_logging
+from .server import start_emulators
+
+
+async def serve(config: EmulatorConfig) -> None:
+    log = structlog.get_logger("emulator")
+    emulators = await start_emulators(config)
+    for em in emulators:
+        # The first line per replica is machine-readable so scripts (and tests) can find the port.
+        print(f"EMULATOR_URL {em.url}", flush=True)
+        pool = em.engine.block_pool
+        log.info(
+            "emulator listening",
+            url=em.url,
+            model=config.model,
+            engine=config.engine,
+            profile=config.profile,
+            time_scale=config.time_scale,
+            num_gpu_blocks=pool.num_gpu_blocks,
+            capacity_tokens=pool.num_usable_blocks * pool.block_size,
+            max_num_seqs=config.max_num_seqs,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", replicas=len(emulators))
+        await asyncio.gather(*(em.stop() for em in emulators))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = EmulatorConfig.from_cli(argv)
+    configure_logging(config.log_format)
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(config))
+    except OSError as e:
+        print(f"emulator: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Engines that turn requests into timed token streams over the block pool.
+
+`BatchedEngine` mirrors vLLM v1's scheduler: an FCFS waiting queue, admission when the uncached
+prompt blocks can be allocated, whole-prompt prefill, one decode token per running request per step,
+preemption of the newest request when a decode needs a block, and a step time from the latency
+profile, paced on an absolute clock. `SimpleEngine` is the seed's independent per-request model.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvblocks import APIError, Tokenizer, get_tokenizer
+from kvblocks.kv_events import KVEvent
+
+from .block_pool import BlockPool
+from .config import EmulatorConfig
+from .detokenizer import OutputText
+from .generator import TokenGenerator
+from .kv_cache_manager import KVCacheManager, KVSequence, cdiv
+from .latency import LatencyProfile, get_profile
+from .request import EngineRequest, RequestStatus, SamplingParams, TokenOutput
+
+if TYPE_CHECKING:
+    from .metrics import EngineMetrics
+
+KVEventSink = Callable[[list[KVEvent]], None]
+
+
+class Engine:
+    """What both engines share: pool, cache manager, generator, emulated clock, token emission."""
+
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        tokenizer: Tokenizer | None = None,
+        metrics: EngineMetrics | None = None,
+        profile: LatencyProfile | None = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile or get_profile(config.profile)
+        self.time_scale = config.time_scale
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len
+        self.block_pool = BlockPool(config.resolved_num_gpu_blocks, config.block_size)
+        self.kv_cache_manager = KVCacheManager(self.block_pool, config.prefix_caching_hash_algo)
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.generator = TokenGenerator(self.tokenizer, config.seed, config.eos_probability)
+        self.metrics = metrics
+        self.requests: dict[str, EngineRequest] = {}
+        self.num_preemptions = 0
+        self.finish_listeners: list[Callable[[EngineRequest], None]] = []
+        self._kv_event_sink: KVEventSink | None = None
+        self._wall0 = time.monotonic()
+
+    # --- clock -----------------------------------------------------------------------------
+    def emu_now(self) -> float:
+        """Emulated seconds since the engine started (wall time divided by the time scale)."""
+        return (time.monotonic() - self._wall0) / self.time_scale
+
+    async def sleep_until(self, emu_t: float) -> None:
+        delay = self._wall0 + emu_t * self.time_scale - time.monotonic()
+        await asyncio.sleep(delay if delay > 0 else 0)
+
+    # --- state others read -----------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_waiting(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def kv_cache_usage(self) -> float:
+        return self.block_pool.get_usage()
+
+    # --- KV events -------------------------------------------------------------------------
+    def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
+        """Receive each step's KV events (evictions before the stores that caused them)."""
+        self._kv_event_sink = sink
+        self.block_pool.enable_kv_events = sink is not None
+
+    def flush_kv_events(self) -> None:
+        if self._kv_event_sink is not None:
+            events = self.block_pool.take_events()
+            if events:
+                self._kv_event_sink(events)
+
+    def reset_prefix_cache(self) -> bool:
+        ok = self.kv_cache_manager.reset_prefix_cache()
+        self.flush_kv_events()
+        return ok
+
+    # --- requests --------------------------------------------------------------------------
+    def make_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        client_request_id: str | None = None,
+    ) -> EngineRequest:
+        """Build a request, rejecting (APIError 400) one that could never fit the KV cache."""
+        prompt = list(prompt_token_ids)
+        need = cdiv(len(prompt) + params.max_tokens, self.block_size)
+        if need > self.block_pool.num_usable_blocks:
+            raise APIError(
+                400,
+                f"This request needs {need} KV-cache blocks for {len(prompt)} prompt and {params.max_tokens} "
+                f"output tokens but the cache holds only {self.block_pool.num_usable_blocks} blocks.",
+                param="max_tokens",
+            )
+        if request_id in self.requests:
+            raise APIError(400, f"request id {request_id!r} is already in flight", param="request_id")
+        extra = (cache_salt,) if cache_salt else None
+        return EngineRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            seq=KVSequence(request_id, list(prompt), extra_keys_block0=extra),
+            generator=self.generator.for_prompt(prompt, params.seed),
+            text=OutputText(params.stop, params.include_stop_str_in_output),
+            client_request_id=client_request_id or request_id,
+        )
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
+        """Run `req` and yield its tokens; closing or cancelling the iterator aborts it at once."""
+        self.add_request(req)
+        try:
+            while True:
+                out = await req.outputs.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if not req.finished:
+                self.abort(req.request_id)
+
+    def add_request(self, req: EngineRequest) -> None:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    # --- token emission shared by both engines ---------------------------------------------
+    def _record_admission(self, req: EngineRequest, num_cached_tokens: int, t: float) -> None:
+        if req.timings.first_scheduled is None:
+            req.timings.first_scheduled = t
+        if not req.counted_query:
+            req.counted_query = True
+            req.num_cached_tokens = num_cached_tokens
+            self.kv_cache_manager.record_query(req.num_prompt_tokens, num_cached_tokens)
+            if self.metrics is not None:
+                self.metrics.on_admitted(req)
+
+    def _emit_token(self, req: EngineRequest, t: float) -> TokenOutput:
+        """Sample the next token at emulated time `t`, apply stop rules, deliver it, finish if due."""
+        p = req.params
+        n_before = req.num_output_tokens
+        allow_eos = not p.ignore_eos and n_before >= p.min_tokens
+        tok = req.generator.next_token(allow_eos)
+        req.output_token_ids.append(tok)
+        req.seq.token_ids.append(tok)
+        n = n_before + 1
+        prev_t = req.timings.last_token
+        if req.timings.first_token is None:
+            req.timings.first_token = t
+        req.timings.last_token = t
+        req.token_times.append(t)
+        finish: str | None = None
+        stop_reason: str | int | None = None
+        if allow_eos and tok == self.tokenizer.eos_token_id:
+            finish = "stop"
+        elif tok in p.stop_token_ids and n > p.min_tokens:
+            finish, stop_reason = "stop", tok
+        else:
+            hit = req.text.append(self.generator.token_text(tok), check_stop=n > p.min_tokens)
+            if hit is not None:
+                finish, stop_reason = "stop", hit
+        if finish is None and (n >= p.max_tokens or req.seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        if self.metrics is not None:
+            self.metrics.on_token(req, t, prev_t)
+        out = TokenOutput(
+            request_id=req.request_id,
+            token_id=tok,
+            text=req.text.take_delta(finish is not None),
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=n,
+            finish_reason=finish,
+            stop_reason=stop_reason,
+        )
+        if finish is not None:
+            self._finish(req, finish, stop_reason, t)
+        req.outputs.put_nowait(out)
+        return out
+
+    def _abort_request(self, req: EngineRequest, t: float) -> None:
+        """Finish `req` as aborted and wake its consumer, if it still has one, with a final output."""
+        self._finish(req, "abort", None, t)
+        req.outputs.put_nowait(
+            TokenOutput(req.request_id, None, req.text.take_delta(True), req.num_prompt_tokens,
+                        req.num_cached_tokens, req.num_output_tokens, "abort")
+        )
+
+    def abort_all(self) -> None:
+        for rid in list(self.requests):
+            self.abort(rid)
+
+    def _finish(self, req: EngineRequest, reason: str, stop_reason: str | int | None, t: float) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.timings.finished = t
+        self.kv_cache_manager.free(req.seq)
+        self.requests.pop(req.request_id, None)
+        if self.metrics is not None:
+            self.metrics.on_finished(req)
+        for listener in self.finish_listeners:
+            listener(req)
+
+
+@dataclass
+class SchedulerStep:
+    """What one engine step computes: whole prompts to prefill and requests decoding one token."""
+
+    prefills: list[tuple[EngineRequest, int]] = field(default_factory=list)
+    decodes: list[EngineRequest] = field(default_factory=list)
+    prefill_blocks: int = 0
+    preempted: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+class BatchedEngine(Engine):
+    """Continuous batching like vLLM's scheduler; runs a step loop only while there is work."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_num_seqs = self.config.max_num_seqs
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.num_steps = 0
+        self._clock = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def add_request(self, req: EngineRequest) -> None:
+        req.timings.arrival = self.emu_now()
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._abort_request(req, self.emu_now())
+        self.flush_kv_events()
+        return True
+
+    async def _run(self) -> None:
+        try:
+            # An idle engine starts its clock at the arrival of the request that woke it, so an
+            # isolated request's emulated TTFT is exactly the profile's figure.
+            if self.waiting:
+                self._clock = max(self._clock, self.waiting[0].timings.arrival)
+            while self.waiting or self.running:
+                step = self.schedule()
+                self.flush_kv_events()
+                if step.empty:
+                    if not step.preempted:
+                        self._reject_unschedulable()
+                    await asyncio.sleep(0)
+                    continue
+                duration = self.profile.step_time(step.prefill_blocks, bool(step.prefills), len(step.decodes))
+                self._clock += duration
+                self.num_steps += 1
+                if self.metrics is not None:
+                    self.metrics.on_step(sum(n for _, n in step.prefills) + len(step.decodes))
+                await self.sleep_until(self._clock)
+                self.complete(step, self._clock)
+        finally:
+            self._task = None
+
+    def schedule(self) -> SchedulerStep:
+        """Pick this step's work: decodes for running requests first, then admissions (FCFS)."""
+        mgr = self.kv_cache_manager
+        step = SchedulerStep()
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            while not mgr.allocate_slots(req.seq, 1):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                step.decodes.append(req)
+                i += 1
+                continue
+            break
+        if preempted:
+            step.preempted = True
+            return step
+        bs = self.block_size
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits, cached = mgr.get_computed_blocks(req.seq)
+            num_new = req.seq.num_tokens - cached
+            if not mgr.can_allocate(req.seq, num_new, hits, num_lookahead_tokens=1):
+                break
+            mgr.allocate_slots(req.seq, num_new, hits)
+            self.waiting.popleft()
+            self._record_admission(req, cached, self._clock)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            step.prefills.append((req, num_new))
+            step.prefill_blocks += cdiv(num_new, bs)
+        return step
+
+    def complete(self, step: SchedulerStep, t: float) -> None:
+        """End a step at emulated time `t`: every scheduled, still-running request gets a token."""
+        for req, _ in step.prefills:
+            if req.status is RequestStatus.RUNNING:
+                self._emit_token(req, t)
+        for req in step.decodes:
+            if req.status is RequestStatus.RUNNING:
+                self._emit_token(req, t)
+        if any(r.finished for r in self.running):
+            self.running = [r for r in self.running if not r.finished]
+        self.flush_kv_events()
+
+    def _preempt(self, req: EngineRequest) -> None:
+        """Free a running request's blocks and requeue it at the front to recompute later."""
+        self.kv_cache_manager.free(req.seq)
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        if self.metrics is not None:
+            self.metrics.on_preemption()
+
+    def _reject_unschedulable(self) -> None:
+        """Nothing fits although nothing runs: the head request can never run, so fail it."""
+        if self.running or not self.waiting:
+            return
+        self._abort_request(self.waiting.popleft(), self._clock)
+
+
+class SimpleEngine(Engine):
+    """Each request on its own: TTFT = base + uncached blocks x per block, then a fixed time per token.
+
+    Requests still share the block pool (hits, eviction); a request waits (FCFS) until its prompt
+    blocks can be allocated, and generated tokens are cached while blocks are free.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: set[EngineRequest] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._admitted: dict[str, asyncio.Future[float]] = {}
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def add_request(self, req: EngineRequest) -> None:
+        req.timings.arrival = self.emu_now()
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        loop = asyncio.get_running_loop()
+        self._admitted[req.request_id] = loop.create_future()
+        self._tasks[req.request_id] = loop.create_task(self._serve(req))
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        mgr = self.kv_cache_manager
+        while self.waiting:
+            req = self.waiting[0]
+            hits, cached = mgr.get_computed_blocks(req.seq)
+            num_new = req.seq.num_tokens - cached
+            if not mgr.can_allocate(req.seq, num_new, hits, num_lookahead_tokens=1):
+                break
+            mgr.allocate_slots(req.seq, num_new, hits)
+            self.waiting.popleft()
+            now = max(self.emu_now(), req.timings.arrival)
+            self._record_admission(req, cached, now)
+            req.status = RequestStatus.RUNNING
+            self.running.add(req)
+            fut = self._admitted.pop(req.request_id)
+            if not fut.done():
+                fut.set_result(now + self.profile.isolated_ttft(cdiv(num_new, self.block_size)))
+        self.flush_kv_events()
+
+    async def _serve(self, req: EngineRequest) -> None:
+        t = await self._admitted[req.request_id]
+        await self.sleep_until(t)
+        self._emit_token(req, t)
+        mgr = self.kv_cache_manager
+        while not req.finished:
+            mgr.allocate_slots(req.seq, 1)  # best effort: without a free block the token is not cached
+            self.flush_kv_events()
+            t += self.profile.decode_per_token
+            await self.sleep_until(t)
+            self._emit_token(req, t)
+
+    def _finish(self, req: EngineRequest, reason: str, stop_reason: str | int | None, t: float) -> None:
+        self.running.discard(req)
+        self._tasks.pop(req.request_id, None)
+        super()._finish(req, reason, stop_reason, t)
+        self.flush_kv_events()
+        self._admit_waiting()
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        task = self._tasks.get(request_id)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._admitted.pop(request_id, None)
+        self._abort_request(req, self.emu_now())
+        return True
+
+
+def make_engine(config: EmulatorConfig, tokenizer: Tokenizer | None = None, metrics: EngineMetrics | None = None) -> Engine:
+    """The engine `config.engine` names ("batched" or "simple")."""
+    cls = BatchedEngine if config.engine == "batched" else SimpleEngine
+    return cls(config, tokenizer=tokenizer, metrics=metrics)

@@ -1,0 +1,297 @@
+"""The vLLM-compatible HTTP API of one emulator (aiohttp), and helpers to start emulators in-process.
+
+Handlers are thin: `protocol` validates, the engine generates, `responses` shapes JSON/SSE.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import orjson
+import structlog
+from aiohttp import web
+
+from kvblocks import APIError, Tokenizer, error_body, get_tokenizer
+
+from .config import EmulatorConfig
+from .engine import Engine, make_engine
+from .logs import request_log_fields
+from .metrics import CONTENT_TYPE, EngineMetrics
+from .protocol import GenerateRequest, RequestParser, parse_json_object
+from .request import EngineRequest, TokenOutput
+from .responses import ResponseBuilder
+
+log = structlog.get_logger("emulator")
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class EmulatorState:
+    """What handlers share: configuration, the engine, its metrics and the request parser."""
+
+    config: EmulatorConfig
+    engine: Engine
+    metrics: EngineMetrics
+    parser: RequestParser
+    tokenizer: Tokenizer
+    created: int
+    ids: itertools.count
+
+
+STATE = web.AppKey("emulator_state", EmulatorState)
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Every failure leaves as vLLM's error JSON: APIError as given, HTTP errors mapped, others 500."""
+    try:
+        return await handler(request)
+    except APIError as e:
+        return _json(e.body(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _json(error_body(e.status, e.reason), status=e.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:  # a bug must still answer with JSON, never a trace
+        log.exception("unhandled error", path=request.path)
+        return _json(error_body(500, f"internal error: {type(e).__name__}"), status=500)
+
+
+def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> web.Application:
+    """One emulated vLLM server: its own engine, block pool and metrics registry."""
+    tokenizer = tokenizer or get_tokenizer()
+    metrics = EngineMetrics(config)
+    engine = make_engine(config, tokenizer, metrics)
+    metrics.bind(engine)
+    state = EmulatorState(
+        config=config,
+        engine=engine,
+        metrics=metrics,
+        parser=RequestParser(config.model, tokenizer, config.max_model_len),
+        tokenizer=tokenizer,
+        created=int(time.time()),
+        ids=itertools.count(),
+    )
+    if config.log_requests:
+        engine.finish_listeners.append(lambda req: log.info("request finished", **request_log_fields(req)))
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024 * 1024)
+    app[STATE] = state
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.on_shutdown.append(_abort_in_flight)
+    return app
+
+
+async def _abort_in_flight(app: web.Application) -> None:
+    app[STATE].engine.abort_all()
+
+
+# --- generation ------------------------------------------------------------------------------
+async def completions(request: web.Request) -> web.StreamResponse:
+    st = request.app[STATE]
+    g = st.parser.completion(parse_json_object(await request.read()))
+    return await _generate(request, st, g)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    st = request.app[STATE]
+    g = st.parser.chat(parse_json_object(await request.read()))
+    return await _generate(request, st, g)
+
+
+async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-ID") or g.request_id or uuid.uuid4().hex
+    if g.unknown_fields:
+        log.info("ignoring unknown request fields", request_id=rid, fields=g.unknown_fields)
+    n = next(st.ids)
+    ereqs = [
+        st.engine.make_request(f"{rid}-{i}-{n}", prompt, g.params, g.cache_salt, client_request_id=rid)
+        for i, prompt in enumerate(g.prompts)
+    ]
+    rb = ResponseBuilder(g, rid, int(time.time()), st.config.enable_prompt_tokens_details)
+    headers = {"X-Request-ID": rid}
+    if not g.stream:
+        results = await asyncio.gather(*(_collect(st.engine, er) for er in ereqs))
+        return _json(rb.full_response(results), headers=headers)
+    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        async with contextlib.aclosing(_outputs(st.engine, ereqs)) as outputs:
+            async for i, out in outputs:
+                chunk = rb.stream_chunk(i, out)
+                if chunk is not None:
+                    await resp.write(chunk)
+        tail = rb.usage_chunk() if g.include_usage else b""
+        await resp.write(tail + SSE_DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        log.info("client disconnected", request_id=rid)
+    return resp
+
+
+async def _collect(engine: Engine, er: EngineRequest) -> list[TokenOutput]:
+    async with contextlib.aclosing(engine.generate(er)) as gen:
+        return [out async for out in gen]
+
+
+async def _outputs(engine: Engine, ereqs: list[EngineRequest]) -> AsyncIterator[tuple[int, TokenOutput]]:
+    """(choice index, output) pairs as they are produced, merging several prompts' streams."""
+    if len(ereqs) == 1:
+        async with contextlib.aclosing(engine.generate(ereqs[0])) as gen:
+            async for out in gen:
+                yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, TokenOutput]] = asyncio.Queue()
+
+    async def pump(i: int, er: EngineRequest) -> None:
+        async with contextlib.aclosing(engine.generate(er)) as gen:
+            async for out in gen:
+                queue.put_nowait((i, out))
+
+    tasks = [asyncio.create_task(pump(i, er)) for i, er in enumerate(ereqs)]
+    try:
+        remaining = len(ereqs)
+        while remaining:
+            i, out = await queue.get()
+            yield i, out
+            if out.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- the rest of vLLM's surface --------------------------------------------------------------
+async def models(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    m = st.config.model
+    return _json({
+        "object": "list",
+        "data": [{
+            "id": m,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "vllm",
+            "root": m,
+            "parent": None,
+            "max_model_len": st.config.max_model_len,
+            "permission": [{
+                "id": f"modelperm-{uuid.uuid4().hex}",
+                "object": "model_permission",
+                "created": st.created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }],
+        }],
+    })
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return _json({"version": request.app[STATE].config.version})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[STATE].metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    t = st.parser.tokenize(parse_json_object(await request.read()))
+    out: dict[str, object] = {"count": len(t.tokens), "max_model_len": st.config.max_model_len, "tokens": t.tokens}
+    if t.return_token_strs:
+        out["token_strs"] = [st.tokenizer.decode([tok]) for tok in t.tokens]
+    return _json(out)
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    d = st.parser.detokenize(parse_json_object(await request.read()))
+    return _json({"prompt": st.tokenizer.decode(d.tokens)})
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """Like vLLM: forget every cached block; refused (409) while requests hold blocks."""
+    st = request.app[STATE]
+    if not st.engine.reset_prefix_cache():
+        raise APIError(409, "Cannot reset the prefix cache while requests are running.")
+    log.info("prefix cache reset")
+    return web.Response(status=200)
+
+
+# --- running emulators in-process ----------------------------------------------------------
+@dataclass
+class RunningEmulator:
+    """A started emulator: where it listens and handles to its engine and app."""
+
+    url: str
+    port: int
+    config: EmulatorConfig
+    engine: Engine
+    app: web.Application
+    runner: web.AppRunner
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_emulator(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> RunningEmulator:
+    """Start one emulator on the running event loop (port 0 = OS-assigned; the real port is reported)."""
+    app = create_app(config, tokenizer)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = runner.addresses[0][1]
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    return RunningEmulator(f"http://{host}:{port}", port, config, app[STATE].engine, app, runner)
+
+
+async def start_emulators(config: EmulatorConfig, n: int | None = None) -> list[RunningEmulator]:
+    """Start `n` (default config.replicas) emulators on consecutive ports from config.port (all OS-assigned when 0)."""
+    n = config.replicas if n is None else n
+    started: list[RunningEmulator] = []
+    try:
+        for i in range(n):
+            cfg = replace(config, port=config.port + i if config.port else 0, replicas=1)
+            started.append(await start_emulator(cfg))
+    except BaseException:
+        for em in started:
+            await em.stop()
+        raise
+    return started
