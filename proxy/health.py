@@ -159,4 +159,5 @@ class BackendMonitor:
             if blocks != s.num_gpu_blocks:
                 s.num_gpu_blocks = blocks
                 if b.url in self.router.registry:
-                    self.router.index.set_capacity(b.url, blocks)
+                    # vLLM's num_gpu_blocks includes the null block, which never caches anything.
+                    self.router.index.set_capacity(b.url, max(1, blocks - 1))

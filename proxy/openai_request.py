@@ -23,6 +23,7 @@ class ParsedRequest:
     max_tokens: int | None
     text: str | None = None
     token_ids: list[int] | None = None
+    cache_salt: str | None = None
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -33,6 +34,13 @@ def _load(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
+
+
+def _salt(body: dict[str, Any]) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise APIError(400, "cache_salt must be a non-empty string", "cache_salt")
+    return salt
 
 
 def _common(body: dict[str, Any], max_fields: tuple[str, ...]) -> tuple[str | None, bool, int | None]:
@@ -65,6 +73,12 @@ def _is_token_list(x: Any) -> bool:
 
 def parse_completion(raw: bytes) -> ParsedRequest:
     body = _load(raw)
+    parsed = _parse_completion(body)
+    parsed.cache_salt = _salt(body)
+    return parsed
+
+
+def _parse_completion(body: dict[str, Any]) -> ParsedRequest:
     model, stream, max_tokens = _common(body, ("max_tokens",))
     if "prompt" not in body:
         raise APIError(400, "prompt is required", "prompt")
@@ -100,4 +114,4 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         text = render_chat(body["messages"])
     except ChatFormatError as e:
         raise APIError(400, str(e), e.param) from None
-    return ParsedRequest(model, stream, max_tokens, text=text)
+    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body))

@@ -101,8 +101,11 @@ class PrefixIndex:
                 owners[h] = owners.get(h, 0) | bit
         self._evict_to(st, st.capacity)
 
-    def stored(self, backend: Hashable, hashes: Iterable[int]) -> None:
-        """Exact mode (BlockStored): the backend cached these blocks; its own events report evictions."""
+    def stored(self, backend: Hashable, hashes: Iterable[int], parent: int | None = None, token_ids=None, block_size=None) -> None:
+        """Exact mode (BlockStored): the backend cached these blocks; its own events report evictions.
+
+        `parent`, `token_ids`, `block_size` (the event's other fields) are accepted for KV-event sinks and unused.
+        """
         st = self._store(backend)
         bit = 1 << st.slot
         lru = st.lru

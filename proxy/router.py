@@ -69,12 +69,16 @@ class Router:
             p.reset()
 
     # -- per request ----------------------------------------------------------------------------
-    def hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return [int.from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids)]
+    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""
+        extra = (cache_salt,) if cache_salt else None
+        return [int.from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, extra_keys_block0=extra)]
 
-    def context(self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None) -> RequestContext:
+    def context(
+        self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
+    ) -> RequestContext:
         return RequestContext(
-            self.hashes(token_ids),
+            self.hashes(token_ids, cache_salt),
             len(token_ids),
             max_tokens if max_tokens is not None else self.config.default_max_tokens,
             model,

@@ -116,7 +116,7 @@ class ProxyHandlers:
         self._check_model(parsed)
         router = self.router
         tokens = parsed.token_ids if parsed.token_ids is not None else router.tokenizer.encode(parsed.text)
-        ctx = router.context(tokens, parsed.max_tokens, parsed.model)
+        ctx = router.context(tokens, parsed.max_tokens, parsed.model, parsed.cache_salt)
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, request_id)
 
@@ -220,12 +220,12 @@ async def start_embedded_emulators(config: ProxyConfig) -> list[Any]:
         profile=config.profile,
         time_scale=config.time_scale,
         block_size=config.block_size,
-        num_gpu_blocks=config.default_capacity_blocks,
+        prefix_caching_hash_algo=config.hash_algo,
+        log_requests=False,
     )
     if config.emulator_model:
         kwargs["model"] = config.emulator_model
-    names = {f.name for f in dataclasses.fields(EmulatorConfig)}
-    base = EmulatorConfig(**{k: v for k, v in kwargs.items() if k in names})
+    base = EmulatorConfig(**kwargs)
     return list(await start_emulators(base, config.emulators))
 
 
