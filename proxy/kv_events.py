@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 import zmq
 import zmq.asyncio
@@ -74,9 +75,15 @@ class KVEventSource:
 
     @classmethod
     def parse(cls, value: str | dict[str, Any]) -> KVEventSource:
-        """A bare endpoint string, or `{"endpoint", "topic", "replay_endpoint"}` from a backends file."""
+        """`ENDPOINT[?topic=T&replay=R]` (the `--kv-events` flag), or `{"endpoint", "topic", "replay_endpoint"}`
+        from a backends file."""
         if isinstance(value, str):
-            return cls(endpoint=value)
+            endpoint, _, query = value.strip().partition("?")
+            params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+            unknown = sorted(set(params) - {"topic", "replay"})
+            if unknown:
+                raise ValueError(f"unknown --kv-events option(s) {', '.join(unknown)}; use ?topic=T&replay=tcp://host:port")
+            return cls(endpoint=endpoint, topic=params.get("topic", ""), replay_endpoint=params.get("replay") or None)
         if not isinstance(value, dict) or "endpoint" not in value:
             raise ValueError('kv_events must be an endpoint string or {"endpoint": ..., "topic": ..., "replay_endpoint": ...}')
         unknown = sorted(set(value) - {"endpoint", "topic", "replay_endpoint"})
@@ -373,3 +380,116 @@ class KVEventSubscriber:
                 items.append((seq, frames[2]))
         finally:
             sock.close(linger=0)
+
+
+class KVEventsFollower:
+    """The proxy's side of KV events: one subscriber per event-publishing backend, feeding the prefix index.
+
+    It is the subscribers' sink. For each followed backend it keeps the exact block set the events
+    describe (in LRU order) and writes every change through to the shared `PrefixIndex`. While a
+    backend is in sync its part of the index is exact (routing must not add guesses for it); after a
+    desync routing guesses again (`is_exact` is False) and on resync the index is re-seeded from the
+    exact set, dropping the guesses. Index state depends only on events, so replicas agree.
+    """
+
+    def __init__(self, index: Any, silence_timeout: float = 10.0, replay_timeout: float = 2.0) -> None:
+        self.index = index
+        self.silence_timeout = silence_timeout
+        self.replay_timeout = replay_timeout
+        self.subscribers: dict[str, KVEventSubscriber] = {}
+        self.desyncs: dict[tuple[str, str], int] = {}
+        self._blocks: dict[str, dict[int, None]] = {}  # insertion-ordered: least recently stored first
+        self._exact: set[str] = set()
+        self._running = False
+
+    # ---- which backends ---------------------------------------------------------------------------
+
+    def follow(self, backend: str, source: KVEventSource, busy: Callable[[], bool] | None = None) -> KVEventSubscriber:
+        """Subscribe to `backend`'s events (started now if the follower runs, else by `start`)."""
+        if backend in self.subscribers:
+            raise ValueError(f"backend {backend} is already followed")
+        sub = KVEventSubscriber(
+            backend, source, self, busy=busy, silence_timeout=self.silence_timeout, replay_timeout=self.replay_timeout
+        )
+        self.subscribers[backend] = sub
+        self._blocks[backend] = {}
+        if self._running:
+            sub.start()
+        return sub
+
+    async def unfollow(self, backend: str) -> None:
+        sub = self.subscribers.pop(backend, None)
+        self._blocks.pop(backend, None)
+        self._exact.discard(backend)
+        if sub is not None:
+            await sub.close()
+
+    def start(self) -> None:
+        """Start every subscriber on the running loop."""
+        self._running = True
+        for sub in self.subscribers.values():
+            sub.start()
+
+    async def close(self) -> None:
+        self._running = False
+        for sub in list(self.subscribers.values()):
+            await sub.close()
+
+    # ---- what routing asks ------------------------------------------------------------------------
+
+    def is_exact(self, backend: str) -> bool:
+        return backend in self._exact
+
+    def followed(self, backend: str) -> bool:
+        return backend in self.subscribers
+
+    def mode(self, backend: str) -> str:
+        return "exact" if backend in self._exact else "approximate"
+
+    def blocks(self, backend: str) -> set[int]:
+        """The backend's cached blocks as its events describe them."""
+        return set(self._blocks.get(backend, ()))
+
+    def forget_all(self) -> None:
+        """An admin reset cleared the index and the backends' caches: drop the exact sets too."""
+        for blocks in self._blocks.values():
+            blocks.clear()
+
+    # ---- KVEventSink ------------------------------------------------------------------------------
+
+    def stored(self, backend: str, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None:
+        blocks = self._blocks.get(backend)
+        if blocks is None:
+            return
+        for h in hashes:
+            blocks.pop(h, None)
+            blocks[h] = None
+        self.index.stored(backend, hashes)
+
+    def removed(self, backend: str, hashes: list[int]) -> None:
+        blocks = self._blocks.get(backend)
+        if blocks is None:
+            return
+        for h in hashes:
+            blocks.pop(h, None)
+        self.index.removed(backend, hashes)
+
+    def clear(self, backend: str) -> None:
+        blocks = self._blocks.get(backend)
+        if blocks is None:
+            return
+        blocks.clear()
+        self.index.clear(backend)
+
+    def desync(self, backend: str, reason: str) -> None:
+        self._exact.discard(backend)
+        key = (backend, reason)
+        self.desyncs[key] = self.desyncs.get(key, 0) + 1
+
+    def resynced(self, backend: str) -> None:
+        blocks = self._blocks.get(backend)
+        if blocks is None:
+            return
+        self.index.clear(backend)
+        self.index.stored(backend, list(blocks))
+        self._exact.add(backend)
