@@ -87,18 +87,28 @@ def bench_decide(args: argparse.Namespace) -> None:
 
 
 # -- overhead --------------------------------------------------------------------------------------
-async def _run_load(url: str, payload: dict, concurrency: int, total: int, stream: bool) -> tuple[list[float], float]:
+def word_prompts(n: int, words: int, seed: int, shared_prefix: str = "") -> list[str]:
+    """`n` distinct prompts of about `words` tokens (common words are one token each)."""
+    rng = random.Random(seed)
+    return [shared_prefix + " ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+
+
+async def _run_load(url: str, payloads: list[dict], concurrency: int, stream: bool) -> tuple[list[float], float]:
+    """Send every payload once with `concurrency` workers; latency = to the first body byte (stream) or the end."""
     import aiohttp
 
     lat: list[float] = []
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
-        counter = iter(range(total))
+        for p in payloads[:concurrency]:  # warm up connections
+            async with session.post(url + "/v1/completions", json=p) as r:
+                await r.read()
+        todo = iter(payloads[concurrency:])
 
         async def worker() -> None:
-            for _ in counter:
+            for p in todo:
                 t0 = time.perf_counter()
-                async with session.post(url + "/v1/completions", json=payload) as r:
+                async with session.post(url + "/v1/completions", json=p) as r:
                     if stream:
                         await r.content.readany()
                         lat.append(time.perf_counter() - t0)
@@ -109,13 +119,10 @@ async def _run_load(url: str, payload: dict, concurrency: int, total: int, strea
                     if r.status != 200:
                         raise RuntimeError(f"status {r.status}")
 
-        for _ in range(min(concurrency, 4)):  # warm up connections
-            async with session.post(url + "/v1/completions", json=payload) as r:
-                await r.read()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return lat, total / elapsed
+    return lat, len(lat) / elapsed
 
 
 def _start_proc(args: list[str], ready: str) -> tuple[subprocess.Popen, str]:
@@ -137,36 +144,42 @@ def bench_overhead(args: argparse.Namespace) -> None:
     import psutil
 
     emu, emu_url = _start_proc(
-        ["-m", "emulator", "--port", "0", "--profile", "zero", "--max-num-seqs", "1024", "--log-requests", "false"], "http://"
+        ["-m", "emulator", "--port", "0", "--profile", "zero", "--max-num-seqs", "1024", "--no-log-requests"], "http://"
     )
     prox, prox_url = _start_proc(
         ["-m", "proxy", "--port", "0", "--backend", emu_url, "--strategy", args.strategy, "--log-level", "warning"], "listening on"
     )
     try:
-        text = make_text(args.tokens, seed=3)
         proc = psutil.Process(prox.pid)
-        print(f"backend {emu_url} (zero-latency emulator), proxy {prox_url} ({args.strategy}); prompt {args.tokens} tokens, max_tokens {args.max_tokens}")
+        print(f"backend {emu_url} (zero-latency emulator), proxy {prox_url} ({args.strategy}); "
+              f"~{args.tokens}-token prompts, max_tokens {args.max_tokens}")
+        doc = " ".join(word_prompts(1, args.tokens - 100, seed=7))
         rows = []
-        for stream in (False, True):
-            for c in (1, 32):
-                n = args.requests if c == 1 else args.requests * 4
-                payload = {"model": None, "prompt": text, "max_tokens": args.max_tokens, "stream": stream}
-                payload = {k: v for k, v in payload.items() if v is not None}
-                res = {}
-                for name, url in (("direct", emu_url), ("proxy", prox_url)):
-                    cpu0 = sum(proc.cpu_times()[:2])
-                    lat, thr = asyncio.run(_run_load(url, payload, c, n, stream))
-                    cpu = sum(proc.cpu_times()[:2]) - cpu0
-                    res[name] = (lat, thr, cpu / n)
-                rows.append((stream, c, res))
+        seed = 100
+        for label, stream, c, shared in (
+            ("non-stream c=1", False, 1, False), ("stream TTFB c=1", True, 1, False),
+            ("non-stream c=32", False, 32, False), ("stream TTFB c=32", True, 32, False),
+            ("non-stream c=1 RAG", False, 1, True), ("stream TTFB c=32 RAG", True, 32, True),
+        ):
+            n = args.requests if c == 1 else args.requests * 4
+            res = {}
+            for name, url in (("direct", emu_url), ("proxy", prox_url)):
+                seed += 1
+                prompts = (word_prompts(n + c, 100, seed, doc + " ") if shared else word_prompts(n + c, args.tokens, seed))
+                payloads = [{"prompt": t, "max_tokens": args.max_tokens, "stream": stream} for t in prompts]
+                cpu0 = sum(proc.cpu_times()[:2])
+                lat, thr = asyncio.run(_run_load(url, payloads, c, stream))
+                cpu = sum(proc.cpu_times()[:2]) - cpu0
+                res[name] = (lat, thr, cpu / (n + c))
+            rows.append((label, res))
         print(f"{'mode':<22}{'direct p50':>11}{'proxy p50':>11}{'added p50':>11}{'added p99':>11}{'thr ratio':>11}{'proxy CPU/req':>15}")
-        for stream, c, res in rows:
+        for label, res in rows:
             dl, dt, _ = res["direct"]
             pl, pt, pcpu = res["proxy"]
-            mode = f"{'stream TTFB' if stream else 'non-stream'} c={c}"
-            print(f"{mode:<22}{statistics.median(dl) * 1e3:>9.3f}ms{statistics.median(pl) * 1e3:>9.3f}ms"
+            print(f"{label:<22}{statistics.median(dl) * 1e3:>9.3f}ms{statistics.median(pl) * 1e3:>9.3f}ms"
                   f"{(statistics.median(pl) - statistics.median(dl)) * 1e3:>9.3f}ms{(pct(pl, 99) - pct(dl, 99)) * 1e3:>9.3f}ms"
                   f"{pt / dt:>10.2f}x{pcpu * 1e6:>12.0f} us")
+        print("unique prompts unless RAG (one shared ~{0}-token document + a distinct 100-token question)".format(args.tokens - 100))
         print("targets: added p50 <= 0.5 ms at c=1; throughput >= 0.35x direct at c=32; CPU <= 300 us/request")
     finally:
         for p in (prox, emu):

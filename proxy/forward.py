@@ -72,7 +72,7 @@ class Forwarder:
             except _Failed as f:
                 last = f
                 tried.append(decision.backend)
-                self.metrics.requests.labels(strategy, decision.backend.url, str(f.status or 502)).inc()
+                self.metrics.child(self.metrics.requests, strategy, decision.backend.url, str(f.status or 502)).inc()
                 if attempt + 1 < MAX_ATTEMPTS:
                     self.metrics.retries.labels(f.reason).inc()
                     log.warning("request %s: %s on %s; retrying elsewhere", request_id, f.reason, decision.backend.url)
@@ -112,8 +112,8 @@ class Forwarder:
             Router.first_byte(rec)
             t_first = time.perf_counter()
             m = self.metrics
-            m.ttft.labels(strategy).observe(t_first - t0)
-            m.matched.labels(strategy).observe(decision.matched_blocks)
+            m.child(m.ttft, strategy).observe(t_first - t0)
+            m.child(m.matched, strategy).observe(decision.matched_blocks)
             out_headers = {
                 "x-kvroute-backend": b.url,
                 "x-kvroute-strategy": strategy,
@@ -127,8 +127,8 @@ class Forwarder:
             else:
                 resp = await self._stream(request, upstream, first, out_headers, request_id)
                 done = True
-            m.requests.labels(strategy, b.url, str(status)).inc()
-            m.latency.labels(strategy).observe(time.perf_counter() - t0)
+            m.child(m.requests, strategy, b.url, str(status)).inc()
+            m.child(m.latency, strategy).observe(time.perf_counter() - t0)
             return resp
         finally:
             if upstream is not None:

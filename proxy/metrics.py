@@ -37,6 +37,7 @@ class _BackendCollector(Collector):
 class ProxyMetrics:
     def __init__(self, router: Router) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self._children: dict = {}
         r = self.registry
         self.requests = Counter("kvroute_requests", "Proxied requests", ["strategy", "backend", "status"], registry=r)
         self.latency = Histogram("kvroute_request_latency_seconds", "Request latency through the proxy", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
@@ -45,6 +46,14 @@ class ProxyMetrics:
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
         self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
         r.register(_BackendCollector(router))
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, memoised: the request path skips prometheus_client's label validation."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

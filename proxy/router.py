@@ -14,6 +14,7 @@ from .backends import Backend, BackendRegistry, InFlight, now
 from .config import ProxyConfig
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
 from .prefix_index import PrefixIndex
+from .tokenize_cache import ChunkedTokenizer
 
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
 FIRST_TOKEN_MARGIN = 1.5
@@ -30,6 +31,7 @@ class Router:
     def __init__(self, config: ProxyConfig, registry: BackendRegistry | None = None) -> None:
         self.config = config
         self.tokenizer = get_tokenizer(config.tokenizer)
+        self.chunked = ChunkedTokenizer(self.tokenizer)
         self.hasher = BlockHasher(config.block_size, config.hash_algo)
         self.registry = registry or BackendRegistry()
         self.index = PrefixIndex(config.default_capacity_blocks)
@@ -69,6 +71,10 @@ class Router:
             p.reset()
 
     # -- per request ----------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt; long shared prefixes (documents, chat history) are encoded once."""
+        return self.chunked.encode(text)
+
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""
         extra = (cache_salt,) if cache_salt else None

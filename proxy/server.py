@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import itertools
 import logging
 import socket
 import uuid
@@ -73,6 +74,8 @@ class ProxyHandlers:
         self.router: Router = app[ROUTER_KEY]
         self._keys = [k.encode() for k in config.api_keys]
         self.forwarder: Forwarder | None = None
+        self._rid_prefix = f"kvr-{uuid.uuid4().hex[:12]}-"
+        self._rid_counter = itertools.count(1)
         self.session: aiohttp.ClientSession | None = None
 
     def _check_api_key(self, request: web.Request) -> None:
@@ -115,9 +118,9 @@ class ProxyHandlers:
         parsed = parse(raw)
         self._check_model(parsed)
         router = self.router
-        tokens = parsed.token_ids if parsed.token_ids is not None else router.tokenizer.encode(parsed.text)
+        tokens = parsed.token_ids if parsed.token_ids is not None else router.tokenize(parsed.text)
         ctx = router.context(tokens, parsed.max_tokens, parsed.model, parsed.cache_salt)
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or f"{self._rid_prefix}{next(self._rid_counter):x}"
         return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, request_id)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

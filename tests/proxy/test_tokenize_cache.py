@@ -1,0 +1,44 @@
+"""The piecewise cached tokenizer gives exactly the ids of encoding the whole text."""
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvblocks import get_tokenizer
+from proxy.tokenize_cache import ChunkedTokenizer
+
+TOK = get_tokenizer()
+ALPHABET = "ab cdé  Ω日本\n\n\r\t.,;:'!?-_0123456789\"()[]{}<|>$€ssttre'sll've"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(list(ALPHABET) + [" the", " 's", "'re", " 123", "\n\n", "  ", " x"]), min_size=0, max_size=600))
+def test_chunked_equals_whole(parts):
+    text = "".join(parts)
+    ct = ChunkedTokenizer(TOK, chunk_chars=16)
+    assert ct.encode(text) == TOK.encode(text)
+    assert ct.encode(text) == TOK.encode(text)  # again, from the cache
+
+
+def test_shared_prefix_chunks_are_reused():
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "kv", "cache", "Über", "naïve", "42", "x-ray", "(note)"]
+    doc = " ".join(rng.choice(words) for _ in range(3000))
+    ct = ChunkedTokenizer(TOK)
+    for q in range(5):
+        text = doc + f" question {q}: why?"
+        assert ct.encode(text) == TOK.encode(text)
+    assert ct.hits > 3 * ct.misses
+
+
+def test_other_tokenizers_are_not_chunked():
+    class Fake:
+        name = "some/hf-tokenizer"
+
+        def encode(self, text):
+            return [len(text)]
+
+    ct = ChunkedTokenizer(Fake())
+    assert ct.encode("a b " * 2000) == [8000]
