@@ -78,6 +78,10 @@ class EmulatorConfig:
             raise ValueError("num_gpu_blocks must be >= 2 (block 0 is vLLM's null block)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within 0..65535")
+        if self.kv_events_config is not None:
+            from .kv_events import KVEventsConfig
+
+            KVEventsConfig.from_dict(self.kv_events_config)
 
     @property
     def resolved_num_gpu_blocks(self) -> int:

@@ -6,6 +6,7 @@ message per engine step on a ZMQ PUB socket and serves missed batches from a ROU
 from __future__ import annotations
 
 import json
+import os
 import logging
 import threading
 import time
@@ -247,3 +248,30 @@ def make_publisher(
     if config is None or not config.active:
         return NullEventPublisher()
     return ZmqEventPublisher(config, data_parallel_rank, context)
+
+
+def replica_kv_events_config(config: dict[str, Any] | None, replica: int) -> dict[str, Any] | None:
+    """Replica i of a multi-server emulator publishes on port + i (vLLM's data-parallel rule), so
+    `--replicas 4 --kv-events-config '{..."endpoint":"tcp://*:5557"}'` gives 5557..5560."""
+    if config is None or replica == 0:
+        return config
+    out = dict(config)
+    for key in ("endpoint", "replay_endpoint"):
+        if out.get(key):
+            out[key] = offset_endpoint(out[key], replica)
+    if "endpoint" not in out:
+        out["endpoint"] = offset_endpoint(KVEventsConfig.endpoint, replica)
+    return out
+
+
+def attach_publisher(engine: Any, config: dict[str, Any] | None) -> ZmqEventPublisher | None:
+    """Publish the engine's per-step KV events when `--kv-events-config` enables them.
+
+    Hashes travel as ints unless VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0, as in vLLM.
+    """
+    publisher = make_publisher(config)
+    if not isinstance(publisher, ZmqEventPublisher):
+        return None
+    engine.block_pool.use_int_hashes = os.environ.get("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1") != "0"
+    engine.set_kv_event_sink(publisher.publish)
+    return publisher

@@ -20,6 +20,7 @@ from kvblocks import APIError, Tokenizer, error_body, get_tokenizer
 
 from .config import EmulatorConfig
 from .engine import Engine, make_engine
+from .kv_events import EventPublisher, attach_publisher, replica_kv_events_config
 from .logs import request_log_fields
 from .metrics import CONTENT_TYPE, EngineMetrics
 from .protocol import GenerateRequest, RequestParser, parse_json_object
@@ -42,6 +43,7 @@ class EmulatorState:
     tokenizer: Tokenizer
     created: int
     ids: itertools.count
+    kv_events: EventPublisher | None = None
 
 
 STATE = web.AppKey("emulator_state", EmulatorState)
@@ -99,7 +101,14 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
     app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.on_shutdown.append(_abort_in_flight)
+    state.kv_events = attach_publisher(engine, config.kv_events_config)
+    if state.kv_events is not None:
+        app.on_cleanup.append(_close_kv_events)
     return app
+
+
+async def _close_kv_events(app: web.Application) -> None:
+    app[STATE].kv_events.close()
 
 
 async def _abort_in_flight(app: web.Application) -> None:
@@ -288,7 +297,10 @@ async def start_emulators(config: EmulatorConfig, n: int | None = None) -> list[
     started: list[RunningEmulator] = []
     try:
         for i in range(n):
-            cfg = replace(config, port=config.port + i if config.port else 0, replicas=1)
+            cfg = replace(
+                config, port=config.port + i if config.port else 0, replicas=1,
+                kv_events_config=replica_kv_events_config(config.kv_events_config, i),
+            )
             started.append(await start_emulator(cfg))
     except BaseException:
         for em in started:
