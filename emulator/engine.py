@@ -400,11 +400,12 @@ class SimpleEngine(Engine):
         self.requests[req.request_id] = req
         self.waiting.append(req)
         loop = asyncio.get_running_loop()
-        self._admitted[req.request_id] = loop.create_future()
-        self._tasks[req.request_id] = loop.create_task(self._serve(req))
-        self._admit_waiting()
+        admitted = self._admitted[req.request_id] = loop.create_future()
+        self._tasks[req.request_id] = loop.create_task(self._serve(req, admitted))
+        self._admit_waiting(req.timings.arrival)
 
-    def _admit_waiting(self) -> None:
+    def _admit_waiting(self, now: float) -> None:
+        """Admit waiting requests (FCFS) whose prompt blocks fit, at emulated time `now`."""
         mgr = self.kv_cache_manager
         while self.waiting:
             req = self.waiting[0]
@@ -414,7 +415,7 @@ class SimpleEngine(Engine):
                 break
             mgr.allocate_slots(req.seq, num_new, hits)
             self.waiting.popleft()
-            now = max(self.emu_now(), req.timings.arrival)
+            now = max(now, req.timings.arrival)
             self._record_admission(req, cached, now)
             req.status = RequestStatus.RUNNING
             self.running.add(req)
@@ -423,8 +424,8 @@ class SimpleEngine(Engine):
                 fut.set_result(now + self.profile.isolated_ttft(cdiv(num_new, self.block_size)))
         self.flush_kv_events()
 
-    async def _serve(self, req: EngineRequest) -> None:
-        t = await self._admitted[req.request_id]
+    async def _serve(self, req: EngineRequest, admitted: asyncio.Future[float]) -> None:
+        t = await admitted
         await self.sleep_until(t)
         self._emit_token(req, t)
         mgr = self.kv_cache_manager
@@ -440,7 +441,7 @@ class SimpleEngine(Engine):
         self._tasks.pop(req.request_id, None)
         super()._finish(req, reason, stop_reason, t)
         self.flush_kv_events()
-        self._admit_waiting()
+        self._admit_waiting(t)
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
