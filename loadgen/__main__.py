@@ -53,7 +53,8 @@ def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     mode.add_argument("--concurrency", type=int, default=d.concurrency, help="closed loop: chains in flight")
     g.add_argument("--duration", type=float, default=d.duration, help="stop sending after this many wall seconds")
     g.add_argument("--time-scale", type=float, default=d.time_scale,
-                   help="emulators run this many times faster; latencies are also reported divided by it")
+                   help="the emulators' --time-scale: wall s per emulated s (0.1 = 10x faster); "
+                        "latencies are also reported divided by it, in emulated seconds")
     g.add_argument("--model", default=d.model, help="model name (default: first of GET /v1/models)")
     g.add_argument("--api-key", default=d.api_key)
     g.add_argument("--admin-key", default=d.admin_key, help="the proxy's admin key, if it has one")

@@ -2,8 +2,9 @@
 
 Precedence is CLI flag > `KVROUTE_LOADGEN_<FIELD>` env var > the defaults below, which reproduce
 the A100-40GB / Llama-2-13B setup (max_model_len 4096) the emulator models by default.
-All timing settings (rate, think time, trace timestamps) are in emulated GPU seconds: the runner
-divides every wait by `time_scale`, so a run against X-times-faster emulators is the same scenario.
+All timing settings (rate, think time, trace timestamps) are in emulated GPU seconds. `time_scale`
+has the emulator's meaning (wall seconds per emulated second; 0.1 = emulators 10x faster): the
+runner multiplies every wait by it, so a run against time-scaled emulators is the same scenario.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ from .plots import backend_label
 
 TIME_NOTE = (
     "**Time units.** *Measured* = wall-clock seconds seen by the client. *Emulated* = measured / time scale: "
-    "the emulators run `time_scale` times faster than the modelled GPU, so emulated seconds are GPU-equivalent "
-    "seconds (client, proxy and HTTP overheads are scaled up by the same factor, so they are an upper bound). "
+    "the emulators run with `--time-scale` = wall seconds per emulated second (0.1 = 10x faster than the modelled "
+    "GPU), so emulated seconds are GPU-equivalent seconds (client, proxy and HTTP overheads are divided by the "
+    "same factor, i.e. magnified when it is below 1). "
     "Plots use emulated seconds."
 )
 

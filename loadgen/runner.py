@@ -1,6 +1,6 @@
 """Running a workload against a target: arrivals, chains, bounds, progress bar, clean Ctrl-C.
 
-Open-loop arrivals start chains at their (emulated) times divided by the time scale; a closed loop
+Open-loop arrivals start chains at their emulated times x the time scale (wall s per emulated s); a closed loop
 keeps N chains in flight. New requests stop at the request count, the duration bound or Ctrl-C;
 on Ctrl-C requests in flight are cancelled and recorded as such, and everything measured is kept.
 """
@@ -147,7 +147,7 @@ class Runner:
     async def _chain(self, chain: list[RequestSpec], client: Any, model: str, run_start: float,
                      deadline: float | None, result: RunResult, progress: Progress) -> None:
         for k, spec in enumerate(chain):
-            if k and spec.think_time and not await self._wait(spec.think_time / self.cfg.time_scale):
+            if k and spec.think_time and not await self._wait(spec.think_time * self.cfg.time_scale):
                 return
             if self._past(deadline):
                 return
@@ -171,7 +171,7 @@ class Runner:
 
     async def _open_loop(self, chains, starts, client, model, run_start, deadline, result, progress) -> None:
         for chain, st in sorted(zip(chains, starts), key=lambda cs: cs[1]):
-            delay = run_start + st / self.cfg.time_scale - time.perf_counter()
+            delay = run_start + st * self.cfg.time_scale - time.perf_counter()
             if not await self._wait(delay) or self._past(deadline):
                 break
             self._spawn(self._chain(chain, client, model, run_start, deadline, result, progress))

@@ -32,7 +32,7 @@ class Stack:
 @asynccontextmanager
 async def managed_proxy(target: str | None, time_scale: float, backends: int = 4,
                         spawn: str = "subprocess") -> AsyncIterator[Stack]:
-    """Yield `target` as is, or start a proxy (port 0) whose `backends` emulators run `time_scale` times faster."""
+    """Yield `target` as is, or start a proxy (port 0) whose `backends` emulators use `time_scale` (wall s per emulated s)."""
     if target:
         yield Stack(target, f"{target} (running proxy)")
         return

@@ -1,7 +1,7 @@
 """Summary statistics of a run: hit rate, latency percentiles, throughput, per-backend load.
 
-Latencies are measured in wall-clock seconds. With emulators running `time_scale` times faster,
-the `emulated` block gives the same figures divided by the time scale: GPU-equivalent seconds.
+Latencies are measured in wall-clock seconds. With emulators at `time_scale` wall seconds per emulated
+second, the `emulated` block gives the same figures divided by the time scale: GPU-equivalent seconds.
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "interrupted": result.interrupted,
         "stopped_by_duration": result.stopped_by_duration,
         "duration_s": result.duration,
-        "duration_emulated_s": result.duration * scale,
+        "duration_emulated_s": result.duration / scale,
         "hit_rate": hit_rate(recs),
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "cached_tokens": sum(r.cached_tokens for r in ok),
