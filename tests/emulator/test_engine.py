@@ -62,7 +62,7 @@ async def test_isolated_request_wall_clock_follows_time_scale():
     await run(eng, req)
     wall = time.monotonic() - t0
     expected = PROFILE.isolated_latency(7, 8) * scale
-    assert expected * 0.97 <= wall <= expected + 0.05
+    assert expected * 0.97 <= wall <= expected + 0.25, (wall, expected)  # slack for loaded CI hosts
 
 
 async def test_prefix_hit_shortens_ttft_and_is_capped():
