@@ -76,6 +76,7 @@ class AdminHandlers:
                     "processed": b.processed,
                     "capacity_blocks": idx.capacity(b.url),
                     "indexed_blocks": idx.num_blocks(b.url),
+                    "index_mode": self.router.kv_events.mode(b.url),
                     "models": b.models,
                     "last_error": b.last_error,
                     "scraped": {"running": s.running, "waiting": s.waiting, "kv_cache_usage_perc": s.kv_usage},

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kv_events import KVEventSource
+
 DEFAULT_STRATEGY = "kv_aware"
 ENV_PREFIX = "KVROUTE_"
 
@@ -49,6 +51,9 @@ class ProxyConfig:
     emulator_model: str | None = None
     log_format: str = "console"
     log_level: str = "info"
+    # KV events: `--kv-events` pairs with `--backend` by position ("none" skips one); see kv_event_sources().
+    kv_events: list[str] = field(default_factory=list)
+    kv_events_silence_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -56,17 +61,52 @@ class ProxyConfig:
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         self.backends = [normalize_url(u) for u in self.backends]
+        if len(self.kv_events) > len(self.backends):
+            raise ValueError("more --kv-events than --backend flags (they pair by position; use 'none' to skip one)")
+        for value in self.kv_events:
+            if value.strip().lower() not in ("", "none"):
+                KVEventSource.parse(value)
 
     def all_backends(self) -> list[str]:
-        """Backends from the flag list plus the backends file (one URL per line, # comments)."""
-        urls = list(self.backends)
-        if self.backends_file:
-            with open(self.backends_file, encoding="utf-8") as f:
-                for line in f:
-                    line = line.split("#", 1)[0].strip()
-                    if line:
-                        urls.append(normalize_url(line))
-        return list(dict.fromkeys(urls))
+        """Backends from the flag list plus the backends file."""
+        return list(dict.fromkeys([*self.backends, *(url for url, _ in self._file_backends())]))
+
+    def kv_event_sources(self) -> dict[str, KVEventSource]:
+        """Backends that publish vLLM KV events, with where to subscribe (their index part becomes exact)."""
+        out: dict[str, KVEventSource] = {}
+        for url, value in zip(self.backends, self.kv_events):
+            if value.strip().lower() not in ("", "none"):
+                out[url] = KVEventSource.parse(value)
+        for url, source in self._file_backends():
+            if source is not None:
+                out[url] = source
+        return out
+
+    def _file_backends(self) -> list[tuple[str, KVEventSource | None]]:
+        """The backends file: one URL per line (# comments), or a JSON list of URLs /
+        `{"url": ..., "kv_events": "ENDPOINT" | {"endpoint", "topic", "replay_endpoint"}}`."""
+        if not self.backends_file:
+            return []
+        with open(self.backends_file, encoding="utf-8") as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            entries = json.loads(text)
+            out: list[tuple[str, KVEventSource | None]] = []
+            for e in entries:
+                if isinstance(e, str):
+                    out.append((normalize_url(e), None))
+                elif isinstance(e, dict) and isinstance(e.get("url"), str):
+                    ev = e.get("kv_events")
+                    out.append((normalize_url(e["url"]), KVEventSource.parse(ev) if ev else None))
+                else:
+                    raise ValueError(f"{self.backends_file}: each entry must be a URL or {{\"url\": ..., \"kv_events\": ...}}")
+            return out
+        urls = []
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                urls.append((normalize_url(line), None))
+        return urls
 
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -119,6 +159,9 @@ _HELP = {
     "profile": "latency profile of the backends (routing cost model; embedded emulators use it too)",
     "time_scale": "backends' time scale (emulator --time-scale); embedded emulators use it too",
     "log_format": "console or json",
+    "kv_events": "KV-event source of the --backend at the same position: ENDPOINT[?topic=T&replay=ENDPOINT] "
+    "(as reachable from the proxy; 'none' to skip); makes that backend's prefix index exact",
+    "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
 }
 
 

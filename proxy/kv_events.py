@@ -2,7 +2,8 @@
 
 A `KVEventSubscriber` reads the backend's ZMQ PUB stream ([topic, seq, msgpack batch]), applies the
 events in sequence order to a sink (the proxy's prefix index) and watches for trouble: a sequence gap,
-a restarted publisher, an undecodable payload, or silence while the backend is busy. On trouble it
+a restarted publisher, an undecodable payload, a dropped connection, or silence while the backend is
+busy. On trouble it
 tells the sink (`desync`) so routing falls back to the approximate index for that backend, then
 resyncs (replay from its last good batch when a replay endpoint is offered, else clear and rebuild
 from new events) and reports `resynced`. It knows nothing about routing policies.
@@ -19,6 +20,7 @@ from urllib.parse import parse_qsl
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from kvblocks.kv_events import (
     MEDIUM_GPU,
@@ -39,7 +41,11 @@ GAP = "gap"
 RESTART = "restart"
 UNDECODABLE = "undecodable"
 SILENCE = "silence"
-DESYNC_REASONS = (GAP, RESTART, UNDECODABLE, SILENCE)
+DISCONNECT = "disconnect"
+DESYNC_REASONS = (GAP, RESTART, UNDECODABLE, SILENCE, DISCONNECT)
+
+_CONNECTED = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED
+_DISCONNECTED = zmq.EVENT_DISCONNECTED
 
 
 class KVEventSink(Protocol):
@@ -129,6 +135,8 @@ class KVEventSubscriber:
         self._replay_timeout = replay_timeout
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sub: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._dropped = False
         self._task: asyncio.Task[None] | None = None
         self._applied: int | None = None
         self._last_payload: bytes | None = None
@@ -142,6 +150,10 @@ class KVEventSubscriber:
     @property
     def synced(self) -> bool:
         return self.stats.synced
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -158,6 +170,7 @@ class KVEventSubscriber:
         else:
             sub.connect(self.source.endpoint)
         self._sub = sub
+        self._monitor = sub.get_monitor_socket(_CONNECTED | _DISCONNECTED)
         last = sub.getsockopt(zmq.LAST_ENDPOINT)
         self.bound_endpoint = last.decode() if last and "*" in self.source.endpoint else None
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-{self.backend}")
@@ -169,8 +182,12 @@ class KVEventSubscriber:
                 await self._task
             self._task = None
         if self._sub is not None:
+            self._sub.disable_monitor()
             self._sub.close(linger=0)
             self._sub = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,9 +197,15 @@ class KVEventSubscriber:
             if self.source.replay_endpoint and await self._catch_up():
                 self._mark_synced()
             tick_ms = int(1000 * max(0.02, min(0.25, self._silence_timeout / 4)))
+            poller = zmq.asyncio.Poller()
+            poller.register(self._sub, zmq.POLLIN)
+            poller.register(self._monitor, zmq.POLLIN)
             while True:
                 try:
-                    if await self._sub.poll(tick_ms, zmq.POLLIN):
+                    ready = dict(await poller.poll(tick_ms))
+                    if self._monitor in ready:
+                        await self._on_connection_event(parse_monitor_message(await self._monitor.recv_multipart()))
+                    if self._sub in ready:
                         await self._on_message(await self._sub.recv_multipart())
                     await self._check_silence()
                 except (asyncio.CancelledError, zmq.ContextTerminated):
@@ -193,6 +216,20 @@ class KVEventSubscriber:
                     self._reset()
         except zmq.ContextTerminated:
             return
+
+    # ---- connection --------------------------------------------------------------------------------
+
+    async def _on_connection_event(self, event: dict[str, Any]) -> None:
+        """A dropped publisher desyncs at once; on reconnection a replay tells a blip from a restart."""
+        if event["event"] & _DISCONNECTED:
+            log.warning("kv events %s: publisher connection dropped", self.backend)
+            self._dropped = True
+            self._desync(DISCONNECT)
+        elif event["event"] & _CONNECTED and self._dropped:
+            self._dropped = False
+            log.info("kv events %s: publisher reconnected", self.backend)
+            if self.source.replay_endpoint and await self._catch_up():
+                self._mark_synced()
 
     # ---- live stream --------------------------------------------------------------------------------
 
@@ -397,10 +434,10 @@ class KVEventsFollower:
         self.silence_timeout = silence_timeout
         self.replay_timeout = replay_timeout
         self.subscribers: dict[str, KVEventSubscriber] = {}
-        self.desyncs: dict[tuple[str, str], int] = {}
         self._blocks: dict[str, dict[int, None]] = {}  # insertion-ordered: least recently stored first
         self._exact: set[str] = set()
         self._running = False
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ---- which backends ---------------------------------------------------------------------------
 
@@ -417,12 +454,15 @@ class KVEventsFollower:
             sub.start()
         return sub
 
-    async def unfollow(self, backend: str) -> None:
+    def unfollow(self, backend: str) -> None:
+        """Stop following a removed backend; its late events are ignored while the subscriber closes."""
         sub = self.subscribers.pop(backend, None)
         self._blocks.pop(backend, None)
         self._exact.discard(backend)
-        if sub is not None:
-            await sub.close()
+        if sub is not None and sub.started:
+            task = asyncio.get_running_loop().create_task(sub.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def start(self) -> None:
         """Start every subscriber on the running loop."""
@@ -434,6 +474,8 @@ class KVEventsFollower:
         self._running = False
         for sub in list(self.subscribers.values()):
             await sub.close()
+        if self._closing:
+            await asyncio.gather(*self._closing)
 
     # ---- what routing asks ------------------------------------------------------------------------
 
@@ -482,9 +524,7 @@ class KVEventsFollower:
         self.index.clear(backend)
 
     def desync(self, backend: str, reason: str) -> None:
-        self._exact.discard(backend)
-        key = (backend, reason)
-        self.desyncs[key] = self.desyncs.get(key, 0) + 1
+        self._exact.discard(backend)  # counted in the subscriber's stats (kvroute_kv_events_desync_total)
 
     def resynced(self, backend: str) -> None:
         blocks = self._blocks.get(backend)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .router import Router
@@ -32,6 +32,28 @@ class _BackendCollector(Collector):
         yield in_flight
         yield healthy
         yield blocks
+        yield from self._kv_events()
+
+    def _kv_events(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Per backend: which index mode routing uses (exact = fed by its KV events) and desyncs by reason."""
+        follower = self.router.kv_events
+        mode = GaugeMetricFamily(
+            "kvroute_backend_index_mode", "1 for the prefix-index mode in use for the backend (exact or approximate)",
+            labels=["backend", "mode"],
+        )
+        for b in self.router.registry:
+            current = follower.mode(b.url)
+            for m in ("exact", "approximate"):
+                mode.add_metric([b.url, m], 1.0 if m == current else 0.0)
+        desync = CounterMetricFamily(
+            "kvroute_kv_events_desync", "Times a backend's KV-event stream was lost (gap, restart, undecodable, silence, disconnect)",
+            labels=["backend", "reason"],
+        )
+        for url, sub in follower.subscribers.items():
+            for reason, n in sub.stats.desyncs.items():
+                desync.add_metric([url, reason], n)
+        yield mode
+        yield desync
 
 
 class ProxyMetrics:

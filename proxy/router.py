@@ -12,6 +12,7 @@ from kvblocks import APIError, BlockHasher, get_tokenizer
 
 from .backends import Backend, BackendRegistry, InFlight, now
 from .config import ProxyConfig
+from .kv_events import KVEventsFollower, KVEventSource
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
 from .prefix_index import PrefixIndex
 from .tokenize_cache import ChunkedTokenizer
@@ -35,6 +36,7 @@ class Router:
         self.hasher = BlockHasher(config.block_size, config.hash_algo)
         self.registry = registry or BackendRegistry()
         self.index = PrefixIndex(config.default_capacity_blocks)
+        self.kv_events = KVEventsFollower(self.index, config.kv_events_silence_timeout)
         self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
         self.policies: dict[str, Policy] = create_policies(self.env)
         self.strategy = self.policy(config.strategy).name
@@ -50,15 +52,19 @@ class Router:
         self.strategy = self.policy(name).name
         return self.strategy
 
-    def add_backend(self, url: str) -> tuple[Backend, bool]:
+    def add_backend(self, url: str, kv_events: KVEventSource | None = None) -> tuple[Backend, bool]:
+        """Add a backend; with `kv_events` its part of the index follows its KV events (exact while in sync)."""
         b, created = self.registry.add(url)
         if created:
             self.index.add_backend(url)
+            if kv_events is not None:
+                self.kv_events.follow(url, kv_events, busy=lambda: bool(b.requests))
         return b, created
 
     def remove_backend(self, url: str) -> Backend | None:
         b = self.registry.remove(url)
         if b is not None:
+            self.kv_events.unfollow(url)
             self.index.remove_backend(url)
             for p in self.policies.values():
                 p.forget_backend(url)
@@ -67,6 +73,7 @@ class Router:
     def reset(self) -> None:
         """Forget every cached-prefix belief (the backends' caches are reset by the caller)."""
         self.index.clear()
+        self.kv_events.forget_all()
         for p in self.policies.values():
             p.reset()
 
@@ -121,7 +128,8 @@ class Router:
         )
         b.requests[rec.id] = rec
         b.processed += 1
-        self.index.record_routed(b.url, ctx.hashes)
+        if not self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
+            self.index.record_routed(b.url, ctx.hashes)
         self.policies[strategy or self.strategy].observe(ctx, b)
         return rec
 

@@ -163,8 +163,9 @@ def create_app(config: ProxyConfig) -> web.Application:
     """The proxy app for `config` (backends = config.all_backends(); none is allowed and answers 503)."""
     app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
     router = Router(config)
+    kv_sources = config.kv_event_sources()
     for url in config.all_backends():
-        router.add_backend(url)
+        router.add_backend(url, kv_sources.get(url))
     app[ROUTER_KEY] = router
     app[METRICS_KEY] = ProxyMetrics(router)
     app[STATE_KEY] = {}
@@ -179,7 +180,9 @@ def create_app(config: ProxyConfig) -> web.Application:
         app[STATE_KEY].update(session=session, monitor=monitor)
         await monitor.check_all_health()
         monitor.start()
+        router.kv_events.start()
         yield
+        await router.kv_events.close()
         await monitor.stop()
         await session.close()
 

@@ -7,7 +7,7 @@ import pytest
 from emulator.kv_events import KVEventsConfig, ZmqEventPublisher
 from kvblocks import BlockHasher, hash_to_int
 from kvblocks.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from proxy.kv_events import GAP, RESTART, SILENCE, UNDECODABLE, KVEventSource, KVEventSubscriber
+from proxy.kv_events import DISCONNECT, GAP, RESTART, SILENCE, UNDECODABLE, KVEventSource, KVEventSubscriber
 
 from .helpers import LossyRelay, RecordingSink, eventually, stored, warm_up
 
@@ -194,31 +194,38 @@ async def test_undecodable_payload_desyncs_and_recovers(harnesses):
     assert h.sink.held(B) == {good}
 
 
-async def test_restarted_publisher_is_detected_and_its_fresh_state_followed():
+async def test_restarted_publisher_is_detected_from_sequence_numbers(tmp_path):
+    """Behind a relay the subscriber never sees the connection drop: only the sequence going back."""
+    endpoint = f"ipc://{tmp_path}/pub"
     sink = RecordingSink()
-    sub = KVEventSubscriber(B, KVEventSource("tcp://127.0.0.1:*", topic="kv-events"), sink)
+    first = publisher(endpoint=endpoint)
+    relay = LossyRelay(endpoint)
+    sub = KVEventSubscriber(B, KVEventSource(relay.endpoint, topic="kv-events"), sink)
     sub.start()
-    assert sub.bound_endpoint  # publishers connect to us, vLLM's connect mode
-    first = publisher(endpoint=sub.bound_endpoint)
     second = None
     try:
-        await warm_up(lambda: first.publish([stored([1])]), lambda: sub.synced)
-        for h in range(2, 12):
-            first.publish([stored([h])])
-        await eventually(lambda: 11 in sink.held(B), what="first publisher's blocks")
+        await warm_up(lambda: first.publish([stored([first.next_seq + 1])]), lambda: sub.synced)
+        for _ in range(10):
+            first.publish([stored([first.next_seq + 1])])
+        last = first.next_seq
+        await eventually(lambda: last in sink.held(B), what="first publisher's blocks")
         first.close()
-        second = publisher(endpoint=sub.bound_endpoint)  # same backend, new process: seq restarts at 0
-        await warm_up(lambda: second.publish([stored([100 + second.next_seq])]), lambda: sink.kinds("desync") != [] and sub.synced)
+        second = publisher(endpoint=endpoint)  # same backend, new process: seq restarts at 0
+        await warm_up(
+            lambda: second.publish([stored([500 + second.next_seq])]),
+            lambda: sink.kinds("desync") != [] and sub.synced and 500 + second.next_seq - 1 in sink.held(B),
+        )
         assert sink.kinds("desync") == [("desync", B, RESTART)]
-        await eventually(lambda: sink.held(B) and min(sink.held(B)) >= 100, what="fresh state only")
-        assert all(h >= 100 for h in sink.held(B)) and sub.synced
+        assert sink.held(B) and all(h >= 500 for h in sink.held(B))  # the old process's blocks are gone
     finally:
         await sub.close()
+        await relay.close()
+        first.close()
         if second is not None:
             second.close()
 
 
-async def test_restarted_publisher_with_replay_rebuilds_its_whole_state(tmp_path):
+async def test_dropped_publisher_desyncs_at_once_and_replay_rebuilds_the_restarted_one(tmp_path):
     """ipc endpoints let the restarted backend come back on the same addresses (as a pod restart would)."""
     cfg = {"enable_kv_cache_events": True, "topic": "kv-events",
            "endpoint": f"ipc://{tmp_path}/pub", "replay_endpoint": f"ipc://{tmp_path}/replay"}
@@ -232,13 +239,14 @@ async def test_restarted_publisher_with_replay_rebuilds_its_whole_state(tmp_path
         n = first.next_seq
         assert sink.held(B) == set(range(1, n + 1))  # replay gave the subscriber the history it joined late for
         first.close()
+        await eventually(lambda: not sub.synced, what="desync on dropped connection")
+        assert sink.kinds("desync") == [("desync", B, DISCONNECT)]
         second = ZmqEventPublisher(KVEventsConfig(**cfg))
-        await warm_up(
-            lambda: second.publish([stored([500 + second.next_seq])]),
-            lambda: sub.synced and 500 + second.next_seq - 1 in sink.held(B),
-        )
-        assert sink.kinds("desync") == [("desync", B, RESTART)]
-        assert sink.held(B) == {500 + i for i in range(second.next_seq)}
+        second.publish([stored([500])])
+        second.publish([stored([501])])
+        await eventually(lambda: sub.synced, what="resync after reconnection")
+        await eventually(lambda: sink.held(B) == {500, 501}, what="the new process's state, replayed")
+        assert sink.kinds("desync") == [("desync", B, DISCONNECT)]
     finally:
         await sub.close()
         first.close()
@@ -268,15 +276,28 @@ async def test_idle_backend_is_never_declared_silent(harnesses):
     assert h.sub.synced and h.sink.kinds("desync") == []
 
 
-async def test_silence_with_replay_probes_publisher_and_detects_a_dead_one(harnesses):
+async def test_silence_with_replay_probes_a_quiet_publisher_and_stays_exact(harnesses):
     h = harnesses(replay=True, busy=lambda: True, silence=0.1)
     await h.connect()
     probes = h.sub.stats.replays
     await eventually(lambda: h.sub.stats.replays >= probes + 2, what="liveness probes")
     assert h.sub.synced and h.sink.kinds("desync") == []  # the ROUTER answered: quiet, not lost
-    h.pub.close()  # the publisher dies while the backend stays busy
-    await eventually(lambda: not h.sub.synced, what="silence desync")
-    assert h.sink.kinds("desync") == [("desync", B, SILENCE)]
+
+
+async def test_publisher_connecting_to_a_bound_subscriber_and_dropping_it():
+    sink = RecordingSink()
+    sub = KVEventSubscriber(B, KVEventSource("tcp://127.0.0.1:*", topic="kv-events"), sink)
+    sub.start()
+    assert sub.bound_endpoint  # publishers connect to us: vLLM's connect mode
+    pub = publisher(endpoint=sub.bound_endpoint)
+    try:
+        await warm_up(lambda: pub.publish([stored([pub.next_seq + 1])]), lambda: sub.synced)
+        pub.close()
+        await eventually(lambda: not sub.synced, what="desync on dropped publisher")
+        assert sink.kinds("desync") == [("desync", B, DISCONNECT)]
+    finally:
+        await sub.close()
+        pub.close()
 
 
 def test_source_parsing():
