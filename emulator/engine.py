@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .metrics import EngineMetrics
 
 KVEventSink = Callable[[list[KVEvent]], None]
+TIMER_SLACK_S = 0.0015
+PRECISE_WAIT_MIN_S = 0.004
 
 
 class Engine:
@@ -63,8 +65,20 @@ class Engine:
         return (time.monotonic() - self._wall0) / self.time_scale
 
     async def sleep_until(self, emu_t: float) -> None:
-        delay = self._wall0 + emu_t * self.time_scale - time.monotonic()
-        await asyncio.sleep(delay if delay > 0 else 0)
+        """Wait until emulated time `emu_t` on the wall clock.
+
+        Event-loop timers are millisecond-granular (uvloop rounds, asyncio rounds up), which would
+        add ~1 ms to every wait; for waits long enough for that to matter, the timer stops short and
+        the last stretch is finished by yielding to the loop until due.
+        """
+        target = self._wall0 + emu_t * self.time_scale
+        delay = target - time.monotonic()
+        if delay < PRECISE_WAIT_MIN_S:
+            await asyncio.sleep(delay if delay > 0 else 0)
+            return
+        await asyncio.sleep(delay - TIMER_SLACK_S)
+        while time.monotonic() < target:
+            await asyncio.sleep(0)
 
     # --- state others read -----------------------------------------------------------------
     @property
@@ -302,6 +316,8 @@ class BatchedEngine(Engine):
                 if self.metrics is not None:
                     self.metrics.on_step(sum(n for _, n in step.prefills) + len(step.decodes))
                 await self.sleep_until(self._clock)
+                if self.metrics is not None:
+                    self.metrics.on_step_lateness(time.monotonic() - (self._wall0 + self._clock * self.time_scale))
                 self.complete(step, self._clock)
         finally:
             self._task = None

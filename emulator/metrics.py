@@ -26,6 +26,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 
@@ -92,6 +93,10 @@ class EngineMetrics:
                               REQUEST_LATENCY_BUCKETS).labels(**self.labels)
         self.h_decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
                              REQUEST_LATENCY_BUCKETS).labels(**self.labels)
+        # Not a vLLM series: wall seconds each engine step ended after its due time (is the emulator keeping up?).
+        self.h_lateness = Histogram("kvroute:emulator_step_lateness_seconds",
+                                    "Wall seconds an emulated engine step finished after its scheduled time.",
+                                    names, buckets=LATENESS_BUCKETS, registry=r).labels(**self.labels)
         info = {
             "block_size": str(config.block_size),
             "cache_dtype": "auto",
@@ -129,6 +134,9 @@ class EngineMetrics:
 
     def on_step(self, num_tokens: int) -> None:
         self.h_iteration.observe(num_tokens)
+
+    def on_step_lateness(self, wall_seconds: float) -> None:
+        self.h_lateness.observe(max(0.0, wall_seconds))
 
     def on_finished(self, req: EngineRequest) -> None:
         self.success.get(req.finish_reason or "error", self.success["error"]).inc()
