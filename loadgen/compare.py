@@ -6,13 +6,16 @@ target, a proxy with embedded emulators is started for the comparison (see `stac
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from .config import RunConfig
 from .plots import compare_plots, run_plots
-from .proxy_admin import ProxyAdmin
+from .proxy_admin import AdminError, ProxyAdmin
 from .report import compare_report, run_report
 from .results import SUMMARY_JSON, write_json, write_records
 from .runner import RunResult, run_workload
@@ -67,7 +70,10 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
                 if result.interrupted:
                     break
         finally:
-            await admin.set_strategy(original)
+            try:
+                await admin.set_strategy(original)
+            except (AdminError, OSError, aiohttp.ClientError) as e:
+                print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
     write_json(out / SUMMARY_JSON, res.summaries)
     res.plots = compare_plots(res.results, res.summaries, out)
     res.report = compare_report(res.summaries, command, stack.description, res.plots, out)

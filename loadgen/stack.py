@@ -65,7 +65,9 @@ async def _inprocess(time_scale: float, backends: int) -> AsyncIterator[str]:
 async def _subprocess(time_scale: float, backends: int) -> AsyncIterator[str]:
     cmd = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", "0", "--time-scale", str(time_scale),
            "--emulators", str(backends), "--log-level", "warning"]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # Own session: a terminal Ctrl-C reaches only the load generator, which then stops the proxy itself.
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                                start_new_session=True)
     drain: asyncio.Task | None = None
     try:
         url = await asyncio.wait_for(_read_url(proc), START_TIMEOUT_S)

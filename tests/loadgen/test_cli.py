@@ -1,5 +1,7 @@
 """The CLI as a user runs it: `run` stopped by Ctrl-C keeps what it measured; `compare` starts its own proxy."""
 import asyncio
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -52,3 +54,26 @@ async def test_compare_cli_starts_its_own_proxy(tmp_path):
     assert list(summary)[1] == "round_robin" and all(s["ok"] == 6 for s in summary.values())
     assert b"| round_robin |" in out
     assert "--time-scale 0.02" in (tmp_path / "report.md").read_text()
+
+
+async def test_ctrl_c_during_compare_keeps_the_finished_part(tmp_path):
+    """Ctrl-C at a terminal signals the whole process group; the started proxy runs in its own session."""
+    cmd = [sys.executable, "-m", "loadgen", "compare", "--workload", "rag", "--strategies", "default,round_robin",
+           "--requests", "40", "--concurrency", "2", "--output-tokens", "400", "--documents", "3",
+           "--doc-tokens-min", "200", "--doc-tokens-max", "300", "--time-scale", "0.02", "--backends", "2",
+           "--out", str(tmp_path)]
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while not re.search(rb"\| *[1-9]\d*/40", seen):
+        chunk = await asyncio.wait_for(proc.stderr.read(4096), 60)  # the progress bar shows requests done
+        assert chunk, seen.decode()[-2000:]
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130, (seen + err).decode()[-2000:]
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert len(summary) == 1
+    only = next(iter(summary.values()))
+    assert only["interrupted"] and only["ok"] >= 1 and only["requests_sent"] < 40
+    assert (tmp_path / "report.md").exists()
