@@ -1,7 +1,8 @@
 """The proxy's configuration, in one place: dataclass defaults < config file < env vars < CLI flags.
 
-Every CLI flag `--some-flag` is also the env var `KVROUTE_SOME_FLAG`; list flags (`--backend`,
-`--api-key`) take comma-separated env values. Defaults reproduce the A100/Llama-2-13B setup.
+Every CLI flag `--some-flag` is also the env var `KVROUTE_SOME_FLAG`; list flags (`--backend` or
+`--backends`, `--api-key`) repeat or take comma-separated values (KVROUTE_BACKENDS=a,b). Defaults
+reproduce the A100/Llama-2-13B setup.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Any
 
 from .kv_events import KVEventSource
 
-DEFAULT_STRATEGY = "kv_aware"
 ENV_PREFIX = "KVROUTE_"
 
 
@@ -27,7 +27,7 @@ class ProxyConfig:
     port: int = 8000
     backends: list[str] = field(default_factory=list)
     backends_file: str | None = None
-    strategy: str = DEFAULT_STRATEGY
+    strategy: str = "kv_aware"
     api_keys: list[str] = field(default_factory=list)
     admin_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
@@ -61,6 +61,14 @@ class ProxyConfig:
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         self.backends = [normalize_url(u) for u in self.backends]
+        from emulator.latency import PROFILES
+
+        from .policies import POLICIES
+
+        if self.strategy not in POLICIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(POLICIES)}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown latency profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         if len(self.kv_events) > len(self.backends):
             raise ValueError("more --kv-events than --backend flags (they pair by position; use 'none' to skip one)")
         for value in self.kv_events:
@@ -126,12 +134,14 @@ class ProxyConfig:
                 parser.error(f"{config_file}: unknown keys {sorted(unknown)}")
             values.update(file_values)
         for f in dataclasses.fields(cls):
-            flag = _FLAG_NAMES.get(f.name, f.name)
-            env_name = ENV_PREFIX + flag.upper()
             cli_value = getattr(ns, f.name, None)
+            env_names = [ENV_PREFIX + n.upper() for n in dict.fromkeys((_FLAG_NAMES.get(f.name, f.name), f.name))]
+            env_name = next((n for n in env_names if n in env), None)
             if cli_value is not None:
+                if _field_kind(f) is list:
+                    cli_value = [x.strip() for v in cli_value for x in v.split(",") if x.strip()]
                 values[f.name] = cli_value
-            elif env_name in env:
+            elif env_name is not None:
                 values[f.name] = _from_env(f, env[env_name], parser, env_name)
         try:
             return cls(**values)
@@ -172,14 +182,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="JSON file with ProxyConfig fields")
     for f in dataclasses.fields(ProxyConfig):
-        flag = "--" + _FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        flags = ["--" + n.replace("_", "-") for n in dict.fromkeys((_FLAG_NAMES.get(f.name, f.name), f.name))]
         kind = _field_kind(f)
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": _HELP.get(f.name)}
         if kind is list:
             kwargs["action"] = "append"
         elif kind is not str:
             kwargs["type"] = kind
-        p.add_argument(flag, **kwargs)
+        p.add_argument(*flags, **kwargs)
     return p
 
 

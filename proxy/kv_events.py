@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
@@ -426,7 +426,14 @@ class KVEventsFollower:
     describe (in LRU order) and writes every change through to the shared `PrefixIndex`. While a
     backend is in sync its part of the index is exact (routing must not add guesses for it); after a
     desync routing guesses again (`is_exact` is False) and on resync the index is re-seeded from the
-    exact set, dropping the guesses. Index state depends only on events, so replicas agree.
+    exact set, dropping the guesses. Once requests finish, index state depends only on events, so
+    replicas agree.
+
+    The one addition to the events: the prompt blocks of requests this proxy routed to an exact
+    backend count as held while those requests are in flight (`routed`/`finished`). The backend only
+    reports blocks when it schedules the request, so without this a burst on one prefix would be
+    spread before the first BlockStored arrives; unlike approximate guesses these entries end with
+    the request and never displace event-reported blocks.
     """
 
     def __init__(self, index: Any, silence_timeout: float = 10.0, replay_timeout: float = 2.0) -> None:
@@ -436,6 +443,8 @@ class KVEventsFollower:
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self._blocks: dict[str, dict[int, None]] = {}  # insertion-ordered: least recently stored first
         self._exact: set[str] = set()
+        self._pending: dict[str, dict[int, int]] = {}  # backend -> block hash -> in-flight requests
+        self._inflight: dict[int, tuple[str, list[int]]] = {}  # request id -> (backend, hashes)
         self._running = False
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -450,6 +459,7 @@ class KVEventsFollower:
         )
         self.subscribers[backend] = sub
         self._blocks[backend] = {}
+        self._pending[backend] = {}
         if self._running:
             sub.start()
         return sub
@@ -458,6 +468,7 @@ class KVEventsFollower:
         """Stop following a removed backend; its late events are ignored while the subscriber closes."""
         sub = self.subscribers.pop(backend, None)
         self._blocks.pop(backend, None)
+        self._pending.pop(backend, None)
         self._exact.discard(backend)
         if sub is not None and sub.started:
             task = asyncio.get_running_loop().create_task(sub.close())
@@ -497,6 +508,45 @@ class KVEventsFollower:
         for blocks in self._blocks.values():
             blocks.clear()
 
+    # ---- requests in flight ------------------------------------------------------------------------
+
+    def routed(self, request_id: int, backend: str, hashes: Sequence[int]) -> None:
+        """A request was routed to an exact backend: its prompt blocks count as held until `finished`."""
+        pending = self._pending.get(backend)
+        if pending is None or backend not in self._exact:
+            return
+        blocks = self._blocks[backend]
+        new = []
+        for h in hashes:
+            n = pending.get(h, 0)
+            pending[h] = n + 1
+            if n == 0 and h not in blocks:
+                new.append(h)
+        self._inflight[request_id] = (backend, list(hashes))
+        if new:
+            self.index.stored(backend, new)
+
+    def finished(self, request_id: int) -> None:
+        entry = self._inflight.pop(request_id, None)
+        if entry is None:
+            return
+        backend, hashes = entry
+        pending = self._pending.get(backend)
+        if pending is None:
+            return
+        blocks = self._blocks[backend]
+        gone = []
+        for h in hashes:
+            n = pending.get(h, 0) - 1
+            if n > 0:
+                pending[h] = n
+            else:
+                pending.pop(h, None)
+                if h not in blocks:
+                    gone.append(h)
+        if gone and backend in self._exact:
+            self.index.removed(backend, gone)
+
     # ---- KVEventSink ------------------------------------------------------------------------------
 
     def stored(self, backend: str, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None:
@@ -514,7 +564,8 @@ class KVEventsFollower:
             return
         for h in hashes:
             blocks.pop(h, None)
-        self.index.removed(backend, hashes)
+        pending = self._pending[backend]
+        self.index.removed(backend, [h for h in hashes if h not in pending])
 
     def clear(self, backend: str) -> None:
         blocks = self._blocks.get(backend)
@@ -522,6 +573,7 @@ class KVEventsFollower:
             return
         blocks.clear()
         self.index.clear(backend)
+        self.index.stored(backend, list(self._pending[backend]))
 
     def desync(self, backend: str, reason: str) -> None:
         self._exact.discard(backend)  # counted in the subscriber's stats (kvroute_kv_events_desync_total)
@@ -532,4 +584,5 @@ class KVEventsFollower:
             return
         self.index.clear(backend)
         self.index.stored(backend, list(blocks))
+        self.index.stored(backend, [h for h in self._pending[backend] if h not in blocks])
         self._exact.add(backend)

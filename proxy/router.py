@@ -128,7 +128,9 @@ class Router:
         )
         b.requests[rec.id] = rec
         b.processed += 1
-        if not self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
+        if self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
+            self.kv_events.routed(rec.id, b.url, ctx.hashes)
+        else:
             self.index.record_routed(b.url, ctx.hashes)
         self.policies[strategy or self.strategy].observe(ctx, b)
         return rec
@@ -138,6 +140,6 @@ class Router:
         if rec.first_byte_at is None:
             rec.first_byte_at = now()
 
-    @staticmethod
-    def end(rec: InFlight) -> None:
+    def end(self, rec: InFlight) -> None:
         rec.backend.requests.pop(rec.id, None)
+        self.kv_events.finished(rec.id)

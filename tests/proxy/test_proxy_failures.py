@@ -241,3 +241,25 @@ async def test_concurrent_load_returns_in_flight_to_zero(proxy, client, emulator
     await asyncio.gather(*(ask(client, document(500 + i % 5, 120) + f" q{i}") for i in range(40)))
     assert proxy.router.registry.total_in_flight() == 0
     await wait_for(lambda: all(e.engine.block_pool.num_referenced_blocks() == 0 for e in emulators), what="backends idle")
+
+
+async def test_unhealthy_backend_gets_traffic_again_after_it_recovers(make_proxy, emulators):
+    from emulator.server import start_emulator
+
+    proxy = await make_proxy(strategy="round_robin")
+    victim = emulators[2]
+    port, cfg = victim.port, victim.config
+    await victim.stop()
+    backend = proxy.router.registry.get(victim.url)
+    await wait_for(lambda: not backend.healthy, what="health check marks the stopped backend unhealthy")
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    used = {(await ask(client, f"probe {i}"))[0]["x-kvroute-backend"] for i in range(6)}
+    assert victim.url not in used
+    revived = await start_emulator(cfg.__class__(**{**cfg.to_dict(), "port": port}))
+    try:
+        await wait_for(lambda: backend.healthy, what="health check marks the restarted backend healthy")
+        used = {(await ask(client, f"again {i}"))[0]["x-kvroute-backend"] for i in range(6)}
+        assert victim.url in used
+    finally:
+        await client.close()
+        await revived.stop()
