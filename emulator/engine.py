@@ -267,6 +267,7 @@ class BatchedEngine(Engine):
         self.running: list[EngineRequest] = []
         self.num_steps = 0
         self._clock = 0.0
+        self._live = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -278,7 +279,10 @@ class BatchedEngine(Engine):
         return len(self.waiting)
 
     def add_request(self, req: EngineRequest) -> None:
-        req.timings.arrival = self.emu_now()
+        # A request that arrives while the loop runs behind its clock (starved of CPU) counts as
+        # arriving at the step boundary: no step is ever scheduled before its requests arrived.
+        now = self.emu_now()
+        req.timings.arrival = min(now, self._clock) if self._live else now
         self.requests[req.request_id] = req
         self.waiting.append(req)
         if self._task is None:
@@ -302,6 +306,9 @@ class BatchedEngine(Engine):
             # isolated request's emulated TTFT is exactly the profile's figure.
             if self.waiting:
                 self._clock = max(self._clock, self.waiting[0].timings.arrival)
+                for r in self.waiting:  # arrived in the same loop tick, before the first step began
+                    r.timings.arrival = min(r.timings.arrival, self._clock)
+            self._live = True
             while self.waiting or self.running:
                 step = self.schedule()
                 self.flush_kv_events()
@@ -320,6 +327,7 @@ class BatchedEngine(Engine):
                     self.metrics.on_step_lateness(time.monotonic() - (self._wall0 + self._clock * self.time_scale))
                 self.complete(step, self._clock)
         finally:
+            self._live = False
             self._task = None
 
     def schedule(self) -> SchedulerStep:

@@ -204,3 +204,18 @@ async def test_engine_loop_stops_when_idle():
     await run(eng, eng.make_request("r", prompt(10), SamplingParams(max_tokens=2)))
     await asyncio.sleep(0)
     assert eng._task is None
+
+
+async def test_a_starved_loop_never_schedules_a_request_before_it_arrived():
+    eng = engine_for(time_scale=0.02)
+    a = eng.make_request("a", prompt(16), SamplingParams(max_tokens=200))
+    ta = asyncio.create_task(run(eng, a))
+    while a.timings.first_token is None:
+        await asyncio.sleep(0.001)
+    time.sleep(0.05)  # fault injection: the event loop is starved for 2.5 emulated seconds
+    b = eng.make_request("b", prompt(16, 3000), SamplingParams(max_tokens=3))
+    await run(eng, b)
+    ta.cancel()
+    await asyncio.gather(ta, return_exceptions=True)
+    assert b.timings.queue_time >= 0 and b.timings.ttft >= PROFILE.step_time(1, True, 1) - 1e-9
+    assert eng.metrics.h_lateness._sum.get() > 0.04  # the lag is visible in the lateness histogram
