@@ -49,8 +49,8 @@ def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
                    help="OpenAI base URL of the proxy, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--out", default=d.out, help="results folder (default %(default)s)")
     mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=float, default=d.rate, help="Poisson arrivals, requests per emulated second")
-    mode.add_argument("--concurrency", type=int, default=d.concurrency, help="closed loop: chains in flight")
+    mode.add_argument("--rate", type=float, default=d.rate, help="Poisson arrivals per emulated second (of requests; of sessions for multiturn)")
+    mode.add_argument("--concurrency", type=int, default=d.concurrency, help="closed loop: requests (multiturn: sessions) in flight")
     g.add_argument("--duration", type=float, default=d.duration, help="stop sending after this many wall seconds")
     g.add_argument("--time-scale", type=float, default=d.time_scale,
                    help="the emulators' --time-scale: wall s per emulated s (0.1 = 10x faster); "
