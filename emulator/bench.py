@@ -108,6 +108,16 @@ def _pin(cpu: int | None) -> None:
             pass
 
 
+def _pick_cpus() -> tuple[int | None, int | None]:
+    """The idlest allowed core for the emulator and the next idlest for the clients (shared hosts)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    allowed = sorted(os.sched_getaffinity(0))
+    load = psutil.cpu_percent(interval=0.5, percpu=True)
+    ranked = sorted(allowed, key=lambda c: load[c] if c < len(load) else 100.0)
+    return ranked[0], (ranked[1] if len(ranked) > 1 else None)
+
+
 def scrape(url: str) -> dict[str, float]:
     """The emulator's TTFT and TPOT histogram sums/counts (emulated seconds)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -143,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     levels = [int(x) for x in args.levels.split(",") if x]
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    emu_cpu = cpus[0] if cpus else None
-    client_cpu = cpus[1] if len(cpus) > 1 else None
+    emu_cpu, client_cpu = _pick_cpus()
     emu = subprocess.Popen(
         [sys.executable, "-m", "emulator", "--port", "0", "--no-log-requests", "--time-scale", str(args.time_scale),
          "--max-num-seqs", str(max(levels)), "--num-gpu-blocks", str(max(levels) * 64 + 1024)],
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             print("emulator did not start", file=sys.stderr)
             return 1
         url = line.split()[1]
-        print(f"emulator {url} pinned to cpu {emu_cpu}, clients on cpu {client_cpu}; time_scale={args.time_scale}, "
+        print(f"emulator {url} pinned to cpu {emu_cpu}, clients on cpu {client_cpu} (host load avg "
+              f"{os.getloadavg()[0]:.1f}); time_scale={args.time_scale}, "
               f"{args.max_tokens} output tokens/request, {args.requests_per_client} requests per client")
         print(f"{'streams':>8} {'reqs':>6} {'TTFT ms meas/pred':>20} {'ratio':>6} {'TPOT ms meas/pred':>20} {'ratio':>6}"
               f" {'late ms':>8} {'emu CPU':>8}  ok")
