@@ -19,6 +19,9 @@ GAUGES = {
     "vllm:kv_cache_usage_perc": "kv_usage",
     "vllm:prefix_cache_hits": "prefix_hits",
     "vllm:prefix_cache_queries": "prefix_queries",
+    # The emulator's own fidelity check (absent on real vLLM): how late its engine steps ran, in wall s.
+    "kvroute:emulator_step_lateness_seconds_sum": "lateness_sum",
+    "kvroute:emulator_step_lateness_seconds_count": "lateness_steps",
 }
 
 _PREFIXES = tuple(GAUGES)
@@ -35,6 +38,8 @@ class MetricsSample:
     kv_usage: float = 0.0
     prefix_hits: float = 0.0
     prefix_queries: float = 0.0
+    lateness_sum: float = 0.0
+    lateness_steps: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

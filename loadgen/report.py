@@ -116,9 +116,15 @@ def _consistency(s: dict[str, Any]) -> list[str]:
     bm = s.get("backend_metrics", {})
     if "prefix_hits_delta_total" not in bm:
         return []
-    return [f"Cached tokens: {s['cached_tokens']} counted from usage by the load generator; "
-            f"{bm['prefix_hits_delta_total']:.0f} added to the backends' `vllm:prefix_cache_hits_total` "
-            "during the run.", ""]
+    lines = [f"Cached tokens: {s['cached_tokens']} counted from usage by the load generator; "
+             f"{bm['prefix_hits_delta_total']:.0f} added to the backends' `vllm:prefix_cache_hits_total` "
+             "during the run.", ""]
+    if "step_lateness_mean_s" in bm:
+        late = bm["step_lateness_mean_s"]
+        lines += [f"Emulation fidelity: engine steps ended on average {late * 1000:.2f} ms (wall) after their "
+                  f"scheduled time (`kvroute:emulator_step_lateness_seconds`), i.e. {late / s['time_scale'] * 1000:.2f} "
+                  "emulated ms per step.", ""]
+    return lines
 
 
 def compare_table(summaries: dict[str, dict[str, Any]]) -> list[str]:

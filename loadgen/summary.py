@@ -72,6 +72,10 @@ def backend_load(result: RunResult) -> dict[str, Any]:
         entry = per.setdefault(b, {})
         entry["prefix_hits_delta"] = after.get("prefix_hits", 0.0) - before.get("prefix_hits", 0.0)
         entry["prefix_queries_delta"] = after.get("prefix_queries", 0.0) - before.get("prefix_queries", 0.0)
+        steps = after.get("lateness_steps", 0.0) - before.get("lateness_steps", 0.0)
+        if steps > 0:
+            entry["engine_steps"] = steps
+            entry["step_lateness_mean_s"] = (after.get("lateness_sum", 0.0) - before.get("lateness_sum", 0.0)) / steps
     out: dict[str, Any] = {"per_backend": per}
     if result.samples:
         # Mean over time of the summed load across backends, and per backend on average.
@@ -85,6 +89,10 @@ def backend_load(result: RunResult) -> dict[str, Any]:
     if result.metrics_before or result.metrics_after:
         out["prefix_hits_delta_total"] = sum(v.get("prefix_hits_delta", 0.0) for v in per.values())
         out["prefix_queries_delta_total"] = sum(v.get("prefix_queries_delta", 0.0) for v in per.values())
+        steps = sum(v.get("engine_steps", 0.0) for v in per.values())
+        if steps:
+            out["step_lateness_mean_s"] = sum(v.get("engine_steps", 0.0) * v["step_lateness_mean_s"]
+                                              for v in per.values() if "engine_steps" in v) / steps
     return out
 
 
