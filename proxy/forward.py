@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -22,11 +21,11 @@ from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .policies import Decision, RequestContext
 from .router import Router
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("kvroute.proxy")
 
-_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError)
-_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_UPSTREAM_ERRORS = (UpstreamError, TimeoutError, OSError)
 MAX_ATTEMPTS = 2
 
 
@@ -42,14 +41,12 @@ class _Failed(Exception):
 
 
 class Forwarder:
-    def __init__(self, router: Router, session: aiohttp.ClientSession, metrics: ProxyMetrics, monitor: BackendMonitor) -> None:
+    def __init__(self, router: Router, pool: UpstreamPool, metrics: ProxyMetrics, monitor: BackendMonitor) -> None:
         self.router = router
-        self.session = session
+        self.pool = pool
         self.metrics = metrics
         self.monitor = monitor
-        cfg = router.config
-        self.first_byte_timeout = cfg.first_byte_timeout
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.idle_timeout)
+        self.first_byte_timeout = router.config.first_byte_timeout
 
     async def forward(
         self, request: web.Request, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str
@@ -89,26 +86,27 @@ class Forwarder:
         rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float,
     ) -> web.StreamResponse:
         b = decision.backend
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         done = False
         try:
             try:
                 async with asyncio.timeout(self.first_byte_timeout):
-                    upstream = await self.session.post(b.url + path, data=raw, headers=headers, timeout=self.timeout)
+                    upstream = await self.pool.post(b.url, path, raw, headers)
                     if upstream.status >= 500 or not stream or upstream.status != 200:
                         body = await upstream.read()
                         if upstream.status >= 500:
                             raise _Failed(f"status {upstream.status}", upstream.status, body, upstream.content_type)
                         first = None
                     else:
-                        first = await upstream.content.readany()
-            except _CONNECT_ERRORS as e:
-                self.monitor.mark_failure(b, f"{type(e).__name__}: {e}", immediate=True)
-                raise _Failed("connect") from None
+                        first = await upstream.read_chunk()
             except TimeoutError:
                 raise _Failed("timeout") from None
-            except _UPSTREAM_ERRORS as e:
-                raise _Failed(type(e).__name__) from None
+            except UpstreamError as e:
+                self.monitor.mark_failure(b, str(e), immediate=False)
+                raise _Failed("disconnect") from None
+            except OSError as e:
+                self.monitor.mark_failure(b, f"{type(e).__name__}: {e}", immediate=True)
+                raise _Failed("connect") from None
             Router.first_byte(rec)
             t_first = time.perf_counter()
             m = self.metrics
@@ -138,7 +136,7 @@ class Forwarder:
                     upstream.close()
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes, out_headers: dict[str, str], request_id: str
+        self, request: web.Request, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, headers=out_headers)
         resp.content_type = upstream.content_type
@@ -147,10 +145,9 @@ class Forwarder:
         await resp.prepare(request)
         if first:
             await resp.write(first)
-            content = upstream.content
             while True:
                 try:
-                    chunk = await content.readany()
+                    chunk = await upstream.read_chunk()
                 except _UPSTREAM_ERRORS as e:
                     log.warning("request %s: upstream failed mid-stream: %s", request_id, e)
                     err = error_body(502, f"backend stream failed: {type(e).__name__}")

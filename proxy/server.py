@@ -30,6 +30,7 @@ from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 from .router import Router
+from .upstream import UpstreamPool
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -176,14 +177,16 @@ def create_app(config: ProxyConfig) -> web.Application:
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
         monitor = BackendMonitor(router, session)
         h.session = session
-        h.forwarder = Forwarder(router, session, app[METRICS_KEY], monitor)
-        app[STATE_KEY].update(session=session, monitor=monitor)
+        pool = UpstreamPool(config.connect_timeout, config.idle_timeout)
+        h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
+        app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
         await monitor.check_all_health()
         monitor.start()
         router.kv_events.start()
         yield
         await router.kv_events.close()
         await monitor.stop()
+        pool.close()
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)
