@@ -54,6 +54,17 @@ async def test_workload_records_match_the_emulators(stack, name):
     assert bm["prefix_queries_delta_total"] == s["prompt_tokens"]
     if name in ("rag", "sysprompt", "tenants", "multiturn"):
         assert s["cached_tokens"] > 0
+    # Waits follow emulated time x time scale: trace arrivals and multiturn think times are honoured.
+    by_index = {r.index: r for r in res.records}
+    for spec in wl.requests:
+        rec = by_index[spec.index]
+        if spec.arrival is not None:
+            assert rec.start >= spec.arrival * FAST - 1e-3
+        if spec.turn:
+            prev = next(r for r in res.records if r.chain == spec.chain and r.turn == spec.turn - 1)
+            assert rec.start >= prev.start + prev.e2e + spec.think_time * FAST - 1e-3
+    if name == "trace":
+        assert res.duration < 3.0 * FAST + 5.0  # the 3 emulated s the first 12 lines span, scaled; unscaled would be 150 s
     after = await scrape_all(backends)
     assert all(m["running"] == 0 and m["waiting"] == 0 for m in after.values())
 
