@@ -372,12 +372,17 @@ class BatchedEngine(Engine):
 
     def complete(self, step: SchedulerStep, t: float) -> None:
         """End a step at emulated time `t`: every scheduled, still-running request gets a token."""
+        emitted = 0
         for req, _ in step.prefills:
             if req.status is RequestStatus.RUNNING:
                 self._emit_token(req, t)
+                emitted += 1
         for req in step.decodes:
             if req.status is RequestStatus.RUNNING:
                 self._emit_token(req, t)
+                emitted += 1
+        if self.metrics is not None:
+            self.metrics.on_generated(emitted)
         if any(r.finished for r in self.running):
             self.running = [r for r in self.running if not r.finished]
         self.flush_kv_events()
@@ -454,6 +459,8 @@ class SimpleEngine(Engine):
         t = await admitted
         await self.sleep_until(t)
         self._emit_token(req, t)
+        if self.metrics is not None:
+            self.metrics.on_generated(1)
         mgr = self.kv_cache_manager
         while not req.finished:
             mgr.allocate_slots(req.seq, 1)  # best effort: without a free block the token is not cached
@@ -461,6 +468,8 @@ class SimpleEngine(Engine):
             t += self.profile.decode_per_token
             await self.sleep_until(t)
             self._emit_token(req, t)
+            if self.metrics is not None:
+                self.metrics.on_generated(1)
 
     def _finish(self, req: EngineRequest, reason: str, stop_reason: str | int | None, t: float) -> None:
         self.running.discard(req)

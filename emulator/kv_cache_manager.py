@@ -101,9 +101,16 @@ class KVCacheManager:
 
         Returns False (changing nothing) when the pool cannot supply the blocks.
         """
+        bs = self.block_size
+        if not new_computed_blocks:
+            total = seq.num_computed_tokens + num_new_tokens
+            if total <= len(seq.blocks) * bs:  # fast path (most decode steps): fits the last block
+                seq.num_computed_tokens = total
+                if total // bs > seq.num_cached_blocks:
+                    self.cache_blocks(seq, min(total, seq.num_tokens))
+                return True
         if not self.can_allocate(seq, num_new_tokens, new_computed_blocks):
             return False
-        bs = self.block_size
         if new_computed_blocks:
             self.pool.touch(new_computed_blocks)
             seq.blocks.extend(new_computed_blocks)

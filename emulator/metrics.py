@@ -5,10 +5,14 @@ emulated seconds, so a scrape looks like the modelled GPU whatever the time scal
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from .config import EmulatorConfig
@@ -43,6 +47,45 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         exp += 1
 
 
+class FastHistogram:
+    """A histogram for one fixed label set, observed without locks (the engine is single-threaded).
+
+    prometheus_client's Histogram takes a lock and walks its buckets per observation; the engine
+    observes once per generated token, for hundreds of streams per step.
+    """
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], labels: dict[str, str],
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.doc = doc
+        self.labels = labels
+        self.upper = [float(b) for b in buckets] + [float("inf")]
+        self.counts = [0] * len(self.upper)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect_left(self.upper, value)] += n
+        self.sum += value * n
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        cum = 0
+        buckets = []
+        for ub, c in zip(self.upper, self.counts):
+            cum += c
+            buckets.append((floatToGoString(ub), cum))
+        fam.add_metric(list(self.labels.values()), buckets, self.sum)
+        yield fam
+
+
 class EngineMetrics:
     """The engine's hooks into vLLM-named series; gauges read the engine at scrape time."""
 
@@ -52,8 +95,8 @@ class EngineMetrics:
         names = list(self.labels)
         r = self.registry
 
-        def hist(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=r)
+        def hist(name: str, doc: str, buckets) -> FastHistogram:
+            return FastHistogram(name, doc, buckets, self.labels, r)
 
         def counter(name: str, doc: str):
             return Counter(name, doc, names, registry=r).labels(**self.labels)
@@ -70,33 +113,33 @@ class EngineMetrics:
                           names + ["finished_reason"], registry=r)
         self.success = {reason: success.labels(**self.labels, finished_reason=reason) for reason in FINISHED_REASONS}
         len_buckets = build_1_2_5_buckets(config.max_model_len)
-        self.h_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", len_buckets).labels(**self.labels)
+        self.h_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", len_buckets)
         self.h_generation = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
-                                 len_buckets).labels(**self.labels)
+                                 len_buckets)
         self.h_max_tokens = hist("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
-                                 len_buckets).labels(**self.labels)
+                                 len_buckets)
         self.h_iteration = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-                                ITERATION_TOKEN_BUCKETS).labels(**self.labels)
+                                ITERATION_TOKEN_BUCKETS)
         self.h_ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                           TTFT_BUCKETS).labels(**self.labels)
+                           TTFT_BUCKETS)
         self.h_itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                          ITL_BUCKETS).labels(**self.labels)
+                          ITL_BUCKETS)
         self.h_tpot = hist("vllm:request_time_per_output_token_seconds",
-                           "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS).labels(**self.labels)
+                           "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS)
         self.h_e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                          REQUEST_LATENCY_BUCKETS).labels(**self.labels)
+                          REQUEST_LATENCY_BUCKETS)
         self.h_queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-                            REQUEST_LATENCY_BUCKETS).labels(**self.labels)
+                            REQUEST_LATENCY_BUCKETS)
         self.h_inference = hist("vllm:request_inference_time_seconds",
-                                "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS).labels(**self.labels)
+                                "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
         self.h_prefill = hist("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-                              REQUEST_LATENCY_BUCKETS).labels(**self.labels)
+                              REQUEST_LATENCY_BUCKETS)
         self.h_decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                             REQUEST_LATENCY_BUCKETS).labels(**self.labels)
+                             REQUEST_LATENCY_BUCKETS)
         # Not a vLLM series: wall seconds each engine step ended after its due time (is the emulator keeping up?).
-        self.h_lateness = Histogram("kvroute:emulator_step_lateness_seconds",
-                                    "Wall seconds an emulated engine step finished after its scheduled time.",
-                                    names, buckets=LATENESS_BUCKETS, registry=r).labels(**self.labels)
+        self.h_lateness = hist("kvroute:emulator_step_lateness_seconds",
+                               "Wall seconds an emulated engine step finished after its scheduled time.",
+                               LATENESS_BUCKETS)
         info = {
             "block_size": str(config.block_size),
             "cache_dtype": "auto",
@@ -122,8 +165,11 @@ class EngineMetrics:
         self.prefix_hits.inc(req.num_cached_tokens)
         self.prompt_tokens.inc(req.num_prompt_tokens)
 
+    def on_generated(self, num_tokens: int) -> None:
+        """Tokens generated in one engine step (counted once per step, not per token)."""
+        self.generation_tokens.inc(num_tokens)
+
     def on_token(self, req: EngineRequest, t: float, prev_t: float | None) -> None:
-        self.generation_tokens.inc()
         if prev_t is None:
             self.h_ttft.observe(t - req.timings.arrival)
         else:

@@ -145,11 +145,18 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:
-        async with contextlib.aclosing(_outputs(st.engine, ereqs)) as outputs:
-            async for i, out in outputs:
-                chunk = rb.stream_chunk(i, out)
-                if chunk is not None:
-                    await resp.write(chunk)
+        if len(ereqs) == 1:  # the common case, without the merging layer on the per-token path
+            async with contextlib.aclosing(st.engine.generate(ereqs[0])) as outputs:
+                async for out in outputs:
+                    chunk = rb.stream_chunk(0, out)
+                    if chunk is not None:
+                        await resp.write(chunk)
+        else:
+            async with contextlib.aclosing(_outputs(st.engine, ereqs)) as merged:
+                async for i, out in merged:
+                    chunk = rb.stream_chunk(i, out)
+                    if chunk is not None:
+                        await resp.write(chunk)
         tail = rb.usage_chunk() if g.include_usage else b""
         await resp.write(tail + SSE_DONE)
         await resp.write_eof()
@@ -165,11 +172,6 @@ async def _collect(engine: Engine, er: EngineRequest) -> list[TokenOutput]:
 
 async def _outputs(engine: Engine, ereqs: list[EngineRequest]) -> AsyncIterator[tuple[int, TokenOutput]]:
     """(choice index, output) pairs as they are produced, merging several prompts' streams."""
-    if len(ereqs) == 1:
-        async with contextlib.aclosing(engine.generate(ereqs[0])) as gen:
-            async for out in gen:
-                yield 0, out
-        return
     queue: asyncio.Queue[tuple[int, TokenOutput]] = asyncio.Queue()
 
     async def pump(i: int, er: EngineRequest) -> None:
