@@ -249,7 +249,16 @@ class RequestParser:
             raise _bad("stream_options", "Stream options can only be defined when `stream=True`.")
         return stream, _opt_bool(so, "include_usage", True), _opt_bool(so, "continuous_usage_stats")
 
-    def _common(self, body: Mapping[str, Any], kind: str, known: set[str], prompts, texts, max_tokens) -> GenerateRequest:
+    def _common(
+        self,
+        body: Mapping[str, Any],
+        kind: str,
+        known: set[str],
+        prompts: list[list[int]],
+        texts: list[str | None],
+        max_tokens: int | None,
+    ) -> GenerateRequest:
+        """The fields completions and chat share, validated once."""
         model = self.check_model(body)
         params = self._sampling(body, max_tokens, [len(p) for p in prompts])
         stream, include_usage, continuous = self._stream_flags(body)
