@@ -5,6 +5,7 @@ Owns the prefix index, the backend registry and one instance of each policy; the
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 from emulator.latency import get_profile
@@ -17,6 +18,8 @@ from .policies import Decision, Policy, RequestContext, RoutingEnv, create_polic
 from .prefix_index import PrefixIndex
 from .tokenize_cache import ChunkedTokenizer
 
+# Text prefixes (shared documents, chat histories) whose block hashes are kept for reuse.
+PREFIX_HASH_ENTRIES = 512
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
 FIRST_TOKEN_MARGIN = 1.5
 
@@ -33,6 +36,7 @@ class Router:
         self.config = config
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
+        self._prefix_hashes: OrderedDict[tuple[str | None, str], tuple[list[int], bytes]] = OrderedDict()
         self.hasher = BlockHasher(config.block_size, config.hash_algo)
         self.registry = registry or BackendRegistry()
         self.index = PrefixIndex(config.default_capacity_blocks)
@@ -81,6 +85,32 @@ class Router:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a prompt; long shared prefixes (documents, chat history) are encoded once."""
         return self.chunked.encode(text)
+
+    def text_context(
+        self, text: str, max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
+    ) -> RequestContext:
+        """`context(tokenize(text))`, reusing the block hashes of a text prefix seen before (a shared document)."""
+        ids, prefix_chars, prefix_tokens = self.chunked.encode_with_prefix(text)
+        nb = prefix_tokens // self.env.block_size
+        if nb == 0:
+            return self.context(ids, max_tokens, model, cache_salt)
+        key = (cache_salt, text[:prefix_chars])
+        cache = self._prefix_hashes
+        hit = cache.get(key)
+        extra = (cache_salt,) if cache_salt else None
+        if hit is None:
+            digests = self.hasher.hashes(ids, extra_keys_block0=extra)
+            hashes = [int.from_bytes(d[-8:], "big") for d in digests]
+            cache[key] = (hashes[:nb], digests[nb - 1])
+            if len(cache) > PREFIX_HASH_ENTRIES:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+            head, parent = hit
+            hashes = head + [int.from_bytes(d[-8:], "big") for d in self.hasher.hashes(ids, parent=parent, start_block=nb)]
+        return RequestContext(
+            hashes, len(ids), max_tokens if max_tokens is not None else self.config.default_max_tokens, model, self.index
+        )
 
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""

@@ -119,8 +119,10 @@ class ProxyHandlers:
         parsed = parse(raw)
         self._check_model(parsed)
         router = self.router
-        tokens = parsed.token_ids if parsed.token_ids is not None else router.tokenize(parsed.text)
-        ctx = router.context(tokens, parsed.max_tokens, parsed.model, parsed.cache_salt)
+        if parsed.token_ids is not None:
+            ctx = router.context(parsed.token_ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
+        else:
+            ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
         request_id = request.headers.get("x-request-id") or f"{self._rid_prefix}{next(self._rid_counter):x}"
         return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, request_id)
 

@@ -45,9 +45,16 @@ class ChunkedTokenizer:
         return cuts
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_with_prefix(text)[0]
+
+    def encode_with_prefix(self, text: str) -> tuple[list[int], int, int]:
+        """(ids, prefix_chars, prefix_tokens): text[:prefix_chars] always encodes to ids[:prefix_tokens].
+
+        The prefix ends at the last cut point, so callers can cache work derived from it (block hashes).
+        """
         enc = self.tokenizer.encode
         if not self.enabled or len(text) < 2 * self.chunk_chars:
-            return enc(text)
+            return enc(text), 0, 0
         cache = self._cache
         out: list[int] = []
         start = 0
@@ -67,5 +74,6 @@ class ChunkedTokenizer:
                 cache.move_to_end(chunk)
             out += ids
             start = cut
+        n_prefix = len(out)
         out += enc(text[start:])
-        return out
+        return out, start, n_prefix

@@ -42,3 +42,20 @@ def test_other_tokenizers_are_not_chunked():
 
     ct = ChunkedTokenizer(Fake())
     assert ct.encode("a b " * 2000) == [8000]
+
+
+def test_router_text_context_reuses_prefix_hashes_exactly():
+    from proxy.config import ProxyConfig
+    from proxy.router import Router
+
+    r = Router(ProxyConfig(backends=[]))
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "Ωmega", "kv", "12", "cache,", "x\n\ny"]
+    doc = " ".join(rng.choice(words) for _ in range(2500))
+    for q in range(4):
+        for salt in (None, "tenant-a"):
+            text = doc + f" question {q} " + " ".join(rng.choice(words) for _ in range(q * 40))
+            got = r.text_context(text, 8, cache_salt=salt)
+            want = r.context(TOK.encode(text), 8, cache_salt=salt)
+            assert got.hashes == want.hashes and got.num_tokens == want.num_tokens
+    assert len(r._prefix_hashes) == 2  # one reusable document prefix per salt
