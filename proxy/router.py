@@ -19,7 +19,7 @@ from .prefix_index import PrefixIndex
 from .tokenize_cache import ChunkedTokenizer
 
 # Text prefixes (shared documents, chat histories) whose block hashes are kept for reuse.
-PREFIX_HASH_ENTRIES = 512
+PREFIX_HASH_ENTRIES = 4096
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
 FIRST_TOKEN_MARGIN = 1.5
 
@@ -36,7 +36,7 @@ class Router:
         self.config = config
         self.tokenizer = get_tokenizer(config.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
-        self._prefix_hashes: OrderedDict[tuple[str | None, str], tuple[list[int], bytes]] = OrderedDict()
+        self._prefix_hashes: OrderedDict[tuple[str | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
         self.hasher = BlockHasher(config.block_size, config.hash_algo)
         self.registry = registry or BackendRegistry()
         self.index = PrefixIndex(config.default_capacity_blocks)
@@ -90,24 +90,28 @@ class Router:
         self, text: str, max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
     ) -> RequestContext:
         """`context(tokenize(text))`, reusing the block hashes of a text prefix seen before (a shared document)."""
-        ids, prefix_chars, prefix_tokens = self.chunked.encode_with_prefix(text)
-        nb = prefix_tokens // self.env.block_size
-        if nb == 0:
-            return self.context(ids, max_tokens, model, cache_salt)
-        key = (cache_salt, text[:prefix_chars])
+        ids, prefixes = self.chunked.encode_with_prefixes(text)
+        bs = self.env.block_size
         cache = self._prefix_hashes
-        hit = cache.get(key)
         extra = (cache_salt,) if cache_salt else None
-        if hit is None:
+        hashes = None
+        for _, prefix_id in reversed(prefixes):
+            hit = cache.get((cache_salt, prefix_id))
+            if hit is not None:
+                cache.move_to_end((cache_salt, prefix_id))
+                nb, all_hashes, all_digests = hit
+                tail = self.hasher.hashes(ids, parent=all_digests[nb - 1], start_block=nb)
+                hashes = all_hashes[:nb] + [int.from_bytes(d[-8:], "big") for d in tail]
+                break
+        if hashes is None:
             digests = self.hasher.hashes(ids, extra_keys_block0=extra)
             hashes = [int.from_bytes(d[-8:], "big") for d in digests]
-            cache[key] = (hashes[:nb], digests[nb - 1])
-            if len(cache) > PREFIX_HASH_ENTRIES:
+            # Every cut's prefix shares these lists; an entry only says how many blocks it covers.
+            for n_tokens, prefix_id in prefixes:
+                if n_tokens >= bs:
+                    cache[(cache_salt, prefix_id)] = (n_tokens // bs, hashes, digests)
+            while len(cache) > PREFIX_HASH_ENTRIES:
                 cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
-            head, parent = hit
-            hashes = head + [int.from_bytes(d[-8:], "big") for d in self.hasher.hashes(ids, parent=parent, start_block=nb)]
         return RequestContext(
             hashes, len(ids), max_tokens if max_tokens is not None else self.config.default_max_tokens, model, self.index
         )

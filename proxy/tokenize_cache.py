@@ -5,15 +5,17 @@ non-space character and precedes a letter (the space starts the next word's piec
 the left looks ahead past it), and BPE never merges across pieces. So cutting the text at such
 points and encoding the chunks separately gives exactly the ids of encoding the whole text. Cut
 points are searched forward from fixed offsets, so two prompts sharing a long prefix cut it the
-same way and the shared chunks are encoded once.
+same way and the shared chunks are encoded once. Chunks are cached per preceding prefix, which
+gives every cached prefix an id the router keys its reusable block hashes on.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 from kvblocks import Tokenizer
 
-CHUNK_CHARS = 1024
+CHUNK_CHARS = 512
 MAX_ENTRIES = 16384
 SAFE_TOKENIZERS = ("cl100k_base",)
 
@@ -24,7 +26,8 @@ class ChunkedTokenizer:
         self.chunk_chars = chunk_chars
         self.max_entries = max_entries
         self.enabled = getattr(tokenizer, "name", None) in SAFE_TOKENIZERS
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str], tuple[int, list[int]]] = OrderedDict()  # (prefix id, chunk) -> (id, ids)
+        self._ids = itertools.count(1)
         self.hits = 0
         self.misses = 0
 
@@ -45,35 +48,37 @@ class ChunkedTokenizer:
         return cuts
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_with_prefix(text)[0]
+        return self.encode_with_prefixes(text)[0]
 
-    def encode_with_prefix(self, text: str) -> tuple[list[int], int, int]:
-        """(ids, prefix_chars, prefix_tokens): text[:prefix_chars] always encodes to ids[:prefix_tokens].
+    def encode_with_prefixes(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, prefixes): for each cut, (tokens before it, an id naming the text before it).
 
-        The prefix ends at the last cut point, so callers can cache work derived from it (block hashes).
+        Equal ids mean equal text prefixes (ids are never reused), so callers can cache work derived
+        from a prefix's tokens (its block hashes) under the id.
         """
         enc = self.tokenizer.encode
         if not self.enabled or len(text) < 2 * self.chunk_chars:
-            return enc(text), 0, 0
+            return enc(text), []
         cache = self._cache
         out: list[int] = []
+        prefixes: list[tuple[int, int]] = []
+        chain = 0
         start = 0
-        cuts = self.cut_points(text)
         # The last chunk (where prompts usually diverge) is encoded without caching.
-        for cut in cuts:
-            chunk = text[start:cut]
-            ids = cache.get(chunk)
-            if ids is None:
+        for cut in self.cut_points(text):
+            key = (chain, text[start:cut])
+            hit = cache.get(key)
+            if hit is None:
                 self.misses += 1
-                ids = enc(chunk)
-                cache[chunk] = ids
+                hit = cache[key] = (next(self._ids), enc(key[1]))
                 if len(cache) > self.max_entries:
                     cache.popitem(last=False)
             else:
                 self.hits += 1
-                cache.move_to_end(chunk)
+                cache.move_to_end(key)
+            chain, ids = hit
             out += ids
+            prefixes.append((len(out), chain))
             start = cut
-        n_prefix = len(out)
         out += enc(text[start:])
-        return out, start, n_prefix
+        return out, prefixes

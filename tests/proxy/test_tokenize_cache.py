@@ -58,4 +58,21 @@ def test_router_text_context_reuses_prefix_hashes_exactly():
             got = r.text_context(text, 8, cache_salt=salt)
             want = r.context(TOK.encode(text), 8, cache_salt=salt)
             assert got.hashes == want.hashes and got.num_tokens == want.num_tokens
-    assert len(r._prefix_hashes) == 2  # one reusable document prefix per salt
+    assert r.chunked.hits > r.chunked.misses
+
+
+def test_long_distinct_questions_still_reuse_the_documents_hashes():
+    from proxy.config import ProxyConfig
+    from proxy.router import Router
+
+    r = Router(ProxyConfig(backends=[]))
+    rng = random.Random(2)
+    doc = " ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(3000))
+    calls = []
+    real = r.hasher.hashes
+    r.hasher = type("Spy", (), {"hashes": lambda self, ids, **kw: calls.append(kw.get("start_block", 0)) or real(ids, **kw)})()
+    for q in range(3):
+        text = doc + " " + " ".join(rng.choice(["why", "how", "when"]) for _ in range(600 + q))
+        assert r.text_context(text).hashes == r.hashes(TOK.encode(text))
+    # First question hashed from block 0; later ones only past the document's cached prefix.
+    assert calls[0] == 0 and all(c > 150 for c in calls[2::2])
