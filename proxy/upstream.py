@@ -10,6 +10,8 @@ the backend sees the disconnect and aborts the request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl as ssl_mod
 from collections import deque
 from urllib.parse import urlsplit
@@ -51,6 +53,10 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

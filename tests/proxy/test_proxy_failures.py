@@ -263,3 +263,29 @@ async def test_unhealthy_backend_gets_traffic_again_after_it_recovers(make_proxy
     finally:
         await client.close()
         await revived.stop()
+
+
+async def test_streaming_is_not_buffered(make_proxy):
+    """The backend holds its second chunk until the client has seen the first through the proxy."""
+    client_saw_first = asyncio.Event()
+
+    async def trickle(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"n": 1}\n\n')
+        await asyncio.wait_for(client_saw_first.wait(), 10)
+        await resp.write(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
+        return resp
+
+    runner, url, _ = await start_server(trickle)
+    try:
+        proxy = await make_proxy(backends=[url])
+        async with aiohttp.ClientSession() as s:
+            async with s.post(proxy.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+                first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+                assert first == b'data: {"n": 1}\n\n'
+                client_saw_first.set()
+                rest = await r.read()
+        assert rest == b'data: {"n": 2}\n\ndata: [DONE]\n\n'
+    finally:
+        await runner.cleanup()
