@@ -105,6 +105,7 @@ class Engine:
         self.block_pool.enable_kv_events = sink is not None
 
     def flush_kv_events(self) -> None:
+        """Hand pending events to the sink as one batch (the batched engine calls it once per step)."""
         if self._kv_event_sink is not None:
             events = self.block_pool.take_events()
             if events:
@@ -328,6 +329,7 @@ class BatchedEngine(Engine):
                 if self.metrics is not None:
                     self.metrics.on_step_lateness(time.monotonic() - (self._wall0 + self._clock * self.time_scale))
                 self.complete(step, self._clock)
+            self.flush_kv_events()
         finally:
             self._live = False
             self._task = None
@@ -385,7 +387,6 @@ class BatchedEngine(Engine):
             self.metrics.on_generated(emitted)
         if any(r.finished for r in self.running):
             self.running = [r for r in self.running if not r.finished]
-        self.flush_kv_events()
 
     def _preempt(self, req: EngineRequest) -> None:
         """Free a running request's blocks and requeue it at the front to recompute later."""

@@ -190,6 +190,23 @@ async def test_kv_events_reach_the_sink_per_step_with_evictions_first():
     assert [type(e).__name__ for e in batches[-1]] == ["AllBlocksCleared"]
 
 
+async def test_kv_events_are_one_batch_per_engine_step():
+    """vLLM publishes one batch per engine step, however many requests cached blocks in it."""
+    eng = engine_for()
+    stamped = []
+    eng.set_kv_event_sink(lambda evs: stamped.append((eng.num_steps, evs)))
+    reqs = [eng.make_request(f"r{i}", prompt(40, 1000 * (i + 2)), SamplingParams(max_tokens=20, ignore_eos=True))
+            for i in range(4)]
+    await asyncio.gather(*(run(eng, r) for r in reqs))
+    batches = [b for _, b in stamped]
+    stored = [h for b in batches for e in b if type(e).__name__ == "BlockStored" for h in e.block_hashes]
+    assert len(stored) >= 12  # 4 prompts x 2 full blocks, plus the third filled while decoding
+    steps = [k for k, _ in stamped]
+    assert len(steps) == len(set(steps)), "two batches in one engine step"
+    assert any(len(b) > 1 for b in batches)  # the four admissions share their step's batch
+    assert_idle(eng)
+
+
 async def test_request_that_can_never_fit_is_rejected():
     from kvblocks import APIError
 
