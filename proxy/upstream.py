@@ -245,11 +245,13 @@ class _Connection(asyncio.Protocol):
             raise self.exc
 
     async def read_chunk(self, timeout: float | None) -> bytes:
-        """The next body bytes as they arrived; b"" at the end of the body."""
+        """All body bytes received so far (waiting only when there are none); b"" at the end of the body."""
         while True:
             if self._chunks:
-                data = self._chunks.popleft()
-                self._buffered -= len(data)
+                # Everything already received goes out in one write (never waiting to gather more).
+                data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
                 if self._paused and self._buffered < HIGH_WATER // 4 and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
