@@ -31,6 +31,7 @@ class KvAwarePolicy(Policy):
     # their cached history too often (loadgen multiturn, c=24: hit rate 52% -> 58% and lower TTFT at
     # 0.25; RAG unchanged).
     interference_weight = 0.25
+    stall_weight = 1.0
     eviction_weight = 0.25
     tie_blocks = 1.0
 
@@ -63,7 +64,7 @@ class KvAwarePolicy(Policy):
             if b.requests:
                 pending_s, n_pending, tokens_left = b.queue_state(t, dpt, env.time_scale)
                 in_flight = len(b.requests)
-                cost += pending_s + prof.decode_step(in_flight - n_pending) + in_flight * own + interference * tokens_left
+                cost += pending_s + prof.decode_step(in_flight - n_pending) + self.stall_weight * in_flight * own + interference * tokens_left
             else:
                 n_pending = 0
             s = b.scraped
