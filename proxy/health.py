@@ -113,7 +113,8 @@ class BackendMonitor:
             if b.models is None:
                 await self.fetch_models(b)
         else:
-            self.mark_failure(b, err, immediate=False)
+            # A backend that never answered yet (just added, or down at startup) gets no traffic at once.
+            self.mark_failure(b, err, immediate=b.models is None)
         return ok
 
     def mark_failure(self, b: Backend, error: str | None, immediate: bool) -> None:

@@ -289,3 +289,17 @@ async def test_streaming_is_not_buffered(make_proxy):
         assert rest == b'data: {"n": 2}\n\ndata: [DONE]\n\n'
     finally:
         await runner.cleanup()
+
+
+async def test_backend_added_while_down_gets_no_traffic(make_proxy, emulators):
+    proxy = await make_proxy(backends=[emulators[0].url])
+    dead = emulators[3]
+    await dead.stop()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/admin/backends", json={"url": dead.url}) as r:
+            assert r.status == 201 and (await r.json())["healthy"] is False
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    for i in range(4):
+        h, _ = await ask(client, f"hello {i}")
+        assert h["x-kvroute-backend"] == emulators[0].url
+    await client.close()
