@@ -77,7 +77,8 @@ class Forwarder:
                 router.end(rec)
         assert last is not None
         if last.status is not None and last.body is not None:
-            return web.Response(body=last.body, status=last.status, content_type=last.content_type or "application/json")
+            return web.Response(body=last.body, status=last.status, content_type=last.content_type or "application/json",
+                                headers={"x-request-id": request_id, "x-kvroute-strategy": strategy})
         status = 504 if last.reason == "timeout" else 502
         raise APIError(status, f"backend failed before responding ({last.reason})")
 
@@ -151,7 +152,8 @@ class Forwarder:
                 except _UPSTREAM_ERRORS as e:
                     log.warning("request %s: upstream failed mid-stream: %s", request_id, e)
                     err = error_body(502, f"backend stream failed: {type(e).__name__}")
-                    await resp.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
+                    # The blank line first ends any event the backend left half-written.
+                    await resp.write(b"\n\ndata: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
                     break
                 if not chunk:
                     break

@@ -63,7 +63,7 @@ class ProxyMetrics:
         r = self.registry
         self.requests = Counter("kvroute_requests", "Proxied requests", ["strategy", "backend", "status"], registry=r)
         self.latency = Histogram("kvroute_request_latency_seconds", "Request latency through the proxy", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("kvroute_ttft_seconds", "Time to the first upstream body byte", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("kvroute_ttft_seconds", "Time until the answer starts: first streamed chunk, or the whole body when not streaming", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
         self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
         self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
