@@ -154,9 +154,15 @@ class PrefixIndex:
         if len(lru) <= limit:
             return
         keep = ~(1 << st.slot)
-        while len(lru) > limit:
-            h, _ = lru.popitem(last=False)
-            self._drop_owner(h, keep)
+        owners = self._owners
+        popitem = lru.popitem
+        for _ in range(len(lru) - limit):
+            h = popitem(last=False)[0]
+            m = owners[h] & keep
+            if m:
+                owners[h] = m
+            else:
+                del owners[h]
 
     # -- lookup ---------------------------------------------------------------------------------
     def match(self, hashes: Sequence[int]) -> dict[Hashable, int]:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from kvblocks import Tokenizer
 
-CHUNK_CHARS = 512
+CHUNK_CHARS = 1024
 MAX_ENTRIES = 16384
 SAFE_TOKENIZERS = ("cl100k_base",)
 
