@@ -114,6 +114,7 @@ class AdminHandlers:
         url = await self._url(request)
         if self.router.remove_backend(url) is None:
             raise APIError(404, f"unknown backend {url!r}", "url", "NotFoundError")
+        self.app[STATE_KEY]["pool"].close_origin(url)
         return _json({"removed": url})
 
     async def get_strategy(self, request: web.Request) -> web.Response:

@@ -396,6 +396,13 @@ class UpstreamPool:
             raise
         return UpstreamResponse(self, conn, self.idle_timeout)
 
+    def close_origin(self, base_url: str) -> None:
+        """Drop the idle connections to one backend (it was removed)."""
+        u = urlsplit(base_url)
+        origin = (u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
+        for c in self._idle.pop(origin, []):
+            c.close()
+
     def close(self) -> None:
         for conns in self._idle.values():
             for c in conns:
