@@ -220,6 +220,10 @@ async def test_admin_key_guard_and_backend_management(make_proxy, emulators):
             assert r.status == 404
         async with s.get(proxy.url + "/admin/strategy", headers=auth) as r:
             assert r.status == 200
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    used = {(await ask(client, document(600 + i, 40)))[0]["x-kvroute-backend"] for i in range(6)}
+    await client.close()
+    assert emulators[0].url not in used and emulators[3].url in used
 
 
 async def test_reset_clears_index_and_backend_caches(proxy, client):
