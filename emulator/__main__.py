@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -9,13 +10,21 @@ import structlog
 
 from .config import EmulatorConfig
 from .logs import configure_logging
-from .server import start_emulators
+from .server import STATE, start_emulators
+
+CRASH_EXIT_CODE = 70
+
+
+def _exit_process() -> None:
+    """--fault-crash-after in a process of its own: die at once, like a killed server (no cleanup)."""
+    os._exit(CRASH_EXIT_CODE)
 
 
 async def serve(config: EmulatorConfig) -> None:
     log = structlog.get_logger("emulator")
     emulators = await start_emulators(config)
     for em in emulators:
+        em.app[STATE].faults.crash = _exit_process
         # The first line per replica is machine-readable so scripts (and tests) can find the port.
         print(f"EMULATOR_URL {em.url}", flush=True)
         pool = em.engine.block_pool

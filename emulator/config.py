@@ -46,7 +46,16 @@ class EmulatorConfig:
     log_requests: bool = True
     version: str = "0.33.0"
     kv_events_config: dict[str, Any] | None = None
-    fault_injection: dict[str, Any] | None = None
+    # Fault injection (emulator.faults), all off by default; rates are per request, times wall seconds.
+    fault_error_rate: float = 0.0
+    fault_error_status: int = 503
+    fault_latency_spike_rate: float = 0.0
+    fault_latency_spike: float = 0.0
+    fault_hang_rate: float = 0.0
+    fault_cut_rate: float = 1.0
+    fault_cut_after: int | None = None
+    fault_crash_after: int | None = None
+    fault_slow_start: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +91,9 @@ class EmulatorConfig:
             from .kv_events import KVEventsConfig
 
             KVEventsConfig.from_dict(self.kv_events_config)
+        from .faults import FaultConfig
+
+        FaultConfig.from_emulator(self)
 
     @property
     def resolved_num_gpu_blocks(self) -> int:
@@ -123,13 +135,13 @@ class EmulatorConfig:
 
 
 _BOOL_FIELDS = {"enable_prompt_tokens_details", "log_requests"}
-_JSON_FIELDS = {"kv_events_config", "fault_injection"}
+_JSON_FIELDS = {"kv_events_config"}
 
 
 def _field_type(name: str) -> type:
     default = {f.name: f for f in fields(EmulatorConfig)}[name].default
     if default is MISSING or default is None:
-        return {"num_gpu_blocks": int}.get(name, str)
+        return {"num_gpu_blocks": int, "fault_cut_after": int, "fault_crash_after": int}.get(name, str)
     return type(default)
 
 
@@ -172,5 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-format", choices=LOG_FORMATS, help="console (default) or json")
     a("--no-log-requests", dest="log_requests", action="store_const", const=False, help="no per-request log line")
     a("--kv-events-config", type=json.loads, help="vLLM-style KV events JSON, e.g. '{\"enable_kv_cache_events\":true}'")
+    f = p.add_argument_group("fault injection (off by default; rates are probabilities per request, seeded by --seed)")
+    f.add_argument("--fault-error-rate", type=float, help="answer this share of requests with a 5xx before any byte")
+    f.add_argument("--fault-error-status", type=int, help="status of injected errors (default 503)")
+    f.add_argument("--fault-latency-spike-rate", type=float, help="share of requests delayed before the first byte")
+    f.add_argument("--fault-latency-spike", type=float, help="that extra delay, wall seconds")
+    f.add_argument("--fault-hang-rate", type=float, help="share of requests that hang before the first byte until the client leaves")
+    f.add_argument("--fault-cut-after", type=int, help="cut (abort the connection, no [DONE]) after N tokens")
+    f.add_argument("--fault-cut-rate", type=float, help="share of requests --fault-cut-after applies to (default 1)")
+    f.add_argument("--fault-crash-after", type=int, help="exit the process (in-process: drop every connection) at request N+1")
+    f.add_argument("--fault-slow-start", type=float, help="/health answers 503 for the first S wall seconds")
     return p
 

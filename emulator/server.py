@@ -20,6 +20,8 @@ from kvblocks import APIError, Tokenizer, error_body, get_tokenizer
 
 from .config import EmulatorConfig
 from .engine import Engine, make_engine
+from .faults import NO_FAULT, FaultInjector, FaultPlan, make_injector
+from .http_errors import JSONErrorAppRunner
 from .kv_events import EventPublisher, attach_publisher, replica_kv_events_config
 from .logs import request_log_fields
 from .metrics import CONTENT_TYPE, EngineMetrics
@@ -43,6 +45,8 @@ class EmulatorState:
     tokenizer: Tokenizer
     created: int
     ids: itertools.count
+    faults: FaultInjector
+    stopping: asyncio.Event
     kv_events: EventPublisher | None = None
 
 
@@ -85,6 +89,8 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
         tokenizer=tokenizer,
         created=int(time.time()),
         ids=itertools.count(),
+        faults=make_injector(config),
+        stopping=asyncio.Event(),
     )
     if config.log_requests:
         engine.finish_listeners.append(lambda req: log.info("request finished", **request_log_fields(req)))
@@ -112,6 +118,7 @@ async def _close_kv_events(app: web.Application) -> None:
 
 
 async def _abort_in_flight(app: web.Application) -> None:
+    app[STATE].stopping.set()
     app[STATE].engine.abort_all()
 
 
@@ -132,6 +139,11 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     rid = request.headers.get("X-Request-ID") or g.request_id or uuid.uuid4().hex
     if g.unknown_fields:
         log.info("ignoring unknown request fields", request_id=rid, fields=g.unknown_fields)
+    plan = st.faults.plan() if st.faults.enabled else NO_FAULT
+    if not plan.clean:
+        early = await _fault_before_first_byte(request, st, plan, rid)
+        if early is not None:
+            return early
     n = next(st.ids)
     ereqs = [
         st.engine.make_request(f"{rid}-{i}-{n}", prompt, g.params, g.cache_salt, client_request_id=rid)
@@ -139,6 +151,8 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     ]
     rb = ResponseBuilder(g, rid, int(time.time()), st.config.enable_prompt_tokens_details)
     headers = {"X-Request-ID": rid}
+    if plan.cut_after is not None:
+        return await _generate_and_cut(request, st, ereqs, rb, headers, g.stream, plan.cut_after, rid, g.include_usage)
     if not g.stream:
         results = await asyncio.gather(*(_collect(st.engine, er) for er in ereqs))
         return _json(rb.full_response(results), headers=headers)
@@ -163,6 +177,62 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     except ConnectionResetError:
         log.info("client disconnected", request_id=rid)
     return resp
+
+
+async def _fault_before_first_byte(
+    request: web.Request, st: EmulatorState, plan: FaultPlan, rid: str
+) -> web.StreamResponse | None:
+    """Carry out the part of a fault plan that happens before any engine work; a response ends the request."""
+    if plan.crash:
+        log.warning("injected fault: crash", request_id=rid, after_requests=st.faults.config.crash_after)
+        if st.faults.crash is not None:
+            st.faults.crash()
+        raise ConnectionResetError("injected crash")
+    if plan.error_status is not None:
+        log.info("injected fault: error", request_id=rid, status=plan.error_status)
+        return _json(error_body(plan.error_status, "injected fault: the server is temporarily unavailable"),
+                     status=plan.error_status, headers={"X-Request-ID": rid})
+    if plan.hang:
+        log.info("injected fault: hang", request_id=rid)
+        await st.stopping.wait()  # until the client gives up (the handler is cancelled) or shutdown
+        raise APIError(503, "server shutting down")
+    if plan.delay:
+        log.info("injected fault: latency spike", request_id=rid, seconds=plan.delay)
+        await asyncio.sleep(plan.delay)
+    return None
+
+
+async def _generate_and_cut(
+    request: web.Request, st: EmulatorState, ereqs: list[EngineRequest], rb: ResponseBuilder,
+    headers: dict[str, str], stream: bool, cut_after: int, rid: str, include_usage: bool,
+) -> web.StreamResponse:
+    """Generate; after `cut_after` tokens drop the connection (no [DONE], no body). Shorter answers complete."""
+    resp: web.StreamResponse | None = None
+    if stream:
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+    results: list[list[TokenOutput]] = [[] for _ in ereqs]
+    remaining = len(ereqs)
+    sent = 0
+    async with contextlib.aclosing(_outputs(st.engine, ereqs)) as merged:  # closing it frees the engine's blocks
+        while remaining and sent < cut_after:
+            i, out = await anext(merged)
+            results[i].append(out)
+            sent += 1
+            remaining -= out.finish_reason is not None
+            chunk = rb.stream_chunk(i, out) if resp is not None else None
+            if chunk is not None:
+                await resp.write(chunk)
+    if not remaining:
+        if resp is None:
+            return _json(rb.full_response(results), headers=headers)
+        await resp.write((rb.usage_chunk() if include_usage else b"") + SSE_DONE)
+        await resp.write_eof()
+        return resp
+    log.info("injected fault: stream cut", request_id=rid, after_tokens=sent)
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("injected stream cut")
 
 
 async def _collect(engine: Engine, er: EngineRequest) -> list[TokenOutput]:
@@ -226,6 +296,8 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    if not request.app[STATE].faults.health_ok():
+        return _json(error_body(503, "server is starting"), status=503)
     return web.Response(status=200)
 
 
@@ -280,7 +352,7 @@ class RunningEmulator:
 async def start_emulator(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> RunningEmulator:
     """Start one emulator on the running event loop (port 0 = OS-assigned; the real port is reported)."""
     app = create_app(config, tokenizer)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    runner = JSONErrorAppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048)
@@ -290,7 +362,20 @@ async def start_emulator(config: EmulatorConfig, tokenizer: Tokenizer | None = N
         raise
     port = runner.addresses[0][1]
     host = config.host if ":" not in config.host else f"[{config.host}]"
+    app[STATE].faults.crash = lambda: _crash_in_process(runner, site, app[STATE].engine)
     return RunningEmulator(f"http://{host}:{port}", port, config, app[STATE].engine, app, runner)
+
+
+def _crash_in_process(runner: web.AppRunner, site: web.TCPSite, engine: Engine) -> None:
+    """What a process exit looks like from outside: the port stops listening, every connection drops."""
+    server = site._server  # the asyncio server; closing it stops accepting
+    if server is not None:
+        server.close()
+    if runner.server is not None:
+        for conn in runner.server.connections:
+            if conn.transport is not None:
+                conn.transport.abort()
+    engine.abort_all()
 
 
 async def start_emulators(config: EmulatorConfig, n: int | None = None) -> list[RunningEmulator]:
