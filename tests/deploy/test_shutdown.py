@@ -1,0 +1,72 @@
+"""SIGTERM on a real proxy process: it stops accepting, lets an open stream finish, and exits 0."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import aiohttp
+import pytest
+
+from emulator.config import EmulatorConfig
+from emulator.server import start_emulator
+
+PY = sys.executable
+
+
+async def _spawn_proxy(backend: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `python -m proxy` and read where it listens (async: the emulator shares this loop)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVROUTE_")}
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-m", "proxy", "--port", "0", "--backend", backend,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    async def listening() -> str:
+        async for raw in proc.stdout:
+            line = raw.decode()
+            if "listening on" in line:
+                return line.split("listening on", 1)[1].split()[0]
+        pytest.fail("proxy exited before it listened")
+    try:
+        return proc, await asyncio.wait_for(listening(), 30)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+
+
+async def test_sigterm_lets_open_stream_finish_then_exits_zero():
+    # 40 tokens at 18 ms x 0.05 = ~36 ms wall of decode: long enough to signal mid-stream.
+    emu = await start_emulator(EmulatorConfig(port=0, time_scale=0.05, log_requests=False))
+    proc, url = await _spawn_proxy(emu.url)
+    drain = asyncio.ensure_future(proc.stdout.read())  # keep the pipe from filling
+    try:
+        async with aiohttp.ClientSession() as client:
+            body = {"model": "meta-llama/Llama-2-13b-hf", "prompt": "hello " * 50, "max_tokens": 200,
+                    "ignore_eos": True, "stream": True}
+            events: list[str] = []
+            async with client.post(f"{url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 1:
+                            proc.send_signal(signal.SIGTERM)
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert not any("error" in c for c in chunks)
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert len(chunks) == 200
+            with pytest.raises(aiohttp.ClientError):
+                async with client.get(f"{url}/health") as r:
+                    await r.read()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await drain
+        await emu.stop()
