@@ -38,7 +38,7 @@ async def _spawn_proxy(backend: str) -> tuple[asyncio.subprocess.Process, str]:
 
 
 async def test_sigterm_lets_open_stream_finish_then_exits_zero():
-    # 40 tokens at 18 ms x 0.05 = ~36 ms wall of decode: long enough to signal mid-stream.
+    # 200 tokens at 18 ms x 0.05 = ~180 ms of wall-clock decode: the signal lands mid-stream.
     emu = await start_emulator(EmulatorConfig(port=0, time_scale=0.05, log_requests=False))
     proc, url = await _spawn_proxy(emu.url)
     drain = asyncio.ensure_future(proc.stdout.read())  # keep the pipe from filling
