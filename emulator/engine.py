@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,8 @@ class Engine:
         self.num_preemptions = 0
         self.finish_listeners: list[Callable[[EngineRequest], None]] = []
         self._kv_event_sink: KVEventSink | None = None
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: Collection[EngineRequest] = ()
         self._wall0 = time.monotonic()
         self._timer_bias = 0.0
 
@@ -85,11 +87,11 @@ class Engine:
     # --- state others read -----------------------------------------------------------------
     @property
     def num_running(self) -> int:
-        raise NotImplementedError
+        return len(self.running)
 
     @property
     def num_waiting(self) -> int:
-        raise NotImplementedError
+        return len(self.waiting)
 
     @property
     def num_unfinished(self) -> int:
@@ -266,20 +268,11 @@ class BatchedEngine(Engine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_num_seqs = self.config.max_num_seqs
-        self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.num_steps = 0
         self._clock = 0.0
         self._live = False
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     def add_request(self, req: EngineRequest) -> None:
         # A request that arrives while the loop runs behind its clock (starved of CPU) counts as
@@ -414,18 +407,9 @@ class SimpleEngine(Engine):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.waiting: deque[EngineRequest] = deque()
         self.running: set[EngineRequest] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._admitted: dict[str, asyncio.Future[float]] = {}
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     def add_request(self, req: EngineRequest) -> None:
         req.timings.arrival = self.emu_now()
