@@ -32,6 +32,7 @@ from .responses import ResponseBuilder
 log = structlog.get_logger("emulator")
 
 SSE_DONE = b"data: [DONE]\n\n"
+MAX_REQUEST_ID = 256
 
 
 @dataclass
@@ -136,7 +137,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-ID") or g.request_id or uuid.uuid4().hex
+    rid = _plain_id(request.headers.get("X-Request-ID")) or _plain_id(g.request_id) or uuid.uuid4().hex
     if g.unknown_fields:
         log.info("ignoring unknown request fields", request_id=rid, fields=g.unknown_fields)
     plan = st.faults.plan() if st.faults.enabled else NO_FAULT
@@ -177,6 +178,13 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     except ConnectionResetError:
         log.info("client disconnected", request_id=rid)
     return resp
+
+
+def _plain_id(rid: str | None) -> str | None:
+    """A client-chosen request id if it can go back in a header and a JSON id (printable ASCII), else None."""
+    if rid and len(rid) <= MAX_REQUEST_ID and rid.isascii() and rid.isprintable():
+        return rid
+    return None
 
 
 async def _fault_before_first_byte(

@@ -78,6 +78,8 @@ class AdminHandlers:
                     "indexed_blocks": idx.num_blocks(b.url),
                     "index_mode": self.router.kv_events.mode(b.url),
                     "models": b.models,
+                    "max_model_len": b.max_model_len,
+                    "circuit": b.breaker.describe(),
                     "last_error": b.last_error,
                     "scraped": {"running": s.running, "waiting": s.waiting, "kv_cache_usage_perc": s.kv_usage},
                 }

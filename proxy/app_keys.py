@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .admission import Admission
 from .metrics import ProxyMetrics
 from .router import Router
 
 ROUTER_KEY = web.AppKey("router", Router)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
 STATE_KEY = web.AppKey("state", dict)
+ADMISSION_KEY = web.AppKey("admission", Admission)

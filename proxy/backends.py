@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from emulator.latency import LatencyProfile
+
+from .circuit_breaker import CircuitBreaker
 
 
 @dataclass
@@ -50,7 +52,9 @@ class Backend:
     failures: int = 0
     last_error: str | None = None
     models: list[str] | None = None
+    max_model_len: int | None = None
     scraped: ScrapedLoad = field(default_factory=ScrapedLoad)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     processed: int = 0
     requests: dict[int, InFlight] = field(default_factory=dict)
 
@@ -106,7 +110,8 @@ def _elapsed(wall: float, time_scale: float) -> float:
 class BackendRegistry:
     """The backends in configuration order; the healthy list is cached because routing reads it per request."""
 
-    def __init__(self) -> None:
+    def __init__(self, breaker_factory: Callable[[], CircuitBreaker] = CircuitBreaker) -> None:
+        self.breaker_factory = breaker_factory
         self._backends: dict[str, Backend] = {}
         self._healthy: list[Backend] = []
         self._ids = itertools.count(1)
@@ -128,7 +133,7 @@ class BackendRegistry:
         b = self._backends.get(url)
         if b is not None:
             return b, False
-        b = Backend(url)
+        b = Backend(url, breaker=self.breaker_factory())
         self._backends[url] = b
         self._refresh()
         return b, True

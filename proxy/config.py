@@ -37,6 +37,17 @@ class ProxyConfig:
     connect_timeout: float = 3.0
     first_byte_timeout: float = 300.0
     idle_timeout: float = 600.0
+    # Resilience: retries before the first byte, with exponential backoff; a circuit breaker per backend.
+    retries: int = 1
+    retry_backoff: float = 0.05
+    retry_backoff_max: float = 2.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 5.0
+    breaker_successes: int = 2
+    # Limits on what one client may ask (beyond them: an OpenAI-style 4xx).
+    max_concurrent_per_key: int = 0
+    max_header_bytes: int = 8190
+    max_model_len: int = 4096
     # Routing model: what the cost-based policies assume a backend's GPU costs (emulator.latency
     # profile, also the embedded emulators' profile) and how fast the backends' clock runs.
     profile: str = "a100-40gb-llama2-13b"
@@ -60,6 +71,17 @@ class ProxyConfig:
             raise ValueError("block_size must be >= 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
+        if self.retries < 0 or self.retry_backoff < 0 or self.retry_backoff_max < 0:
+            raise ValueError("retries, retry_backoff and retry_backoff_max must be >= 0")
+        if self.breaker_failures < 1 or self.breaker_successes < 1 or self.breaker_cooldown < 0:
+            raise ValueError("breaker_failures and breaker_successes must be >= 1, breaker_cooldown >= 0")
+        if self.max_concurrent_per_key < 0:
+            raise ValueError("max_concurrent_per_key must be >= 0 (0 = unlimited)")
+        if self.max_header_bytes < 1024 or self.max_model_len < 2:
+            raise ValueError("max_header_bytes must be >= 1024 and max_model_len >= 2")
+        for name in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
         self.backends = [normalize_url(u) for u in self.backends]
         from emulator.latency import PROFILES
 
@@ -171,6 +193,18 @@ _HELP = {
     "log_format": "console or json",
     "kv_events": "KV-event source of the --backend at the same position: ENDPOINT[?topic=T&replay=ENDPOINT] "
     "(as reachable from the proxy; 'none' to skip); makes that backend's prefix index exact",
+    "connect_timeout": "seconds to open a backend connection before trying another backend",
+    "first_byte_timeout": "seconds a backend may take to its first streamed byte (whole body if not streaming) before a retry",
+    "idle_timeout": "seconds a started stream may stay silent before it ends with an SSE error event",
+    "retries": "extra attempts on other backends when one fails before the first byte (default 1)",
+    "retry_backoff": "first retry's backoff in seconds; doubles per retry, with jitter",
+    "retry_backoff_max": "cap of the retry backoff in seconds",
+    "breaker_failures": "failed requests in a row that open a backend's circuit breaker",
+    "breaker_cooldown": "seconds an open breaker keeps its backend out before probing it",
+    "breaker_successes": "successful probes that close a half-open breaker",
+    "max_concurrent_per_key": "requests one API key may have in flight (0 = unlimited); beyond: 429",
+    "max_header_bytes": "longest request line / header field accepted; beyond: 431",
+    "max_model_len": "context length assumed for a backend whose /v1/models does not say (prompt + max_tokens beyond: 400)",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
 }
 

@@ -1,14 +1,17 @@
 """Forwarding one request to the chosen backend: failover before the first byte, streaming after.
 
 Nothing reaches the client until the backend produced its first body byte (streaming) or its whole
-body (non-streaming), so a connect error, a 5xx or a timeout up to then is retried once on the
-next-best backend. Once bytes went out, an upstream failure ends the SSE stream with an error
-event and `data: [DONE]`, never a silent cut. Chunks are written as they arrive (no buffering).
+body (non-streaming), so a connect error, a 5xx or a timeout up to then is retried on the
+next-best backend (`retries` times, with exponential backoff and jitter). Once bytes went out, an
+upstream failure ends the SSE stream with an error event and `data: [DONE]`, never a silent cut.
+Chunks are written as they arrive (no buffering). Every attempt's outcome feeds the backend's
+circuit breaker.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import orjson
@@ -26,7 +29,12 @@ from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 log = logging.getLogger("kvroute.proxy")
 
 _UPSTREAM_ERRORS = (UpstreamError, TimeoutError, OSError)
-MAX_ATTEMPTS = 2
+
+
+def backoff_delay(retry: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Wait before retry number `retry` (1, 2, ...): base x 2^(retry-1), capped, half of it jittered."""
+    d = min(cap, base * (2 ** (retry - 1)))
+    return d / 2 + (rng or random).uniform(0, d / 2)
 
 
 class _Failed(Exception):
@@ -46,7 +54,11 @@ class Forwarder:
         self.pool = pool
         self.metrics = metrics
         self.monitor = monitor
-        self.first_byte_timeout = router.config.first_byte_timeout
+        cfg = router.config
+        self.first_byte_timeout = cfg.first_byte_timeout
+        self.max_attempts = 1 + cfg.retries
+        self.backoff = cfg.retry_backoff
+        self.backoff_max = cfg.retry_backoff_max
 
     async def forward(
         self, request: web.Request, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str
@@ -56,25 +68,33 @@ class Forwarder:
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
         tried: list[Backend] = []
         last: _Failed | None = None
-        for attempt in range(MAX_ATTEMPTS):
+        for attempt in range(self.max_attempts):
+            if attempt and self.backoff:
+                await asyncio.sleep(backoff_delay(attempt, self.backoff, self.backoff_max))
             try:
                 decision = router.decide(ctx, strategy, tried)
             except APIError:
                 if last is None:
                     raise
                 break
+            b = decision.backend
             rec = router.begin(ctx, decision, strategy)
+            probe = b.breaker.attempt()
+            verdict = None
             try:
-                return await self._attempt(request, path, raw, headers, decision, rec, stream, strategy, request_id, t0)
+                resp, verdict = await self._attempt(request, path, raw, headers, decision, rec, stream, strategy, request_id, t0)
+                return resp
             except _Failed as f:
+                verdict = False
                 last = f
-                tried.append(decision.backend)
-                self.metrics.child(self.metrics.requests, strategy, decision.backend.url, str(f.status or 502)).inc()
-                if attempt + 1 < MAX_ATTEMPTS:
+                tried.append(b)
+                self.metrics.child(self.metrics.requests, strategy, b.url, str(f.status or 502)).inc()
+                if attempt + 1 < self.max_attempts:
                     self.metrics.retries.labels(f.reason).inc()
-                    log.warning("request %s: %s on %s; retrying elsewhere", request_id, f.reason, decision.backend.url)
+                    log.warning("request %s: %s on %s; retrying elsewhere", request_id, f.reason, b.url)
             finally:
                 router.end(rec)
+                self._judge(b, probe, verdict)
         assert last is not None
         if last.status is not None and last.body is not None:
             return web.Response(body=last.body, status=last.status, content_type=last.content_type or "application/json",
@@ -82,10 +102,24 @@ class Forwarder:
         status = 504 if last.reason == "timeout" else 502
         raise APIError(status, f"backend failed before responding ({last.reason})")
 
+    def _judge(self, b: Backend, probe: bool, verdict: bool | None) -> None:
+        """Tell the backend's breaker how the attempt went (None: no verdict, e.g. the client left)."""
+        br = b.breaker
+        before = br.state
+        if verdict is None:
+            br.release(probe)
+        elif verdict:
+            br.success(probe)
+        else:
+            br.failure(probe)
+        if br.state is not before:
+            log.warning("backend %s: circuit breaker %s -> %s", b.url, before.value, br.state.value)
+
     async def _attempt(
         self, request: web.Request, path: str, raw: bytes, headers: dict[str, str], decision: Decision,
         rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float,
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, bool]:
+        """One try on `decision.backend`: (response sent, whether the backend served it well) or `_Failed`."""
         b = decision.backend
         upstream: UpstreamResponse | None = None
         done = False
@@ -120,15 +154,15 @@ class Forwarder:
                 "x-request-id": request_id,
             }
             status = upstream.status
+            ok = True
             if first is None:
                 resp = web.Response(body=body, status=status, headers=out_headers, content_type=upstream.content_type)
-                done = True
             else:
-                resp = await self._stream(request, upstream, first, out_headers, request_id)
-                done = True
-            m.child(m.requests, strategy, b.url, str(status)).inc()
+                resp, ok = await self._stream(request, upstream, first, out_headers, request_id)
+            done = ok
+            m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
-            return resp
+            return resp, ok
         finally:
             if upstream is not None:
                 if done:
@@ -138,7 +172,9 @@ class Forwarder:
 
     async def _stream(
         self, request: web.Request, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, bool]:
+        """Pass the stream through; (response, False) when the backend failed it midway (the client got an error event)."""
+        ok = True
         resp = web.StreamResponse(status=upstream.status, headers=out_headers)
         resp.content_type = upstream.content_type
         if upstream.charset:
@@ -150,8 +186,11 @@ class Forwarder:
                 try:
                     chunk = await upstream.read_chunk()
                 except _UPSTREAM_ERRORS as e:
-                    log.warning("request %s: upstream failed mid-stream: %s", request_id, e)
-                    err = error_body(502, f"backend stream failed: {type(e).__name__}")
+                    ok = False
+                    stalled = isinstance(e, TimeoutError)
+                    log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
+                    msg = "backend stream stalled (idle timeout)" if stalled else "backend stream failed (connection lost)"
+                    err = error_body(504 if stalled else 502, msg)
                     # The blank line first ends any event the backend left half-written.
                     await resp.write(b"\n\ndata: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
                     break
@@ -159,4 +198,4 @@ class Forwarder:
                     break
                 await resp.write(chunk)
         await resp.write_eof()
-        return resp
+        return resp, ok

@@ -2,7 +2,8 @@
 
 GET /health marks a backend unhealthy after `unhealthy_after` failures in a row (a connect error
 while forwarding marks it at once) and healthy again on the first success; GET /metrics feeds the
-scraped load and the index capacity (vllm:cache_config_info num_gpu_blocks).
+scraped load and the index capacity (vllm:cache_config_info num_gpu_blocks); GET /v1/models the
+served models and their max_model_len (the proxy's prompt-length limit).
 """
 from __future__ import annotations
 
@@ -133,7 +134,10 @@ class BackendMonitor:
             async with self.session.get(b.url + "/v1/models", timeout=self.timeout) as r:
                 if r.status == 200:
                     data = await r.json()
-                    b.models = [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+                    entries = [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+                    b.models = [m["id"] for m in entries]
+                    lens = [m["max_model_len"] for m in entries if isinstance(m.get("max_model_len"), int)]
+                    b.max_model_len = max(lens) if lens else None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError):
             pass
 

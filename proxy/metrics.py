@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .admission import Admission
+from .circuit_breaker import BreakerState
 from .router import Router
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
@@ -18,8 +20,9 @@ BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class _BackendCollector(Collector):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, admission: Admission | None) -> None:
         self.router = router
+        self.admission = admission
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         in_flight = GaugeMetricFamily("kvroute_backend_in_flight", "Requests routed to the backend and not finished", labels=["backend"])
@@ -32,7 +35,25 @@ class _BackendCollector(Collector):
         yield in_flight
         yield healthy
         yield blocks
+        yield from self._breakers()
+        if self.admission is not None:
+            a = self.admission
+            yield GaugeMetricFamily("kvroute_requests_in_flight", "Client requests accepted and not yet answered", value=a.in_flight)
+            yield GaugeMetricFamily("kvroute_api_keys_in_flight", "API keys with at least one request in flight", value=len(a.per_key))
         yield from self._kv_events()
+
+    def _breakers(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = GaugeMetricFamily(
+            "kvroute_backend_circuit_state", "1 for the backend's circuit-breaker state (closed, open or half_open)",
+            labels=["backend", "state"],
+        )
+        opened = CounterMetricFamily("kvroute_backend_circuit_opened", "Times the backend's circuit breaker opened", labels=["backend"])
+        for b in self.router.registry:
+            for st in BreakerState:
+                state.add_metric([b.url, st.value], 1.0 if b.breaker.state is st else 0.0)
+            opened.add_metric([b.url], b.breaker.times_opened)
+        yield state
+        yield opened
 
     def _kv_events(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Per backend: which index mode routing uses (exact = fed by its KV events) and desyncs by reason."""
@@ -57,7 +78,7 @@ class _BackendCollector(Collector):
 
 
 class ProxyMetrics:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._children: dict = {}
         r = self.registry
@@ -67,7 +88,7 @@ class ProxyMetrics:
         self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
         self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
-        r.register(_BackendCollector(router))
+        r.register(_BackendCollector(router, admission))
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, memoised: the request path skips prometheus_client's label validation."""

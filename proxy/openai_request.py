@@ -24,6 +24,7 @@ class ParsedRequest:
     text: str | None = None
     token_ids: list[int] | None = None
     cache_salt: str | None = None
+    chat: bool = False
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -114,4 +115,4 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         text = render_chat(body["messages"])
     except ChatFormatError as e:
         raise APIError(400, str(e), e.param) from None
-    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body))
+    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body), chat=True)

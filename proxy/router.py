@@ -12,6 +12,7 @@ from emulator.latency import get_profile
 from kvblocks import APIError, BlockHasher, get_tokenizer
 
 from .backends import Backend, BackendRegistry, InFlight, now
+from .circuit_breaker import BreakerState, CircuitBreaker
 from .config import ProxyConfig
 from .kv_events import KVEventsFollower, KVEventSource
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
@@ -38,7 +39,8 @@ class Router:
         self.chunked = ChunkedTokenizer(self.tokenizer)
         self._prefix_hashes: OrderedDict[tuple[str | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
         self.hasher = BlockHasher(config.block_size, config.hash_algo)
-        self.registry = registry or BackendRegistry()
+        self.registry = registry or BackendRegistry(lambda: CircuitBreaker(
+            config.breaker_failures, config.breaker_cooldown, config.breaker_successes))
         self.index = PrefixIndex(config.default_capacity_blocks)
         self.kv_events = KVEventsFollower(self.index, config.kv_events_silence_timeout)
         self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
@@ -133,10 +135,12 @@ class Router:
         )
 
     def candidates(self, model: str | None = None, exclude: Collection[Backend] = ()) -> list[Backend]:
+        """Healthy backends serving `model` whose circuit breaker lets a request through."""
         healthy = self.registry.healthy()
-        if model is None and not exclude:
+        closed = BreakerState.CLOSED
+        if model is None and not exclude and all(b.breaker.state is closed for b in healthy):
             return healthy
-        return [b for b in healthy if b not in exclude and b.serves(model)]
+        return [b for b in healthy if b not in exclude and b.serves(model) and b.breaker.allows()]
 
     def decide(self, ctx: RequestContext, strategy: str | None = None, exclude: Collection[Backend] = ()) -> Decision:
         policy = self.policies[strategy or self.strategy]
@@ -144,8 +148,16 @@ class Router:
         if not cands:
             if exclude and self.candidates(ctx.model):
                 raise APIError(502, "the backend failed and no other healthy backend is left")
+            serving = [b for b in self.registry.healthy() if b.serves(ctx.model)]
+            if serving:
+                raise APIError(503, "every backend is temporarily out of rotation after repeated failures; retry later")
             raise APIError(503, "no healthy backend available" + (f" for model {ctx.model!r}" if ctx.model else ""))
         return policy.pick(ctx, cands)
+
+    def max_model_len(self, model: str | None) -> int:
+        """The longest context a backend serving `model` accepts (from its /v1/models), else the configured default."""
+        known = [b.max_model_len for b in self.registry if b.max_model_len and b.serves(model)]
+        return max(known) if known else self.config.max_model_len
 
     def begin(self, ctx: RequestContext, decision: Decision, strategy: str | None = None) -> InFlight:
         """Count the request as the backend's load from now on and assume it will cache the prompt."""

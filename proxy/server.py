@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import itertools
 import logging
 import socket
@@ -20,10 +21,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from emulator.http_errors import JSONErrorAppRunner
 from kvblocks import APIError, error_body
 
 from .admin import add_admin_routes
-from .app_keys import METRICS_KEY, ROUTER_KEY, STATE_KEY
+from .admission import Admission
+from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from .config import ProxyConfig
 from .forward import Forwarder
 from .health import BackendMonitor
@@ -33,8 +36,8 @@ from .router import Router
 from .upstream import UpstreamPool
 
 log = logging.getLogger("kvroute.proxy")
-
-
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+MAX_REQUEST_ID = 128
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
@@ -78,17 +81,43 @@ class ProxyHandlers:
         self._rid_prefix = f"kvr-{uuid.uuid4().hex[:12]}-"
         self._rid_counter = itertools.count(1)
         self.session: aiohttp.ClientSession | None = None
+        self.admission: Admission = app[ADMISSION_KEY]
+
+    @staticmethod
+    def _bearer(request: web.Request) -> str:
+        auth = request.headers.get("Authorization", "")
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
     def _check_api_key(self, request: web.Request) -> None:
         if not self._keys:
             return
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+        token = self._bearer(request).encode("utf-8", "surrogateescape")
         ok = False
         for k in self._keys:
             ok |= hmac.compare_digest(token, k)
         if not ok:
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", type="AuthenticationError")
+
+    def _request_id(self, request: web.Request) -> str:
+        """The client's X-Request-ID when it is a plain token (it is forwarded and logged), else a new one."""
+        rid = request.headers.get("x-request-id")
+        if rid and len(rid) <= MAX_REQUEST_ID and _REQUEST_ID_CHARS.issuperset(rid):
+            return rid
+        return f"{self._rid_prefix}{next(self._rid_counter):x}"
+
+    def _check_length(self, parsed: ParsedRequest, num_tokens: int) -> None:
+        """vLLM's context-length rule, applied before a backend is bothered: prompt + max_tokens <= max_model_len."""
+        limit = self.router.max_model_len(parsed.model)
+        max_tokens = parsed.max_tokens or 0
+        if num_tokens >= limit or num_tokens + max_tokens > limit:
+            param = "max_tokens" if num_tokens < limit else ("messages" if parsed.chat else "prompt")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_tokens + max_tokens} tokens ({num_tokens} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param,
+            )
 
     async def _body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -114,17 +143,18 @@ class ProxyHandlers:
 
     async def _proxy(self, request: web.Request, path: str, parse) -> web.StreamResponse:
         self._check_api_key(request)
-        strategy = self._strategy(request)
-        raw = await self._body(request)
-        parsed = parse(raw)
-        self._check_model(parsed)
-        router = self.router
-        if parsed.token_ids is not None:
-            ctx = router.context(parsed.token_ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
-        else:
-            ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
-        request_id = request.headers.get("x-request-id") or f"{self._rid_prefix}{next(self._rid_counter):x}"
-        return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, request_id)
+        with self.admission.hold(self._bearer(request)):
+            strategy = self._strategy(request)
+            raw = await self._body(request)
+            parsed = parse(raw)
+            self._check_model(parsed)
+            router = self.router
+            if parsed.token_ids is not None:
+                ctx = router.context(parsed.token_ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
+            else:
+                ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
+            self._check_length(parsed, ctx.num_tokens)
+            return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, self._request_id(request))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "/v1/completions", parse_completion)
@@ -170,7 +200,8 @@ def create_app(config: ProxyConfig) -> web.Application:
     for url in config.all_backends():
         router.add_backend(url, kv_sources.get(url))
     app[ROUTER_KEY] = router
-    app[METRICS_KEY] = ProxyMetrics(router)
+    app[ADMISSION_KEY] = Admission(config.max_concurrent_per_key)
+    app[METRICS_KEY] = ProxyMetrics(router, app[ADMISSION_KEY])
     app[STATE_KEY] = {}
     h = ProxyHandlers(app, config)
 
@@ -221,6 +252,13 @@ class RunningProxy:
             await e.stop()
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def start_embedded_emulators(config: ProxyConfig) -> list[Any]:
     from emulator.config import EmulatorConfig
     from emulator.server import start_emulators
@@ -248,7 +286,10 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         config = dataclasses.replace(config, backends=[e.url for e in emulators], backends_file=None)
     try:
         app = create_app(config)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = JSONErrorAppRunner(
+            app, handler_cancellation=True, access_log=None,
+            max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
+        )
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
         await site.start()
@@ -258,5 +299,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         raise
     sock: socket.socket = site._server.sockets[0]  # type: ignore[union-attr]
     port = sock.getsockname()[1]
+    if not config.admin_key and not _is_loopback(config.host):
+        log.warning("the admin API (/admin/) is open to the network: bound to %s without --admin-key", config.host)
     host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
     return RunningProxy(f"http://{host}:{port}", port, app, runner, emulators)
