@@ -97,6 +97,7 @@ class FaultInjector:
         self._clock = clock
         self.started = clock()
         self.num_requests = 0
+        self.hanging = 0  # requests held by a hang right now (the server keeps this count)
         self.crash: Callable[[], None] | None = None
         self.counts = {"error": 0, "hang": 0, "spike": 0, "cut": 0, "crash": 0}
 

@@ -202,7 +202,11 @@ async def _fault_before_first_byte(
                      status=plan.error_status, headers={"X-Request-ID": rid})
     if plan.hang:
         log.info("injected fault: hang", request_id=rid)
-        await st.stopping.wait()  # until the client gives up (the handler is cancelled) or shutdown
+        st.faults.hanging += 1
+        try:
+            await st.stopping.wait()  # until the client gives up (the handler is cancelled) or shutdown
+        finally:
+            st.faults.hanging -= 1
         raise APIError(503, "server shutting down")
     if plan.delay:
         log.info("injected fault: latency spike", request_id=rid, seconds=plan.delay)

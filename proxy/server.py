@@ -56,8 +56,9 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         if request.app.get(METRICS_KEY) is not None:
             request.app[METRICS_KEY].errors.labels(str(e.status)).inc()
         return error_response(e)
-    except web.HTTPRequestEntityTooLarge as e:
-        return json_response(error_body(413, f"request body too large (limit {e.max_size} bytes)"), 413)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[ROUTER_KEY].config.max_body_bytes
+        return json_response(error_body(413, f"request body too large (limit {limit} bytes)"), 413)
     except web.HTTPException as e:
         if e.status < 400:
             raise

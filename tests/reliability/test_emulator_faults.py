@@ -98,6 +98,7 @@ async def test_hang_holds_until_the_client_gives_up_and_frees_nothing_it_never_t
                                   timeout=aiohttp.ClientTimeout(total=0.3)) as r:
                     await r.read()
         assert em.app[STATE].faults.counts["hang"] == 1
+        await wait_for(lambda: em.app[STATE].faults.hanging == 0, what="hung handler to end when the client left")
         await wait_for(lambda: engines_idle([em]), what="engine idle")
     finally:
         t0 = time.monotonic()
