@@ -11,14 +11,17 @@ Times come from the backends' latency profile; in-flight requests count from the
 routed. So affinity holds while it pays (a miss costs its prefill once, plus the stall of everyone
 running there) and a hot prefix gets a second copy once its home's queue costs more. Costs within
 `tie_blocks` blocks of prefill of the best are a tie (a one-block shared prefix is not worth a hot
-spot): the backend with the fewest indexed blocks (most free cache) wins, then the next in rotation,
-so distinct prefixes spread over backends even at low load.
+spot): the backend with the fewest indexed blocks (most free cache) wins, then rendezvous hashing of
+the request's last block hash with each backend's URL (`rendezvous.py`). Distinct prefixes thus
+spread over backends even at low load, and proxy replicas fed the same KV events decide alike: no
+tie depends on per-process state.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from ..backends import Backend, now
+from . import rendezvous
 from .base import Decision, Policy, RequestContext
 
 SCRAPE_FRESH_S = 5.0
@@ -37,7 +40,6 @@ class KvAwarePolicy(Policy):
 
     def __init__(self, env) -> None:
         super().__init__(env)
-        self._turn = 0
         self._mean_prefill = env.profile.prefill_base + 64 * env.profile.prefill_per_block
 
     def costs(self, ctx: RequestContext, candidates: Sequence[Backend]) -> list[float]:
@@ -80,16 +82,14 @@ class KvAwarePolicy(Policy):
         costs = self.costs(ctx, candidates)
         best = min(costs)
         tol = self.tie_blocks * self.env.profile.prefill_per_block + 1e-12
-        n = len(candidates)
-        self._turn += 1
         index = self.env.index
-        choice, choice_key = None, None
-        for k in range(n):
-            i = (self._turn + k) % n
+        key = rendezvous.request_key(ctx.hashes, ctx.num_tokens)
+        choice, choice_rank = 0, None
+        for i, b in enumerate(candidates):
             if costs[i] - best <= tol:
-                key = index.num_blocks(candidates[i].url)
-                if choice_key is None or key < choice_key:
-                    choice, choice_key = i, key
+                rank = (index.num_blocks(b.url), -rendezvous.weight(key, b.url))
+                if choice_rank is None or rank < choice_rank:
+                    choice, choice_rank = i, rank
         b = candidates[choice]
         return Decision(b, ctx.matched(b), f"cost={costs[choice]:.4f}s")
 
