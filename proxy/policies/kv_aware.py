@@ -40,6 +40,8 @@ class KvAwarePolicy(Policy):
 
     def __init__(self, env) -> None:
         super().__init__(env)
+        # A typical unseen request's prefill: 1024 uncached tokens, as SMG's least_load assumes. A
+        # constant, not learnt from this replica's traffic, so replicas weigh scraped load alike.
         self._mean_prefill = env.profile.prefill_base + 64 * env.profile.prefill_per_block
 
     def costs(self, ctx: RequestContext, candidates: Sequence[Backend]) -> list[float]:
@@ -92,8 +94,3 @@ class KvAwarePolicy(Policy):
                     choice, choice_rank = i, rank
         b = candidates[choice]
         return Decision(b, ctx.matched(b), f"cost={costs[choice]:.4f}s")
-
-    def observe(self, ctx: RequestContext, backend: Backend) -> None:
-        p = self.env.profile
-        uncached = max(0, len(ctx.hashes) - ctx.matches.get(backend.url, 0))
-        self._mean_prefill += 0.05 * (p.prefill_base + uncached * p.prefill_per_block - self._mean_prefill)

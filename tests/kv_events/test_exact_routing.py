@@ -188,12 +188,15 @@ async def test_two_proxy_replicas_hold_the_same_index_and_decide_alike(cluster):
     homes = [(await complete(c1, p))[0] for p in prompts]  # all traffic through the first replica
     assert len(set(homes)) > 1
 
+    def idle() -> bool:  # kv_aware also weighs scraped load: both replicas must have seen the last request end
+        return all(not b.scraped.waiting and not b.scraped.running for px in (first, second) for b in px.router.registry)
+
     def same() -> bool:
-        return all(
+        return idle() and all(
             first.router.kv_events.blocks(e.url) == second.router.kv_events.blocks(e.url) == truth(e) for e in cluster.emulators
         )
 
-    await eventually(same, what="replicas' indexes equal the caches")
+    await eventually(same, what="replicas' indexes equal the caches and both saw the backends idle")
     for p in (prompt(i) for i in range(8, 14)):  # prompts no backend holds: every cost ties
         assert first.router.decide(first.router.context(p)).backend.url == second.router.decide(second.router.context(p)).backend.url
     for p, home in zip(prompts, homes):
@@ -202,4 +205,6 @@ async def test_two_proxy_replicas_hold_the_same_index_and_decide_alike(cluster):
         # The replica that routed nothing decides the same with the default strategy (kv_aware):
         # its tie-break is deterministic (fewest indexed blocks, then rendezvous hashing), not per-process.
         assert (await complete(c2, p))[0] == home
+        await eventually(idle, what="both replicas scraped the backends idle")
         assert (await complete(c1, p))[0] == home
+        await eventually(idle, what="both replicas scraped the backends idle")
