@@ -1,4 +1,4 @@
-"""Benchmarks (commands, not tests): `python -m proxy.bench overhead|decide`.
+"""Benchmarks (commands, not tests): `python -m proxy.bench overhead|decide|soak` (soak: see proxy.soak).
 
 `overhead` measures the proxy's added latency, throughput and CPU per request against a direct
 connection to the same zero-delay emulator, both in one run; `decide` times one routing decision
@@ -209,9 +209,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     o.add_argument("--max-tokens", type=int, default=8)
     o.add_argument("--requests", type=int, default=300)
     o.add_argument("--strategy", default="kv_aware")
+    from . import soak
+
+    soak.add_parser(sub)
     args = ap.parse_args(argv)
     if args.cmd == "decide":
         bench_decide(args)
+    elif args.cmd == "soak":
+        soak.main(args)
     else:
         bench_overhead(args)
 

@@ -38,6 +38,8 @@ from .upstream import UpstreamPool
 log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 MAX_REQUEST_ID = 128
+# Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
+LISTEN_BACKLOG = 4096
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
@@ -292,7 +294,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
         )
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True, backlog=LISTEN_BACKLOG)
         await site.start()
     except BaseException:
         for e in emulators:
