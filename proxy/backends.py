@@ -40,6 +40,7 @@ class ScrapedLoad:
     kv_usage: float | None = None
     num_gpu_blocks: int | None = None
     block_size: int | None = None
+    hash_algo: str | None = None
     at: float = 0.0
 
 

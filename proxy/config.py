@@ -191,6 +191,9 @@ _HELP = {
     "profile": "latency profile of the backends (routing cost model; embedded emulators use it too)",
     "time_scale": "backends' time scale (emulator --time-scale); embedded emulators use it too",
     "log_format": "console or json",
+    "tokenizer": "cl100k_base (built in), a Hugging Face tokenizer folder, or 'backend' (each prompt through a backend's /tokenize, cached)",
+    "block_size": "tokens per KV block until the backends report theirs (vllm:cache_config_info), then theirs",
+    "hash_algo": "sha256 or sha256_cbor until the backends report theirs (prefix_caching_hash_algo), then theirs",
     "kv_events": "KV-event source of the --backend at the same position: ENDPOINT[?topic=T&replay=ENDPOINT] "
     "(as reachable from the proxy; 'none' to skip); makes that backend's prefix index exact",
     "connect_timeout": "seconds to open a backend connection before trying another backend",

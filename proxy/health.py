@@ -25,9 +25,9 @@ _GAUGES = {
 }
 
 
-def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """The few vLLM series routing uses, summed over engines; cache_config_info labels as numbers."""
-    out: dict[str, float] = {}
+def parse_vllm_metrics(text: str) -> dict[str, float | str]:
+    """The few vLLM series routing uses, summed over engines; cache_config_info's sizes and hash algorithm."""
+    out: dict[str, float | str] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -47,9 +47,12 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
             for part in labels.split(","):
                 k, _, v = part.partition("=")
                 k = k.strip()
+                v = v.strip().strip('"')
                 if k in ("num_gpu_blocks", "block_size"):
                     with contextlib.suppress(ValueError):
-                        out[k] = float(v.strip().strip('"'))
+                        out[k] = float(v)
+                elif k == "prefix_caching_hash_algo" and v:
+                    out["hash_algo"] = v
     return out
 
 
@@ -155,10 +158,11 @@ class BackendMonitor:
         s.waiting = vals.get("waiting")
         s.kv_usage = vals.get("kv_usage")
         s.at = now()
-        if "block_size" in vals:
-            s.block_size = int(vals["block_size"])
-            if s.block_size != self.router.config.block_size:
-                log.warning("backend %s uses block_size %d, proxy hashes %d-token blocks", b.url, s.block_size, self.router.config.block_size)
+        if "block_size" in vals or "hash_algo" in vals:
+            if "block_size" in vals:
+                s.block_size = int(vals["block_size"])
+            s.hash_algo = vals.get("hash_algo", s.hash_algo)
+            self.router.follow_block_hashing()
         if "num_gpu_blocks" in vals:
             blocks = int(vals["num_gpu_blocks"])
             if blocks != s.num_gpu_blocks:

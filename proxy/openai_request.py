@@ -25,6 +25,7 @@ class ParsedRequest:
     token_ids: list[int] | None = None
     cache_salt: str | None = None
     chat: bool = False
+    messages: list[Any] | None = None
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -115,4 +116,4 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         text = render_chat(body["messages"])
     except ChatFormatError as e:
         raise APIError(400, str(e), e.param) from None
-    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body), chat=True)
+    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body), chat=True, messages=body["messages"])

@@ -5,11 +5,12 @@ Owns the prefix index, the backend registry and one instance of each policy; the
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 from emulator.latency import get_profile
-from kvblocks import APIError, BlockHasher, get_tokenizer
+from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer
 
 from .backends import Backend, BackendRegistry, InFlight, now
 from .circuit_breaker import BreakerState, CircuitBreaker
@@ -19,10 +20,15 @@ from .policies import Decision, Policy, RequestContext, RoutingEnv, create_polic
 from .prefix_index import PrefixIndex
 from .tokenize_cache import ChunkedTokenizer
 
+# `--tokenizer backend`: ask a backend's /tokenize instead of tokenizing locally.
+BACKEND_TOKENIZER = "backend"
 # Text prefixes (shared documents, chat histories) whose block hashes are kept for reuse.
 PREFIX_HASH_ENTRIES = 4096
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
 FIRST_TOKEN_MARGIN = 1.5
+
+
+log = logging.getLogger("kvroute.proxy")
 
 
 class UnknownStrategy(APIError):
@@ -35,10 +41,12 @@ class Router:
 
     def __init__(self, config: ProxyConfig, registry: BackendRegistry | None = None) -> None:
         self.config = config
-        self.tokenizer = get_tokenizer(config.tokenizer)
+        # With `--tokenizer backend` the backends tokenize; the built-in one serves only local estimates.
+        self.tokenizer = get_tokenizer(BUILTIN_TOKENIZER if config.tokenizer == BACKEND_TOKENIZER else config.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
         self._prefix_hashes: OrderedDict[tuple[str | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
-        self.hasher = BlockHasher(config.block_size, config.hash_algo)
+        self.hasher = BlockHasher(config.block_size, config.hash_algo)  # until the backends report theirs
+        self._hashing_split: set[tuple[int, str]] = set()
         self.registry = registry or BackendRegistry(lambda: CircuitBreaker(
             config.breaker_failures, config.breaker_cooldown, config.breaker_successes))
         self.index = PrefixIndex(config.default_capacity_blocks)
@@ -75,6 +83,34 @@ class Router:
             for p in self.policies.values():
                 p.forget_backend(url)
         return b
+
+    def follow_block_hashing(self) -> bool:
+        """Hash blocks as the backends do: adopt the block size and hash algorithm their
+        `vllm:cache_config_info` reports when all reporting backends agree (a split is logged: no one
+        hashing can match them all). Beliefs built on the old hashes are dropped; event-fed (exact)
+        parts stay, since they carry the backends' own hashes. Returns whether the hashing changed."""
+        cur = (self.hasher.block_size, self.hasher.algo)
+        reported = {
+            (b.scraped.block_size or cur[0], b.scraped.hash_algo or cur[1])
+            for b in self.registry
+            if b.scraped.block_size or b.scraped.hash_algo
+        }
+        if len(reported) != 1:
+            if len(reported) > 1 and reported != self._hashing_split:
+                log.warning("backends disagree on block hashing %s; keeping %d-token blocks, %s", sorted(reported), *cur)
+            self._hashing_split = reported
+            return False
+        ((bs, algo),) = reported
+        if (bs, algo) == cur or algo not in HASH_ALGOS or bs < 1:
+            return False
+        log.info("following the backends' block hashing: %d-token blocks, %s (was %d, %s)", bs, algo, *cur)
+        self.hasher = BlockHasher(bs, algo)
+        self.env.block_size = bs
+        self._prefix_hashes.clear()
+        for url in self.index.backends():
+            if not self.kv_events.is_exact(url):
+                self.index.clear(url)
+        return True
 
     def reset(self) -> None:
         """Forget every cached-prefix belief (the backends' caches are reset by the caller)."""

@@ -26,13 +26,14 @@ from kvblocks import APIError, error_body
 
 from .admin import add_admin_routes
 from .admission import Admission
+from .backend_tokenizer import BackendTokenizer
 from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from .config import ProxyConfig
 from .forward import Forwarder
 from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .openai_request import ParsedRequest, parse_chat, parse_completion
-from .router import Router
+from .router import BACKEND_TOKENIZER, Router
 from .upstream import UpstreamPool
 
 log = logging.getLogger("kvroute.proxy")
@@ -84,6 +85,7 @@ class ProxyHandlers:
         self._rid_prefix = f"kvr-{uuid.uuid4().hex[:12]}-"
         self._rid_counter = itertools.count(1)
         self.session: aiohttp.ClientSession | None = None
+        self.backend_tokenizer: BackendTokenizer | None = None
         self.admission: Admission = app[ADMISSION_KEY]
 
     @staticmethod
@@ -154,10 +156,21 @@ class ProxyHandlers:
             router = self.router
             if parsed.token_ids is not None:
                 ctx = router.context(parsed.token_ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
+            elif self.backend_tokenizer is not None:
+                ids = await self._backend_tokens(parsed)
+                ctx = router.context(ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
             self._check_length(parsed, ctx.num_tokens)
             return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, self._request_id(request))
+
+    async def _backend_tokens(self, parsed: ParsedRequest) -> list[int]:
+        """`--tokenizer backend`: the ids a healthy backend serving the model computes (its own template for chat)."""
+        healthy = self.router.registry.healthy()
+        serving = [b for b in healthy if not b.models or parsed.model is None or parsed.model in b.models]
+        if not serving:
+            raise APIError(503, "no healthy backend available to tokenize the prompt")
+        return await self.backend_tokenizer.encode(serving[0].url, parsed.model, parsed.text, parsed.messages)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "/v1/completions", parse_completion)
@@ -213,6 +226,8 @@ def create_app(config: ProxyConfig) -> web.Application:
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
         monitor = BackendMonitor(router, session)
         h.session = session
+        if config.tokenizer == BACKEND_TOKENIZER:
+            h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
         pool = UpstreamPool(config.connect_timeout, config.idle_timeout)
         h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
         app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)

@@ -1,0 +1,76 @@
+"""The proxy hashes blocks as its backends do: their block size and hash algorithm, their tokenizer."""
+from __future__ import annotations
+
+import pytest
+from openai import AsyncOpenAI
+
+from emulator.config import EmulatorConfig
+from emulator.server import start_emulators
+from proxy.app_keys import STATE_KEY
+from proxy.config import ProxyConfig
+from proxy.router import Router
+from proxy.server import start_proxy
+
+from .conftest import MODEL, TIME_SCALE, wait_for
+
+DOC = "The quarterly report covers revenue, costs and the outlook for every region. " * 30
+
+
+@pytest.fixture
+async def odd_emulators():
+    """Backends that cache 32-token blocks hashed with sha256_cbor (not the proxy's defaults)."""
+    cfg = EmulatorConfig(port=0, time_scale=TIME_SCALE, log_requests=False, block_size=32,
+                         prefix_caching_hash_algo="sha256_cbor")
+    ems = await start_emulators(cfg, 2)
+    yield ems
+    for e in ems:
+        await e.stop()
+
+
+async def test_proxy_adopts_the_backends_block_size_and_hash_algo(odd_emulators):
+    p = await start_proxy(ProxyConfig(port=0, backends=[e.url for e in odd_emulators], time_scale=TIME_SCALE,
+                                      health_interval=0.2, metrics_interval=0.1))
+    try:
+        assert (p.router.hasher.block_size, p.router.hasher.algo) in {(16, "sha256"), (32, "sha256_cbor")}
+        await wait_for(lambda: p.router.hasher.block_size == 32, what="the proxy to follow the backends' hashing")
+        assert p.router.hasher.algo == "sha256_cbor"
+        async with AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0) as c:
+            await c.completions.create(model=MODEL, prompt=DOC + "First question?", max_tokens=2)
+            r = await c.completions.with_raw_response.create(model=MODEL, prompt=DOC + "Second question?", max_tokens=2)
+        matched = int(r.headers["x-kvroute-matched-blocks"])
+        assert matched > 0
+        assert r.parse().usage.prompt_tokens_details.cached_tokens == 32 * matched
+    finally:
+        await p.stop()
+
+
+def test_backends_that_disagree_leave_the_hashing_alone():
+    router = Router(ProxyConfig(port=0))
+    a, _ = router.add_backend("http://a:1")
+    b, _ = router.add_backend("http://b:1")
+    a.scraped.block_size, a.scraped.hash_algo = 32, "sha256"
+    assert router.follow_block_hashing()  # one reporter: adopt
+    assert router.hasher.block_size == 32
+    b.scraped.block_size, b.scraped.hash_algo = 16, "sha256"
+    assert not router.follow_block_hashing()  # a split: no single hashing matches both
+    assert router.hasher.block_size == 32
+    a.scraped.block_size = 16
+    assert router.follow_block_hashing() and router.hasher.block_size == 16
+
+
+async def test_backend_tokenizer_uses_the_backends_tokenize_for_chat(emulators):
+    p = await start_proxy(ProxyConfig(port=0, backends=[e.url for e in emulators], time_scale=TIME_SCALE,
+                                      health_interval=0.2, metrics_interval=0.2, tokenizer="backend"))
+    try:
+        convo = [{"role": "system", "content": DOC}, {"role": "user", "content": "Summarise it."}]
+        async with AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0) as c:
+            r1 = await c.chat.completions.with_raw_response.create(model=MODEL, messages=convo, max_tokens=2)
+            r2 = await c.chat.completions.with_raw_response.create(model=MODEL, messages=convo, max_tokens=2)
+        assert r1.headers["x-kvroute-backend"] == r2.headers["x-kvroute-backend"]
+        matched = int(r2.headers["x-kvroute-matched-blocks"])
+        assert matched > 0 and r2.parse().usage.prompt_tokens_details.cached_tokens == 16 * matched
+        tok = p.app[STATE_KEY]["backend_tokenizer"]
+        assert (tok.misses, tok.hits) == (1, 1)  # the repeat was answered from the cache
+    finally:
+        await p.stop()
+
