@@ -1,20 +1,39 @@
 """The default: load-aware prefix routing, a cost in emulated seconds per backend (after Dynamo).
 
-    cost(b) = overlap_weight x P(b)                        # prefill of the blocks b lacks: its own TTFT share
-            + pending prefill on b + decode step(b)          # the queue it waits behind
-            + in_flight(b) x P(b)                            # the stall its prefill imposes on b's running requests
-            + interference_weight x batch_coef x decode_per_token x decode tokens left on b   # decode slowdown
-            + unseen waiting requests x mean prefill         # load other clients put on b (scraped)
-            + eviction_weight x prefill(blocks b must evict)  # cache it would destroy there
+    P(b)    = (prompt blocks - blocks b holds) x prefill_per_block      # prefill b would have to do
+    cost(b) = overlap_weight x P(b)                                    # 2: this request's TTFT, and again the
+                                                                       #    requests that come to b while it runs
+            + [b has pending prefills] x prefill_base                  # the queue it waits behind: vLLM (and the
+              + pending uncached blocks x prefill_per_block            #   emulator) prefill all waiting prompts
+              + decode_step(decoding requests on b)                    #   in one step, so the base is paid once
+            + in_flight(b) x P(b)                                      # its prefill stalls everyone running on b
+            + interference_weight x batch_coef x decode_per_token x decode tokens left on b  # decode slowdown
+            + unseen waiting requests x mean prefill                   # load other clients put on b: scraped
+                                                                       #   waiting minus OUR requests that were
+                                                                       #   pending when the scrape was taken
+            + eviction_weight x prefill(blocks b must evict)           # cache it would destroy there
 
 Times come from the backends' latency profile; in-flight requests count from the moment they are
-routed. So affinity holds while it pays (a miss costs its prefill once, plus the stall of everyone
-running there) and a hot prefix gets a second copy once its home's queue costs more. Costs within
-`tie_blocks` blocks of prefill of the best are a tie (a one-block shared prefix is not worth a hot
-spot): the backend with the fewest indexed blocks (most free cache) wins, then rendezvous hashing of
-the request's last block hash with each backend's URL (`rendezvous.py`). Distinct prefixes thus
-spread over backends even at low load, and proxy replicas fed the same KV events decide alike: no
-tie depends on per-process state.
+routed. Every term compares like with like: seconds of waiting against seconds of prefill saved.
+So affinity holds while it pays and a hot prefix gets a second copy once its home's queue costs
+more than re-prefilling it (RAG). Why the prefill a backend lacks counts twice: the stall term only
+sees requests already in flight, but a prefill also holds up the requests that arrive at b while it
+runs. In a chat those are the sessions whose history lives on b, returning in step with each other:
+at weight 1, kv_aware moved a chat session whenever its home was momentarily the busier one (~25% of
+turns, mostly turn 1 where a 7-block history is cheap to abandon), the moved sessions joined the
+other backend's wave and made it bigger (one backend grew from 6 to 12 of 24 sessions), and TTFT p99
+suffered. Weight 2 halves the moves while a hot RAG document still spreads under load. And the
+queue counts prefill_base once per step instead of once per pending request, so a home whose
+sessions just arrived together is not over-charged. Scraped `waiting` (up to a scrape interval
+old) is compared with our requests pending at the scrape's time, not now: otherwise a scrape taken
+during a burst charged a phantom queue to a backend that had long since admitted it, and sessions
+fled their home (multiturn: 63 -> 47 moves in 400 turns). Measured in `docs/results/multiturn-compare/`.
+
+Costs within `tie_blocks` blocks of (weighted) prefill of the best are a tie (a one-block shared prefix is not
+worth a hot spot): the backend with the fewest indexed blocks (most free cache) wins, then
+rendezvous hashing of the request's last block hash with each backend's URL (`rendezvous.py`).
+Distinct prefixes thus spread over backends even at low load, and proxy replicas fed the same KV
+events decide alike: no tie depends on per-process state.
 """
 from __future__ import annotations
 
@@ -29,7 +48,7 @@ SCRAPE_FRESH_S = 5.0
 
 class KvAwarePolicy(Policy):
     name = "kv_aware"
-    overlap_weight = 1.0
+    overlap_weight = 2.0
     # The decode slowdown mostly costs TPOT, not TTFT; at full weight it moved multi-turn sessions off
     # their cached history too often (loadgen multiturn, c=24: hit rate 52% -> 58% and lower TTFT at
     # 0.25; RAG unchanged).
@@ -67,23 +86,34 @@ class KvAwarePolicy(Policy):
             cost = self.overlap_weight * own
             if b.requests:
                 pending_s, n_pending, tokens_left = b.queue_state(t, dpt, env.time_scale)
+                if n_pending > 1:  # one step prefills every waiting prompt: its base is paid once
+                    pending_s -= (n_pending - 1) * prof.prefill_base
                 in_flight = len(b.requests)
                 cost += pending_s + prof.decode_step(in_flight - n_pending) + self.stall_weight * in_flight * own + interference * tokens_left
-            else:
-                n_pending = 0
             s = b.scraped
-            if s.waiting and s.waiting > n_pending and t - s.at < SCRAPE_FRESH_S:
-                cost += (s.waiting - n_pending) * self._mean_prefill
+            if s.waiting and t - s.at < SCRAPE_FRESH_S:
+                unseen = s.waiting - self._ours_waiting_at(b, s.at)
+                if unseen > 0:
+                    cost += unseen * self._mean_prefill
             overflow = index.num_blocks(b.url) + (full_blocks - m) - index.capacity(b.url)
             if overflow > 0:
                 cost += self.eviction_weight * overflow * ppb
             out.append(cost)
         return out
 
+    @staticmethod
+    def _ours_waiting_at(b: Backend, at: float) -> int:
+        """Our requests that had been routed to `b` but had no first token yet when it was scraped."""
+        n = 0
+        for r in b.requests.values():
+            if r.routed_at <= at and (r.first_byte_at is None or r.first_byte_at > at):
+                n += 1
+        return n
+
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
         costs = self.costs(ctx, candidates)
         best = min(costs)
-        tol = self.tie_blocks * self.env.profile.prefill_per_block + 1e-12
+        tol = self.tie_blocks * self.overlap_weight * self.env.profile.prefill_per_block + 1e-12
         index = self.env.index
         key = rendezvous.request_key(ctx.hashes, ctx.num_tokens)
         choice, choice_rank = 0, None

@@ -194,3 +194,28 @@ def test_ties_are_decided_alike_by_independent_routers_and_spread_by_rendezvous(
     short = [a.decide(a.context(list(range(1, 1 + n)))).backend.url for n in range(1, 16)]  # no full block
     assert short == [b.decide(b.context(list(range(1, 1 + n)))).backend.url for n in range(1, 16)]
     assert len(set(short)) >= 2
+
+
+def test_chat_turn_stays_with_its_history_unless_home_is_much_busier():
+    """A 15-block history is worth more than one extra decoding request at home (weight 1 moved it),
+    but not more than a queue of long prefills there."""
+    r = setup_router()
+    history = doc_tokens(77, 240)
+    d0, _ = route(r, history)
+    home = d0.backend
+    turn = history + doc_tokens(78, 192)
+    _, busy = route(r, doc_tokens(79, 200), strategy="round_robin", keep=True)
+    while busy.backend is not home:  # put one request on the home, then let it decode
+        r.end(busy)
+        _, busy = route(r, doc_tokens(79, 200), strategy="round_robin", keep=True)
+    r.first_byte(busy)
+    d = r.decide(r.context(turn, 64))
+    assert d.backend is home and d.matched_blocks == 15
+    queue = []
+    while len(queue) < 4:  # four long prompts still prefilling at home: moving is cheaper than waiting
+        _, rec = route(r, doc_tokens(80 + len(queue), 3000), strategy="round_robin", keep=True)
+        (queue.append(rec) if rec.backend is home else r.end(rec))
+    assert r.decide(r.context(turn, 64)).backend is not home
+    for rec in [busy, *queue]:
+        r.end(rec)
+    assert r.registry.total_in_flight() == 0
