@@ -170,6 +170,18 @@ class Engine:
         raise NotImplementedError
 
     # --- token emission shared by both engines ---------------------------------------------
+    def _admit_head(self) -> tuple[EngineRequest, int] | None:
+        """Allocate the head waiting request's uncached prompt blocks if they fit with one spare slot
+        (FCFS: nobody overtakes it); returns it with its cached-token count, or None."""
+        mgr = self.kv_cache_manager
+        req = self.waiting[0]
+        hits, cached = mgr.get_computed_blocks(req.seq)
+        if not mgr.can_allocate(req.seq, req.seq.num_tokens - cached, hits, num_lookahead_tokens=1):
+            return None
+        mgr.allocate_slots(req.seq, req.seq.num_tokens - cached, hits)
+        self.waiting.popleft()
+        return req, cached
+
     def _record_admission(self, req: EngineRequest, num_cached_tokens: int, t: float) -> None:
         if req.timings.first_scheduled is None:
             req.timings.first_scheduled = t
@@ -351,13 +363,11 @@ class BatchedEngine(Engine):
             return step
         bs = self.block_size
         while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            hits, cached = mgr.get_computed_blocks(req.seq)
-            num_new = req.seq.num_tokens - cached
-            if not mgr.can_allocate(req.seq, num_new, hits, num_lookahead_tokens=1):
+            admitted = self._admit_head()
+            if admitted is None:
                 break
-            mgr.allocate_slots(req.seq, num_new, hits)
-            self.waiting.popleft()
+            req, cached = admitted
+            num_new = req.seq.num_tokens - cached
             self._record_admission(req, cached, self._clock)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -422,15 +432,12 @@ class SimpleEngine(Engine):
 
     def _admit_waiting(self, now: float) -> None:
         """Admit waiting requests (FCFS) whose prompt blocks fit, at emulated time `now`."""
-        mgr = self.kv_cache_manager
         while self.waiting:
-            req = self.waiting[0]
-            hits, cached = mgr.get_computed_blocks(req.seq)
-            num_new = req.seq.num_tokens - cached
-            if not mgr.can_allocate(req.seq, num_new, hits, num_lookahead_tokens=1):
+            admitted = self._admit_head()
+            if admitted is None:
                 break
-            mgr.allocate_slots(req.seq, num_new, hits)
-            self.waiting.popleft()
+            req, cached = admitted
+            num_new = req.seq.num_tokens - cached
             now = max(now, req.timings.arrival)
             self._record_admission(req, cached, now)
             req.status = RequestStatus.RUNNING
