@@ -42,6 +42,7 @@ MAX_REQUEST_ID = 128
 # Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
 LISTEN_BACKLOG = 4096
 
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
