@@ -65,10 +65,14 @@ class ProxyConfig:
     # KV events: `--kv-events` pairs with `--backend` by position ("none" skips one); see kv_event_sources().
     kv_events: list[str] = field(default_factory=list)
     kv_events_silence_timeout: float = 10.0
+    # On SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
+    shutdown_grace: float = 30.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown_grace must be >= 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.retries < 0 or self.retry_backoff < 0 or self.retry_backoff_max < 0:
@@ -208,6 +212,7 @@ _HELP = {
     "max_concurrent_per_key": "requests one API key may have in flight (0 = unlimited); beyond: 429",
     "max_header_bytes": "longest request line / header field accepted; beyond: 431",
     "max_model_len": "context length assumed for a backend whose /v1/models does not say (prompt + max_tokens beyond: 400)",
+    "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
 }
 

@@ -10,6 +10,7 @@ circuit breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -48,6 +49,15 @@ class _Failed(Exception):
         self.content_type = content_type
 
 
+# Streams still running this long before the shutdown grace ends are ended with an error event.
+DRAIN_MARGIN_S = 0.1
+
+
+def sse_error(status: int, message: str) -> bytes:
+    """An SSE error event and [DONE]; the leading blank line ends any event the backend left half-written."""
+    return b"\n\ndata: " + orjson.dumps(error_body(status, message)) + b"\n\ndata: [DONE]\n\n"
+
+
 class Forwarder:
     def __init__(self, router: Router, pool: UpstreamPool, metrics: ProxyMetrics, monitor: BackendMonitor) -> None:
         self.router = router
@@ -59,6 +69,9 @@ class Forwarder:
         self.max_attempts = 1 + cfg.retries
         self.backoff = cfg.retry_backoff
         self.backoff_max = cfg.retry_backoff_max
+        # Set on SIGTERM: a stream still running when the grace period ends gets an error event, not a cut.
+        self.draining = False
+        self._streams: set[asyncio.Task] = set()
 
     async def forward(
         self, request: web.Request, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str
@@ -170,6 +183,17 @@ class Forwarder:
                 else:
                     upstream.close()
 
+    def drain(self, grace: float) -> None:
+        """On SIGTERM: let streams run for `grace` seconds, then end each with an error event.
+
+        aiohttp's own shutdown would cancel them only after closing their connections (a silent cut)."""
+        self.draining = True
+        asyncio.get_running_loop().call_later(max(0.0, grace - DRAIN_MARGIN_S), self._end_streams)
+
+    def _end_streams(self) -> None:
+        for task in list(self._streams):
+            task.cancel()
+
     async def _stream(
         self, request: web.Request, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
     ) -> tuple[web.StreamResponse, bool]:
@@ -181,21 +205,30 @@ class Forwarder:
             resp.charset = upstream.charset
         await resp.prepare(request)
         if first:
-            await resp.write(first)
-            while True:
-                try:
-                    chunk = await upstream.read_chunk()
-                except _UPSTREAM_ERRORS as e:
-                    ok = False
-                    stalled = isinstance(e, TimeoutError)
-                    log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
-                    msg = "backend stream stalled (idle timeout)" if stalled else "backend stream failed (connection lost)"
-                    err = error_body(504 if stalled else 502, msg)
-                    # The blank line first ends any event the backend left half-written.
-                    await resp.write(b"\n\ndata: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
-                    break
-                if not chunk:
-                    break
-                await resp.write(chunk)
+            task = asyncio.current_task()
+            self._streams.add(task)
+            try:
+                await resp.write(first)
+                while True:
+                    try:
+                        chunk = await upstream.read_chunk()
+                    except _UPSTREAM_ERRORS as e:
+                        ok = False
+                        stalled = isinstance(e, TimeoutError)
+                        log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
+                        msg = "backend stream stalled (idle timeout)" if stalled else "backend stream failed (connection lost)"
+                        await resp.write(sse_error(504 if stalled else 502, msg))
+                        break
+                    if not chunk:
+                        break
+                    await resp.write(chunk)
+            except asyncio.CancelledError:
+                if self.draining:  # cancelled by shutdown, not by the client: end the stream cleanly
+                    with contextlib.suppress(Exception):
+                        await resp.write(sse_error(503, "proxy shutting down: stream ended after the grace period"))
+                        await resp.write_eof()
+                raise
+            finally:
+                self._streams.discard(task)
         await resp.write_eof()
         return resp, ok

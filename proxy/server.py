@@ -241,7 +241,12 @@ def create_app(config: ProxyConfig) -> web.Application:
         pool.close()
         await session.close()
 
+    async def drain(app: web.Application) -> None:
+        if h.forwarder is not None:
+            h.forwarder.drain(config.shutdown_grace)
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_post("/v1/chat/completions", h.chat_completions)
     app.router.add_get("/v1/models", h.models)
@@ -306,7 +311,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
     try:
         app = create_app(config)
         runner = JSONErrorAppRunner(
-            app, handler_cancellation=True, access_log=None,
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace,
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
         )
         await runner.setup()
