@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -38,33 +39,14 @@ async def _spawn_proxy(backend: str, *extra: str) -> tuple[asyncio.subprocess.Pr
         raise
 
 
-async def test_sigterm_lets_open_stream_finish_then_exits_zero():
-    # 200 tokens at 18 ms x 0.05 = ~180 ms of wall-clock decode: the signal lands mid-stream.
+@contextlib.asynccontextmanager
+async def _proxy_over_emulator(*extra: str):
+    """A real proxy process over an in-process emulator whose 0.9 ms tokens let a signal land mid-stream."""
     emu = await start_emulator(EmulatorConfig(port=0, time_scale=0.05, log_requests=False))
-    proc, url = await _spawn_proxy(emu.url)
+    proc, url = await _spawn_proxy(emu.url, *extra)
     drain = asyncio.ensure_future(proc.stdout.read())  # keep the pipe from filling
     try:
-        async with aiohttp.ClientSession() as client:
-            body = {"model": "meta-llama/Llama-2-13b-hf", "prompt": "hello " * 50, "max_tokens": 200,
-                    "ignore_eos": True, "stream": True}
-            events: list[str] = []
-            async with client.post(f"{url}/v1/completions", json=body) as resp:
-                assert resp.status == 200
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        if len(events) == 1:
-                            proc.send_signal(signal.SIGTERM)
-            assert events[-1] == "[DONE]"
-            chunks = [json.loads(e) for e in events[:-1]]
-            assert not any("error" in c for c in chunks)
-            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-            assert len(chunks) == 200
-            with pytest.raises(aiohttp.ClientError):
-                async with client.get(f"{url}/health") as r:
-                    await r.read()
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        yield emu, proc, url
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -74,6 +56,7 @@ async def test_sigterm_lets_open_stream_finish_then_exits_zero():
 
 
 async def _stream_events(url: str, max_tokens: int, on_first) -> list[str]:
+    """The SSE data payloads of one streamed completion; `on_first` runs when the first arrives."""
     body = {"model": "meta-llama/Llama-2-13b-hf", "prompt": "hello " * 50, "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True}
     events: list[str] = []
@@ -89,12 +72,24 @@ async def _stream_events(url: str, max_tokens: int, on_first) -> list[str]:
     return events
 
 
+async def test_sigterm_lets_open_stream_finish_then_exits_zero():
+    async with _proxy_over_emulator() as (_, proc, url):
+        events = await _stream_events(url, 200, lambda: proc.send_signal(signal.SIGTERM))
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert not any("error" in c for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(chunks) == 200
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.ClientError):
+                async with client.get(f"{url}/health") as r:
+                    await r.read()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
 async def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event():
     # 2,000 tokens at 0.9 ms each outlast a 0.3 s grace: the proxy must end the stream, not cut it.
-    emu = await start_emulator(EmulatorConfig(port=0, time_scale=0.05, log_requests=False))
-    proc, url = await _spawn_proxy(emu.url, "--shutdown-grace", "0.3")
-    drain = asyncio.ensure_future(proc.stdout.read())
-    try:
+    async with _proxy_over_emulator("--shutdown-grace", "0.3") as (emu, proc, url):
         events = await _stream_events(url, 2000, lambda: proc.send_signal(signal.SIGTERM))
         assert events[-1] == "[DONE]"
         last = json.loads(events[-2])
@@ -105,9 +100,3 @@ async def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event():
         while emu.engine.block_pool.num_referenced_blocks():  # the upstream request was cancelled too
             assert asyncio.get_running_loop().time() < deadline, "emulator blocks still referenced"
             await asyncio.sleep(0.01)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await drain
-        await emu.stop()
