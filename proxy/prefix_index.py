@@ -6,12 +6,18 @@ approximate mode (fed by routing decisions) can mirror the backend's capacity an
 the least recently used block goes first and, within one request, the deepest block first (vLLM
 releases a finished request's blocks last-to-first), so shared prefixes outlive their suffixes.
 The same store takes exact `stored`/`removed`/`clear` updates from KV events.
+
+A routed prompt may be only partly hashed (`prompt_walk.py`): its untokenized rest is kept as a
+pending tail anchored at its last known block, counted against the backend's capacity by its
+estimated size, evicted just before its anchor (a request's deeper blocks go first), and resolved
+into real blocks when a later prompt's chain reaches the anchor on that backend.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_CAPACITY_BLOCKS = 924
 
@@ -21,6 +27,17 @@ class _BackendStore:
     slot: int
     capacity: int
     lru: OrderedDict[int, None] = field(default_factory=OrderedDict)  # oldest first
+    phantom: int = 0  # estimated blocks of pending tails, not in `lru`
+
+
+@dataclass(eq=False)
+class PendingTail:
+    """The untokenized rest of a prompt routed to the backend in `slot`, after block `anchor`."""
+
+    slot: int
+    anchor: int  # hash of the last known block
+    prompt: Any  # opaque to the index: what the router needs to finish hashing it
+    blocks: int  # estimated size, counted in the backend's `phantom`
 
 
 class PrefixIndex:
@@ -29,6 +46,7 @@ class PrefixIndex:
     def __init__(self, default_capacity: int = DEFAULT_CAPACITY_BLOCKS) -> None:
         self.default_capacity = default_capacity
         self._owners: dict[int, int] = {}  # block hash -> bitmask of slots
+        self._pending: dict[int, list[PendingTail]] = {}  # anchor hash -> tails
         self._stores: dict[Hashable, _BackendStore] = {}
         self._slot_backend: dict[int, Hashable] = {}
         self._free_slots: list[int] = []
@@ -76,18 +94,27 @@ class PrefixIndex:
         return self._store(backend).capacity
 
     def num_blocks(self, backend: Hashable) -> int:
+        """Blocks the backend is believed to hold, pending tails included at their estimated size."""
         st = self._stores.get(backend)
-        return len(st.lru) if st else 0
+        return len(st.lru) + st.phantom if st else 0
+
+    def owners(self, h: int) -> int:
+        """Bitmask of the slots holding block `h`."""
+        return self._owners.get(h, 0)
+
+    def pending_at(self, h: int) -> list[PendingTail] | None:
+        return self._pending.get(h)
 
     def __len__(self) -> int:
         """Distinct block hashes held by at least one backend."""
         return len(self._owners)
 
     # -- updates --------------------------------------------------------------------------------
-    def record_routed(self, backend: Hashable, hashes: Sequence[int]) -> None:
+    def record_routed(self, backend: Hashable, hashes: Sequence[int], tail: Any = None, tail_blocks: int = 0) -> None:
         """Approximate mode: the backend is about to compute/hit these blocks; LRU-touch and evict to capacity.
 
         Touched deepest-first so block 0 ends most recently used, as vLLM's reverse-order release does.
+        `tail` (with its estimated `tail_blocks`) is the prompt's untokenized rest after `hashes[-1]`.
         """
         st = self._store(backend)
         bit = 1 << st.slot
@@ -99,7 +126,43 @@ class PrefixIndex:
             else:
                 lru[h] = None
                 owners[h] = owners.get(h, 0) | bit
+        if tail is not None and hashes:
+            anchor = hashes[-1]
+            tails = self._pending.setdefault(anchor, [])
+            if not any(p.prompt is tail and p.slot == st.slot for p in tails):
+                tails.append(PendingTail(st.slot, anchor, tail, tail_blocks))
+                st.phantom += tail_blocks
         self._evict_to(st, st.capacity)
+
+    def resolve(self, p: PendingTail, hashes: Sequence[int]) -> None:
+        """A pending tail was hashed: its blocks (after the anchor) replace its estimate."""
+        tails = self._pending.get(p.anchor)
+        if tails is None or p not in tails:
+            return
+        tails.remove(p)
+        if not tails:
+            del self._pending[p.anchor]
+        backend = self._slot_backend[p.slot]
+        st = self._stores[backend]
+        st.phantom -= p.blocks
+        self.record_routed(backend, hashes)
+
+    def _drop_tails(self, st: _BackendStore, anchor: int) -> bool:
+        """Forget the backend's pending tails at `anchor`; whether there were any."""
+        tails = self._pending.get(anchor)
+        if not tails:
+            return False
+        keep = [p for p in tails if p.slot != st.slot]
+        if len(keep) == len(tails):
+            return False
+        for p in tails:
+            if p.slot == st.slot:
+                st.phantom -= p.blocks
+        if keep:
+            self._pending[anchor] = keep
+        else:
+            del self._pending[anchor]
+        return True
 
     def stored(self, backend: Hashable, hashes: Iterable[int], parent: int | None = None, token_ids=None, block_size=None) -> None:
         """Exact mode (BlockStored): the backend cached these blocks; its own events report evictions.
@@ -126,13 +189,17 @@ class PrefixIndex:
             if h in st.lru:
                 del st.lru[h]
                 self._drop_owner(h, ~(1 << st.slot))
+                if self._pending:
+                    self._drop_tails(st, h)
 
     def clear(self, backend: Hashable | None = None) -> None:
         """Forget one backend's blocks (AllBlocksCleared, reset), or every backend's when None."""
         if backend is None:
             self._owners.clear()
+            self._pending.clear()
             for st in self._stores.values():
                 st.lru.clear()
+                st.phantom = 0
             return
         st = self._stores.get(backend)
         if st is None:
@@ -140,7 +207,10 @@ class PrefixIndex:
         keep = ~(1 << st.slot)
         for h in st.lru:
             self._drop_owner(h, keep)
+            if self._pending:
+                self._drop_tails(st, h)
         st.lru.clear()
+        st.phantom = 0
 
     def _drop_owner(self, h: int, keep_mask: int) -> None:
         m = self._owners.get(h, 0) & keep_mask
@@ -151,12 +221,15 @@ class PrefixIndex:
 
     def _evict_to(self, st: _BackendStore, limit: int) -> None:
         lru = st.lru
-        if len(lru) <= limit:
+        if len(lru) + st.phantom <= limit:
             return
         keep = ~(1 << st.slot)
         owners = self._owners
+        pending = self._pending
         popitem = lru.popitem
-        for _ in range(len(lru) - limit):
+        while lru and len(lru) + st.phantom > limit:
+            if pending and self._drop_tails(st, next(iter(lru))):
+                continue  # the anchor's tail goes first, as its deeper blocks would
             h = popitem(last=False)[0]
             m = owners[h] & keep
             if m:

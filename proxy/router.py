@@ -6,7 +6,6 @@ Owns the prefix index, the backend registry and one instance of each policy; the
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 from emulator.latency import get_profile
@@ -18,12 +17,11 @@ from .config import ProxyConfig
 from .kv_events import KVEventsFollower, KVEventSource
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
 from .prefix_index import PrefixIndex
+from .prompt_walk import PromptState, PromptWalker
 from .tokenize_cache import ChunkedTokenizer
 
 # `--tokenizer backend`: ask a backend's /tokenize instead of tokenizing locally.
 BACKEND_TOKENIZER = "backend"
-# Text prefixes (shared documents, chat histories) whose block hashes are kept for reuse.
-PREFIX_HASH_ENTRIES = 4096
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
 FIRST_TOKEN_MARGIN = 1.5
 
@@ -44,7 +42,7 @@ class Router:
         # With `--tokenizer backend` the backends tokenize; the built-in one serves only local estimates.
         self.tokenizer = get_tokenizer(BUILTIN_TOKENIZER if config.tokenizer == BACKEND_TOKENIZER else config.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
-        self._prefix_hashes: OrderedDict[tuple[str | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
+        self.walker = PromptWalker(self)
         self.hasher = BlockHasher(config.block_size, config.hash_algo)  # until the backends report theirs
         self._hashing_split: set[tuple[int, str]] = set()
         self.registry = registry or BackendRegistry(lambda: CircuitBreaker(
@@ -106,7 +104,7 @@ class Router:
         log.info("following the backends' block hashing: %d-token blocks, %s (was %d, %s)", bs, algo, *cur)
         self.hasher = BlockHasher(bs, algo)
         self.env.block_size = bs
-        self._prefix_hashes.clear()
+        self.walker.clear()
         for url in self.index.backends():
             if not self.kv_events.is_exact(url):
                 self.index.clear(url)
@@ -125,34 +123,30 @@ class Router:
         return self.chunked.encode(text)
 
     def text_context(
-        self, text: str, max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
+        self, text: str, max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None,
+        lazy: bool = True,
     ) -> RequestContext:
-        """`context(tokenize(text))`, reusing the block hashes of a text prefix seen before (a shared document)."""
-        ids, prefixes = self.chunked.encode_with_prefixes(text)
-        bs = self.env.block_size
-        cache = self._prefix_hashes
-        extra = (cache_salt,) if cache_salt else None
-        hashes = None
-        for _, prefix_id in reversed(prefixes):
-            hit = cache.get((cache_salt, prefix_id))
-            if hit is not None:
-                cache.move_to_end((cache_salt, prefix_id))
-                nb, all_hashes, all_digests = hit
-                tail = self.hasher.hashes(ids, parent=all_digests[nb - 1], start_block=nb)
-                hashes = all_hashes[:nb] + [int.from_bytes(d[-8:], "big") for d in tail]
-                break
-        if hashes is None:
-            digests = self.hasher.hashes(ids, extra_keys_block0=extra)
-            hashes = [int.from_bytes(d[-8:], "big") for d in digests]
-            # Every cut's prefix shares these lists; an entry only says how many blocks it covers.
-            for n_tokens, prefix_id in prefixes:
-                if n_tokens >= bs:
-                    cache[(cache_salt, prefix_id)] = (n_tokens // bs, hashes, digests)
-            while len(cache) > PREFIX_HASH_ENTRIES:
-                cache.popitem(last=False)
+        """The routing view of a prompt given as text. Lazy (the default): tokenized and hashed only as
+        far as any backend can match it (`prompt_walk.py`); `complete(ctx)` finishes the job."""
+        st = PromptState(text, cache_salt or None)
+        if lazy:
+            self.walker.walk(st)
+        else:
+            self.walker.finish(st)
         return RequestContext(
-            hashes, len(ids), max_tokens if max_tokens is not None else self.config.default_max_tokens, model, self.index
+            st.hashes, st.estimated_tokens(), max_tokens if max_tokens is not None else self.config.default_max_tokens,
+            model, self.index, tail=None if st.done else st, completer=self.complete,
         )
+
+    def complete(self, ctx: RequestContext) -> None:
+        """Tokenize and hash the rest of a lazy context (policies and checks that need the whole prompt)."""
+        st = ctx.tail
+        if st is None:
+            return
+        self.walker.finish(st)
+        ctx.hashes = st.hashes
+        ctx.num_tokens = len(st.ids)
+        ctx.tail = None
 
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""
@@ -212,6 +206,8 @@ class Router:
         b.processed += 1
         if self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
             self.kv_events.routed(rec.id, b.url, ctx.hashes)
+        elif ctx.tail is not None:
+            self.index.record_routed(b.url, ctx.hashes, ctx.tail, self.walker.tail_blocks(ctx.tail))
         else:
             self.index.record_routed(b.url, ctx.hashes)
         self.policies[strategy or self.strategy].observe(ctx, b)

@@ -33,6 +33,7 @@ from .forward import Forwarder
 from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .openai_request import ParsedRequest, parse_chat, parse_completion
+from .policies import RequestContext
 from .router import BACKEND_TOKENIZER, Router
 from .upstream import UpstreamPool
 
@@ -111,10 +112,18 @@ class ProxyHandlers:
             return rid
         return f"{self._rid_prefix}{next(self._rid_counter):x}"
 
-    def _check_length(self, parsed: ParsedRequest, num_tokens: int) -> None:
-        """vLLM's context-length rule, applied before a backend is bothered: prompt + max_tokens <= max_model_len."""
+    def _check_length(self, parsed: ParsedRequest, ctx: RequestContext) -> None:
+        """vLLM's context-length rule, applied before a backend is bothered: prompt + max_tokens <= max_model_len.
+
+        A lazily tokenized prompt estimated at under half the room left is let through untokenized: the
+        backend applies the same rule with its own tokenizer, which is the authoritative one anyway."""
         limit = self.router.max_model_len(parsed.model)
         max_tokens = parsed.max_tokens or 0
+        if not ctx.complete:
+            if 2 * ctx.num_tokens + max_tokens <= limit:
+                return
+            self.router.complete(ctx)
+        num_tokens = ctx.num_tokens
         if num_tokens >= limit or num_tokens + max_tokens > limit:
             param = "max_tokens" if num_tokens < limit else ("messages" if parsed.chat else "prompt")
             raise APIError(
@@ -162,7 +171,7 @@ class ProxyHandlers:
                 ctx = router.context(ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
-            self._check_length(parsed, ctx.num_tokens)
+            self._check_length(parsed, ctx)
             return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, self._request_id(request))
 
     async def _backend_tokens(self, parsed: ParsedRequest) -> list[int]:

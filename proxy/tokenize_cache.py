@@ -16,14 +16,20 @@ from collections import OrderedDict
 from kvblocks import Tokenizer
 
 CHUNK_CHARS = 1024
+# The first chunk is small (lazy routing often needs no more) and each next one doubles up to CHUNK_CHARS.
+FIRST_CHUNK_CHARS = 256
 MAX_ENTRIES = 16384
 SAFE_TOKENIZERS = ("cl100k_base",)
 
 
 class ChunkedTokenizer:
-    def __init__(self, tokenizer: Tokenizer, chunk_chars: int = CHUNK_CHARS, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, chunk_chars: int = CHUNK_CHARS, max_entries: int = MAX_ENTRIES,
+        first_chunk_chars: int = FIRST_CHUNK_CHARS,
+    ) -> None:
         self.tokenizer = tokenizer
         self.chunk_chars = chunk_chars
+        self.first_chunk_chars = min(first_chunk_chars, chunk_chars)
         self.max_entries = max_entries
         self.enabled = getattr(tokenizer, "name", None) in SAFE_TOKENIZERS
         self._cache: OrderedDict[tuple[int, str], tuple[int, list[int]]] = OrderedDict()  # (prefix id, chunk) -> (id, ids)
@@ -31,54 +37,62 @@ class ChunkedTokenizer:
         self.hits = 0
         self.misses = 0
 
-    def cut_points(self, text: str) -> list[int]:
-        """Offsets where the text can be split without changing its tokenization."""
-        cuts = []
+    def step(self, k: int) -> int:
+        """Size of chunk number `k` (0-based)."""
+        return min(self.chunk_chars, self.first_chunk_chars << k)
+
+    def cut_after(self, text: str, pos: int, step: int) -> int:
+        """The first safe cut at or after `pos + step`, or -1 when the rest is too short to cut."""
         n = len(text)
-        step = self.chunk_chars
-        pos = step
-        while pos < n - step // 4:
-            p = text.find(" ", pos)
-            while p != -1 and p + 1 < n and not (not text[p - 1].isspace() and text[p + 1].isalpha()):
-                p = text.find(" ", p + 1)
-            if p == -1 or p + 1 >= n:
-                break
-            cuts.append(p)
-            pos = p + step
+        p = pos + step
+        if p >= n - step // 4:
+            return -1
+        p = text.find(" ", p)
+        while p != -1 and p + 1 < n and not (not text[p - 1].isspace() and text[p + 1].isalpha()):
+            p = text.find(" ", p + 1)
+        return -1 if p == -1 or p + 1 >= n else p
+
+    def cut_points(self, text: str) -> list[int]:
+        """Offsets where the text can be split without changing its tokenization (the chunk schedule)."""
+        cuts: list[int] = []
+        pos, k = 0, 0
+        while (cut := self.cut_after(text, pos, self.step(k))) != -1:
+            cuts.append(cut)
+            pos, k = cut, k + 1
         return cuts
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_with_prefixes(text)[0]
+    def next_chunk(self, text: str, pos: int, chain: int, k: int) -> tuple[list[int], int, int | None]:
+        """Encode chunk number `k`, from `pos` (whose prefix has cache id `chain`): (ids, end, prefix id).
 
-    def encode_with_prefixes(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, prefixes): for each cut, (tokens before it, an id naming the text before it).
-
-        Equal ids mean equal text prefixes (ids are never reused), so callers can cache work derived
-        from a prefix's tokens (its block hashes) under the id.
+        The prefix id names text[:end] (None for the last chunk, which is where prompts usually
+        diverge and is encoded without caching). Equal ids mean equal text prefixes (ids are never
+        reused), so callers can cache work derived from a prefix's tokens (its block hashes) under it.
         """
         enc = self.tokenizer.encode
-        if not self.enabled or len(text) < 2 * self.chunk_chars:
-            return enc(text), []
+        if not self.enabled:
+            return enc(text[pos:] if pos else text), len(text), None
+        cut = self.cut_after(text, pos, self.step(k))
+        if cut == -1:
+            return enc(text[pos:] if pos else text), len(text), None
         cache = self._cache
+        key = (chain, text[pos:cut])
+        hit = cache.get(key)
+        if hit is None:
+            self.misses += 1
+            hit = cache[key] = (next(self._ids), enc(key[1]))
+            if len(cache) > self.max_entries:
+                cache.popitem(last=False)
+        else:
+            self.hits += 1
+            cache.move_to_end(key)
+        return hit[1], cut, hit[0]
+
+    def encode(self, text: str) -> list[int]:
         out: list[int] = []
-        prefixes: list[tuple[int, int]] = []
-        chain = 0
-        start = 0
-        # The last chunk (where prompts usually diverge) is encoded without caching.
-        for cut in self.cut_points(text):
-            key = (chain, text[start:cut])
-            hit = cache.get(key)
-            if hit is None:
-                self.misses += 1
-                hit = cache[key] = (next(self._ids), enc(key[1]))
-                if len(cache) > self.max_entries:
-                    cache.popitem(last=False)
-            else:
-                self.hits += 1
-                cache.move_to_end(key)
-            chain, ids = hit
+        pos, chain, k = 0, 0, 0
+        while pos < len(text):
+            ids, pos, prefix_id = self.next_chunk(text, pos, chain, k)
             out += ids
-            prefixes.append((len(out), chain))
-            start = cut
-        out += enc(text[start:])
-        return out, prefixes
+            chain = prefix_id or 0
+            k += 1
+        return out

@@ -7,9 +7,9 @@ classes so unit tests can drive them without HTTP.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from emulator.latency import LatencyProfile
 
@@ -30,7 +30,11 @@ class RoutingEnv:
 
 @dataclass
 class RequestContext:
-    """One request as routing sees it: token count, chained block hashes (int form), output budget."""
+    """One request as routing sees it: token count, chained block hashes (int form), output budget.
+
+    A lazy context (`tail` set) knows its hashes only as far as any backend matched it and estimates
+    `num_tokens`; the matches are exact all the same. `full_hashes()` finishes it when a policy needs all.
+    """
 
     hashes: Sequence[int]
     num_tokens: int
@@ -38,6 +42,21 @@ class RequestContext:
     model: str | None = None
     index: PrefixIndex | None = None
     _matches: dict | None = field(default=None, repr=False)
+    tail: Any = field(default=None, repr=False)  # the router's untokenized rest of the prompt
+    completer: Callable[[RequestContext], None] | None = field(default=None, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        return self.tail is None
+
+    def num_blocks(self, block_size: int) -> int:
+        """Full blocks of the prompt (estimated while lazy)."""
+        return len(self.hashes) if self.tail is None else max(len(self.hashes), self.num_tokens // block_size)
+
+    def full_hashes(self) -> Sequence[int]:
+        if self.tail is not None and self.completer is not None:
+            self.completer(self)
+        return self.hashes
 
     @property
     def matches(self) -> dict:

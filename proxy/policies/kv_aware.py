@@ -74,7 +74,7 @@ class KvAwarePolicy(Policy):
         t = now()
         n_tok = ctx.num_tokens
         prompt_blocks = n_tok / bs
-        full_blocks = len(ctx.hashes)
+        full_blocks = ctx.num_blocks(bs)
         max_hit = max(0, (n_tok - 1) // bs)
         matches = ctx.matches
         out = []

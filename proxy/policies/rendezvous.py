@@ -29,7 +29,8 @@ def backend_id(url: str) -> int:
 
 
 def request_key(hashes: Sequence[int], num_tokens: int) -> int:
-    """The request's last full block hash (it names the whole prompt); the token count when none."""
+    """The request's last known full block hash (it names the prompt as far as routing read it: lazy
+    prompts stop after the first block no backend holds); the token count when none."""
     return hashes[-1] & MASK64 if hashes else splitmix64(num_tokens ^ NO_BLOCK_SALT)
 
 

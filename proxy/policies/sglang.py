@@ -39,7 +39,7 @@ class SGLangCacheAwarePolicy(Policy):
         if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
             b = self._min_load(candidates)
             return Decision(b, ctx.matched(b), "imbalanced")
-        tree_matches = self._tree.match(ctx.hashes)
+        tree_matches = self._tree.match(ctx.full_hashes())
         best_depth = 0
         best = None
         for b in candidates:
@@ -57,7 +57,7 @@ class SGLangCacheAwarePolicy(Policy):
         return min(enumerate(candidates), key=lambda ib: (ib[1].in_flight, ib[1].processed, ib[0]))[1]
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
-        self._tree.record_routed(backend.url, ctx.hashes)
+        self._tree.record_routed(backend.url, ctx.full_hashes())
         self._seq += 1
         self._last_insert[backend.url] = self._seq
 
