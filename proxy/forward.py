@@ -16,14 +16,13 @@ import random
 import time
 
 import orjson
-from aiohttp import web
-
 from kvblocks import APIError, error_body
 
 from .backends import Backend, InFlight
 from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .policies import Decision, RequestContext
+from .response_sink import ResponseSink
 from .router import Router
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -74,8 +73,9 @@ class Forwarder:
         self._streams: set[asyncio.Task] = set()
 
     async def forward(
-        self, request: web.Request, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str
-    ) -> web.StreamResponse:
+        self, sink: ResponseSink, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str
+    ) -> None:
+        """Answer through `sink`: the backend's answer, or an OpenAI-style error raised as `APIError`."""
         router = self.router
         t0 = time.perf_counter()
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
@@ -95,8 +95,8 @@ class Forwarder:
             probe = b.breaker.attempt()
             verdict = None
             try:
-                resp, verdict = await self._attempt(request, path, raw, headers, decision, rec, stream, strategy, request_id, t0)
-                return resp
+                verdict = await self._attempt(sink, path, raw, headers, decision, rec, stream, strategy, request_id, t0)
+                return
             except _Failed as f:
                 verdict = False
                 last = f
@@ -110,8 +110,9 @@ class Forwarder:
                 self._judge(b, probe, verdict)
         assert last is not None
         if last.status is not None and last.body is not None:
-            return web.Response(body=last.body, status=last.status, content_type=last.content_type or "application/json",
-                                headers={"x-request-id": request_id, "x-kvroute-strategy": strategy})
+            await sink.send(last.status, {"x-request-id": request_id, "x-kvroute-strategy": strategy}, last.body,
+                            last.content_type or "application/json")
+            return
         status = 504 if last.reason == "timeout" else 502
         raise APIError(status, f"backend failed before responding ({last.reason})")
 
@@ -129,10 +130,10 @@ class Forwarder:
             log.warning("backend %s: circuit breaker %s -> %s", b.url, before.value, br.state.value)
 
     async def _attempt(
-        self, request: web.Request, path: str, raw: bytes, headers: dict[str, str], decision: Decision,
+        self, sink: ResponseSink, path: str, raw: bytes, headers: dict[str, str], decision: Decision,
         rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float,
-    ) -> tuple[web.StreamResponse, bool]:
-        """One try on `decision.backend`: (response sent, whether the backend served it well) or `_Failed`."""
+    ) -> bool:
+        """One try on `decision.backend`: answered (returns whether the backend served it well) or `_Failed`."""
         b = decision.backend
         upstream: UpstreamResponse | None = None
         done = False
@@ -169,13 +170,13 @@ class Forwarder:
             status = upstream.status
             ok = True
             if first is None:
-                resp = web.Response(body=body, status=status, headers=out_headers, content_type=upstream.content_type)
+                await sink.send(status, out_headers, body, upstream.content_type)
             else:
-                resp, ok = await self._stream(request, upstream, first, out_headers, request_id)
+                ok = await self._stream(sink, upstream, first, out_headers, request_id)
             done = ok
             m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
-            return resp, ok
+            return ok
         finally:
             if upstream is not None:
                 if done:
@@ -195,20 +196,16 @@ class Forwarder:
             task.cancel()
 
     async def _stream(
-        self, request: web.Request, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
-    ) -> tuple[web.StreamResponse, bool]:
-        """Pass the stream through; (response, False) when the backend failed it midway (the client got an error event)."""
+        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
+    ) -> bool:
+        """Pass the stream through; False when the backend failed it midway (the client got an error event)."""
         ok = True
-        resp = web.StreamResponse(status=upstream.status, headers=out_headers)
-        resp.content_type = upstream.content_type
-        if upstream.charset:
-            resp.charset = upstream.charset
-        await resp.prepare(request)
+        await sink.start(upstream.status, out_headers, upstream.content_type, upstream.charset)
         if first:
             task = asyncio.current_task()
             self._streams.add(task)
             try:
-                await resp.write(first)
+                await sink.write(first)
                 while True:
                     try:
                         chunk = await upstream.read_chunk()
@@ -217,18 +214,18 @@ class Forwarder:
                         stalled = isinstance(e, TimeoutError)
                         log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
                         msg = "backend stream stalled (idle timeout)" if stalled else "backend stream failed (connection lost)"
-                        await resp.write(sse_error(504 if stalled else 502, msg))
+                        await sink.write(sse_error(504 if stalled else 502, msg))
                         break
                     if not chunk:
                         break
-                    await resp.write(chunk)
+                    await sink.write(chunk)
             except asyncio.CancelledError:
                 if self.draining:  # cancelled by shutdown, not by the client: end the stream cleanly
                     with contextlib.suppress(Exception):
-                        await resp.write(sse_error(503, "proxy shutting down: stream ended after the grace period"))
-                        await resp.write_eof()
+                        await sink.write(sse_error(503, "proxy shutting down: stream ended after the grace period"))
+                        await sink.end()
                 raise
             finally:
                 self._streams.discard(task)
-        await resp.write_eof()
-        return resp, ok
+        await sink.end()
+        return ok

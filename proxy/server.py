@@ -14,6 +14,7 @@ import itertools
 import logging
 import socket
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 from .policies import RequestContext
+from .response_sink import AiohttpSink, ResponseSink
 from .router import BACKEND_TOKENIZER, Router
 from .upstream import UpstreamPool
 
@@ -91,23 +93,23 @@ class ProxyHandlers:
         self.admission: Admission = app[ADMISSION_KEY]
 
     @staticmethod
-    def _bearer(request: web.Request) -> str:
-        auth = request.headers.get("Authorization", "")
+    def _bearer(headers: Mapping[str, str]) -> str:
+        auth = headers.get("authorization", "")
         return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
-    def _check_api_key(self, request: web.Request) -> None:
+    def _check_api_key(self, headers: Mapping[str, str]) -> None:
         if not self._keys:
             return
-        token = self._bearer(request).encode("utf-8", "surrogateescape")
+        token = self._bearer(headers).encode("utf-8", "surrogateescape")
         ok = False
         for k in self._keys:
             ok |= hmac.compare_digest(token, k)
         if not ok:
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", type="AuthenticationError")
 
-    def _request_id(self, request: web.Request) -> str:
+    def _request_id(self, headers: Mapping[str, str]) -> str:
         """The client's X-Request-ID when it is a plain token (it is forwarded and logged), else a new one."""
-        rid = request.headers.get("x-request-id")
+        rid = headers.get("x-request-id")
         if rid and len(rid) <= MAX_REQUEST_ID and _REQUEST_ID_CHARS.issuperset(rid):
             return rid
         return f"{self._rid_prefix}{next(self._rid_counter):x}"
@@ -140,8 +142,8 @@ class ProxyHandlers:
             raise APIError(413, f"request body too large (limit {limit} bytes)")
         return await request.read()
 
-    def _strategy(self, request: web.Request) -> str:
-        name = request.headers.get("x-kvroute-strategy")
+    def _strategy(self, headers: Mapping[str, str]) -> str:
+        name = headers.get("x-kvroute-strategy")
         if name is None:
             return self.router.strategy
         return self.router.policy(name.strip()).name
@@ -157,10 +159,19 @@ class ProxyHandlers:
             raise APIError(404, f"The model `{parsed.model}` does not exist.", "model", "NotFoundError")
 
     async def _proxy(self, request: web.Request, path: str, parse) -> web.StreamResponse:
-        self._check_api_key(request)
-        with self.admission.hold(self._bearer(request)):
-            strategy = self._strategy(request)
-            raw = await self._body(request)
+        sink = AiohttpSink(request)
+        await self.serve(path, parse, request.headers, lambda: self._body(request), sink)
+        return sink.response
+
+    async def serve(
+        self, path: str, parse: Callable[[bytes], ParsedRequest], headers: Mapping[str, str],
+        read_body: Callable[[], Awaitable[bytes]], sink: ResponseSink,
+    ) -> None:
+        """One OpenAI request, whichever server parsed it: errors leave as `APIError`."""
+        self._check_api_key(headers)
+        with self.admission.hold(self._bearer(headers)):
+            strategy = self._strategy(headers)
+            raw = await read_body()
             parsed = parse(raw)
             self._check_model(parsed)
             router = self.router
@@ -172,7 +183,7 @@ class ProxyHandlers:
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
             self._check_length(parsed, ctx)
-            return await self.forwarder.forward(request, path, raw, ctx, parsed.stream, strategy, self._request_id(request))
+            await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self._request_id(headers))
 
     async def _backend_tokens(self, parsed: ParsedRequest) -> list[int]:
         """`--tokenizer backend`: the ids a healthy backend serving the model computes (its own template for chat)."""
@@ -189,7 +200,7 @@ class ProxyHandlers:
         return await self._proxy(request, "/v1/chat/completions", parse_chat)
 
     async def models(self, request: web.Request) -> web.Response:
-        self._check_api_key(request)
+        self._check_api_key(request.headers)
         healthy = self.router.registry.healthy()
 
         async def fetch(url: str) -> list[dict]:
