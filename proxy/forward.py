@@ -187,7 +187,10 @@ class Forwarder:
     def drain(self, grace: float) -> None:
         """On SIGTERM: let streams run for `grace` seconds, then end each with an error event.
 
-        aiohttp's own shutdown would cancel them only after closing their connections (a silent cut)."""
+        aiohttp's own shutdown would cancel them only after closing their connections (a silent cut).
+        Called again (the front, then aiohttp's shutdown hook), it keeps the first deadline."""
+        if self.draining:
+            return
         self.draining = True
         asyncio.get_running_loop().call_later(max(0.0, grace - DRAIN_MARGIN_S), self._end_streams)
 

@@ -12,7 +12,6 @@ import hmac
 import ipaddress
 import itertools
 import logging
-import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from .backend_tokenizer import BackendTokenizer
 from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from .config import ProxyConfig
 from .forward import Forwarder
+from .front import FrontServer
 from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .openai_request import ParsedRequest, parse_chat, parse_completion
@@ -241,6 +241,7 @@ def create_app(config: ProxyConfig) -> web.Application:
     app[METRICS_KEY] = ProxyMetrics(router, app[ADMISSION_KEY])
     app[STATE_KEY] = {}
     h = ProxyHandlers(app, config)
+    app[STATE_KEY]["handlers"] = h
 
     async def lifecycle(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
@@ -278,12 +279,16 @@ def create_app(config: ProxyConfig) -> web.Application:
 
 @dataclass
 class RunningProxy:
-    """A proxy serving on the current loop; `stop()` also stops its embedded emulators."""
+    """A proxy serving on the current loop; `stop()` also stops its embedded emulators.
+
+    The front door (`front.py`) owns the listening socket and hands what it does not serve to `runner`."""
 
     url: str
     port: int
     app: web.Application
     runner: web.AppRunner
+    front: FrontServer
+    addresses: list[tuple[str, int]]
     emulators: list[Any] = field(default_factory=list)
 
     @property
@@ -291,6 +296,12 @@ class RunningProxy:
         return self.app[ROUTER_KEY]
 
     async def stop(self) -> None:
+        """Stop accepting; streams get the shutdown grace, then aiohttp's connections and the app close."""
+        grace = self.router.config.shutdown_grace
+        forwarder = self.app[STATE_KEY]["handlers"].forwarder
+        if forwarder is not None:
+            forwarder.drain(grace)
+        await self.front.shutdown(grace)
         await self.runner.cleanup()
         for e in self.emulators:
             await e.stop()
@@ -328,6 +339,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
     if not config.all_backends():
         emulators = await start_embedded_emulators(config)
         config = dataclasses.replace(config, backends=[e.url for e in emulators], backends_file=None)
+    runner = None
     try:
         app = create_app(config)
         runner = JSONErrorAppRunner(
@@ -335,15 +347,20 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
         )
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True, backlog=LISTEN_BACKLOG)
-        await site.start()
+        front = FrontServer(
+            app[STATE_KEY]["handlers"], app[METRICS_KEY], runner.server, config.max_body_bytes, config.max_header_bytes
+        )
+        addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
     except BaseException:
+        if runner is not None:
+            await runner.cleanup()
         for e in emulators:
             await e.stop()
         raise
-    sock: socket.socket = site._server.sockets[0]  # type: ignore[union-attr]
-    port = sock.getsockname()[1]
+    port = addresses[0][1]
     if not config.admin_key and not _is_loopback(config.host):
         log.warning("the admin API (/admin/) is open to the network: bound to %s without --admin-key", config.host)
     host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    return RunningProxy(f"http://{host}:{port}", port, app, runner, emulators)
+    if ":" in host:
+        host = f"[{host}]"
+    return RunningProxy(f"http://{host}:{port}", port, app, runner, front, addresses, emulators)

@@ -135,7 +135,7 @@ async def test_admin_needs_its_key_and_proxy_binds_loopback_by_default(stack):
     assert ProxyConfig().host == "127.0.0.1"
     default = await start_proxy(ProxyConfig(port=0, backends=[]))
     try:
-        addrs = [a[0] for a in default.runner.addresses]
+        addrs = [a[0] for a in default.addresses]
         assert addrs == ["127.0.0.1"], addrs
     finally:
         await default.stop()
