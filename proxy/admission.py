@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 from kvblocks import APIError
 
@@ -21,6 +22,7 @@ class TooManyConcurrent(APIError):
         )
 
 
+@lru_cache(maxsize=4096)
 def key_id(token: str) -> str:
     """A stable, non-reversible name for an API key (the same key always maps to the same id)."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -57,8 +57,35 @@ def sse_error(status: int, message: str) -> bytes:
     return b"\n\ndata: " + orjson.dumps(error_body(status, message)) + b"\n\ndata: [DONE]\n\n"
 
 
+class Deadline:
+    """`asyncio.timeout` on a known loop: the same cancel-and-uncancel semantics, without the three
+    `get_running_loop()` calls (each a getpid() syscall on Python 3.11) asyncio's version makes."""
+
+    __slots__ = ("loop", "delay", "task", "handle", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self.loop = loop
+        self.delay = delay
+        self.fired = False
+
+    async def __aenter__(self) -> Deadline:
+        self.task = asyncio.current_task(self.loop)
+        self.handle = self.loop.call_later(self.delay, self._fire)
+        return self
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self.handle.cancel()
+        if self.fired and exc_type is asyncio.CancelledError and self.task.uncancel() == 0:
+            raise TimeoutError from exc
+
+
 class Forwarder:
     def __init__(self, router: Router, pool: UpstreamPool, metrics: ProxyMetrics, monitor: BackendMonitor) -> None:
+        self.loop = asyncio.get_running_loop()
         self.router = router
         self.pool = pool
         self.metrics = metrics
@@ -139,7 +166,7 @@ class Forwarder:
         done = False
         try:
             try:
-                async with asyncio.timeout(self.first_byte_timeout):
+                async with Deadline(self.loop, self.first_byte_timeout):
                     upstream = await self.pool.post(b.url, path, raw, headers)
                     if upstream.status >= 500 or not stream or upstream.status != 200:
                         body = await upstream.read()
@@ -192,7 +219,7 @@ class Forwarder:
         if self.draining:
             return
         self.draining = True
-        asyncio.get_running_loop().call_later(max(0.0, grace - DRAIN_MARGIN_S), self._end_streams)
+        self.loop.call_later(max(0.0, grace - DRAIN_MARGIN_S), self._end_streams)
 
     def _end_streams(self) -> None:
         for task in list(self._streams):
@@ -205,7 +232,7 @@ class Forwarder:
         ok = True
         await sink.start(upstream.status, out_headers, upstream.content_type, upstream.charset)
         if first:
-            task = asyncio.current_task()
+            task = asyncio.current_task(self.loop)
             self._streams.add(task)
             try:
                 await sink.write(first)

@@ -34,14 +34,16 @@ ROUTES: dict[bytes, tuple[str, Callable[[bytes], ParsedRequest]]] = {
     b"/v1/completions": ("/v1/completions", parse_completion),
     b"/v1/chat/completions": ("/v1/chat/completions", parse_chat),
 }
-# Headers whose meaning a duplicate would make ambiguous: aiohttp decides those requests.
-_SINGLE = frozenset(("content-length", "authorization", "x-request-id", "x-kvroute-strategy", "host", "connection"))
-_PASS_TO_AIOHTTP = frozenset(("transfer-encoding", "expect", "upgrade"))
+# The headers the proxy reads (a duplicate would be ambiguous: aiohttp decides those requests) and
+# the ones that make a request aiohttp's to serve.
+_READ = frozenset((b"content-length", b"connection", b"authorization", b"x-request-id", b"x-kvroute-strategy"))
+_HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _DIGITS = frozenset(b"0123456789")
 # aiohttp's default limit on header lines; a request over it is aiohttp's to reject.
 MAX_HEADERS = 128
 # aiohttp closes idle keep-alive connections after 75 s; so does the front.
 KEEPALIVE_S = 75.0
+SWEEP_S = 5.0
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -65,14 +67,17 @@ def _head(status: int, headers: dict[str, str], content_type: str, extra: bytes)
 
 
 class FrontSink:
-    """Writes one answer on a front connection: whole (Content-Length) or streamed (chunked)."""
+    """Writes one answer on a front connection: whole (Content-Length) or streamed (chunked).
 
-    __slots__ = ("conn", "started", "close")
+    A stream's head waits for its first chunk so both leave in one segment (one wakeup of the client)."""
+
+    __slots__ = ("conn", "started", "close", "_head")
 
     def __init__(self, conn: FrontProtocol, close: bool) -> None:
         self.conn = conn
         self.started = False
         self.close = close
+        self._head = b""
 
     def _extra(self) -> bytes:
         return b"Connection: close\r\n" if self.close else b""
@@ -85,15 +90,17 @@ class FrontSink:
     async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None) -> None:
         self.started = True
         ctype = f"{content_type}; charset={charset}" if charset else content_type
-        self.conn.write(_head(status, headers, ctype, b"Transfer-Encoding: chunked\r\n" + self._extra()))
+        self._head = _head(status, headers, ctype, b"Transfer-Encoding: chunked\r\n" + self._extra())
 
     async def write(self, data: bytes) -> None:
         if data:
-            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            head, self._head = self._head, b""
+            self.conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
             await self.conn.drain()
 
     async def end(self) -> None:
-        self.conn.write(b"0\r\n\r\n")
+        head, self._head = self._head, b""
+        self.conn.write(head + b"0\r\n\r\n")
 
 
 class _Request:
@@ -112,6 +119,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def __init__(self, front: FrontServer) -> None:
         self.front = front
+        self.loop = front.loop  # cached: asyncio.get_running_loop() costs a getpid() syscall on Python 3.11
+        self.idle_since = self.loop.time()
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.task: asyncio.Task | None = None
@@ -119,7 +128,6 @@ class FrontProtocol(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain: asyncio.Future | None = None
-        self._idle: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,13 +137,10 @@ class FrontProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.front.connections.add(self)
-        self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.front.connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client left: drop its request (and the backend's)
         self._wake()
@@ -166,7 +171,7 @@ class FrontProtocol(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._write_paused and not self.lost:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
             await self._drain
         if self.lost:
             raise ConnectionResetError("client disconnected")
@@ -177,22 +182,13 @@ class FrontProtocol(asyncio.Protocol):
             w.set_result(None)
 
     # -- requests -------------------------------------------------------------------------------
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._close_idle)
-
-    def _close_idle(self) -> None:
-        if self.task is None and self.transport is not None:
-            self.transport.close()
-
     def _next(self) -> None:
         """With no request running: start the next buffered one, wait for more bytes, or hand over."""
         if self.lost or self.front.closing:
             return
         buf = self.buf
         if not buf:
-            self._arm_idle()
+            self.idle_since = self.loop.time()
             return
         front = self.front
         end = buf.find(b"\r\n\r\n", 0, front.max_head + 4)
@@ -209,10 +205,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         body = bytes(buf[end + 4 : total])
         del buf[:total]
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        self.task = asyncio.get_running_loop().create_task(self._serve(req, body))
+        self.task = self.loop.create_task(self._serve(req, body))
 
     def _parse(self, head: bytes) -> _Request | None:
         """The request head when the front serves it itself, else None (aiohttp will)."""
@@ -226,26 +219,33 @@ class FrontProtocol(asyncio.Protocol):
         max_line = self.front.max_line
         if len(lines) > MAX_HEADERS:
             return None
+        seen: set[bytes] = set()
         headers: dict[str, str] = {}
+        cl = b""
+        close = False
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not name or len(line) > max_line or name[-1:] in b" \t" or name[:1] in b" \t":
                 return None
-            key = name.decode("latin-1").lower()
-            val = value.strip(b" \t").decode("utf-8", "surrogateescape")
-            if key in headers:
-                if key in _SINGLE:
+            key = name.lower()
+            if key in _HANDED_OVER:
+                return None
+            if key in _READ:
+                if key in seen:
                     return None
-                headers[key] += ", " + val
-            else:
-                headers[key] = val
-        cl = headers.get("content-length")
-        if not cl or not _DIGITS.issuperset(cl.encode("latin-1", "replace")) or _PASS_TO_AIOHTTP.intersection(headers):
+                seen.add(key)
+                value = value.strip(b" \t")
+                if key == b"content-length":
+                    cl = value
+                elif key == b"connection":
+                    close = b"close" in value.lower()
+                else:
+                    headers[key.decode()] = value.decode("utf-8", "surrogateescape")
+        if not cl or not _DIGITS.issuperset(cl):
             return None
         length = int(cl)
         if length > self.front.max_body:
             return None
-        close = "close" in headers.get("connection", "").lower()
         return _Request(route[0], route[1], headers, length, close)
 
     async def _serve(self, req: _Request, body: bytes) -> None:
@@ -290,8 +290,6 @@ class FrontProtocol(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting with the bytes buffered so far."""
-        if self._idle is not None:
-            self._idle.cancel()
         self.front.connections.discard(self)
         proto = self.front.aiohttp_protocol()
         transport = self.transport
@@ -321,15 +319,28 @@ class FrontServer:
         self.connections: set[FrontProtocol] = set()
         self.closing = False
         self.server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int, backlog: int) -> list[tuple[str, int]]:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: FrontProtocol(self), host, port, reuse_address=True, backlog=backlog)
+        self._sweep = loop.call_later(SWEEP_S, self._close_idle)
         return [s.getsockname()[:2] for s in self.server.sockets]
+
+    def _close_idle(self) -> None:
+        """Close keep-alive connections idle for KEEPALIVE_S (one timer for all, not one per request)."""
+        cutoff = self.loop.time() - KEEPALIVE_S
+        for c in list(self.connections):
+            if c.task is None and c.idle_since < cutoff and c.transport is not None:
+                c.transport.close()
+        self._sweep = self.loop.call_later(SWEEP_S, self._close_idle)
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, close idle connections, give running requests `grace` seconds, then close."""
         self.closing = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self.server is not None:
             self.server.close()
         for c in list(self.connections):

@@ -17,7 +17,7 @@ from kvblocks import Tokenizer
 
 CHUNK_CHARS = 1024
 # The first chunk is small (lazy routing often needs no more) and each next one doubles up to CHUNK_CHARS.
-FIRST_CHUNK_CHARS = 256
+FIRST_CHUNK_CHARS = 128
 MAX_ENTRIES = 16384
 SAFE_TOKENIZERS = ("cl100k_base",)
 
