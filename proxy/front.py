@@ -128,6 +128,7 @@ class FrontProtocol(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain: asyncio.Future | None = None
+        self._waiting: tuple[_Request, int] | None = None  # a parsed head whose body is still arriving
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,19 +191,24 @@ class FrontProtocol(asyncio.Protocol):
         if not buf:
             self.idle_since = self.loop.time()
             return
-        front = self.front
-        end = buf.find(b"\r\n\r\n", 0, front.max_head + 4)
-        if end < 0:
-            if len(buf) > front.max_head:
+        if self._waiting is not None:  # the head arrived before its body: not parsed again
+            req, end = self._waiting
+        else:
+            front = self.front
+            end = buf.find(b"\r\n\r\n", 0, front.max_head + 4)
+            if end < 0:
+                if len(buf) > front.max_head:
+                    self._hand_over()
+                return
+            req = self._parse(bytes(buf[:end]))
+            if req is None:
                 self._hand_over()
-            return
-        req = self._parse(bytes(buf[:end]))
-        if req is None:
-            self._hand_over()
-            return
+                return
         total = end + 4 + req.length
         if len(buf) < total:
+            self._waiting = (req, end)
             return
+        self._waiting = None
         body = bytes(buf[end + 4 : total])
         del buf[:total]
         self.task = self.loop.create_task(self._serve(req, body))

@@ -45,6 +45,8 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future | None = None
+        self._wait_started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.got_bytes = False
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -220,19 +222,28 @@ class _Connection(asyncio.Protocol):
             w.set_result(None)
 
     async def _wait(self, timeout: float | None) -> None:
-        self._waiter = self.loop.create_future()
-        handle = self.loop.call_later(timeout, self._on_timeout) if timeout else None
+        """Wait for bytes; a wait longer than `timeout` fails. One lazily re-armed timer serves every
+        wait of the connection (a stream waits once per chunk), instead of a timer per wait."""
+        loop = self.loop
+        self._waiter = loop.create_future()
+        self._wait_started = loop.time()
+        if timeout and self._timer is None:
+            self._timer = loop.call_later(timeout, self._check_idle, timeout)
         try:
             await self._waiter
         finally:
             self._waiter = None
-            if handle is not None:
-                handle.cancel()
 
-    def _on_timeout(self) -> None:
+    def _check_idle(self, timeout: float) -> None:
+        self._timer = None
         w = self._waiter
-        if w is not None and not w.done():
+        if w is None or w.done():
+            return
+        waited = self.loop.time() - self._wait_started
+        if waited >= timeout:
             w.set_exception(UpstreamTimeout("backend idle timeout"))
+        else:
+            self._timer = self.loop.call_later(timeout - waited, self._check_idle, timeout)
 
     async def wait_head(self, timeout: float | None) -> None:
         while self.status == 0:
@@ -270,6 +281,9 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
