@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     o = sub.add_parser("overhead", help="proxy latency/throughput/CPU vs a direct connection")
     o.add_argument("--tokens", type=int, default=1000)
     o.add_argument("--max-tokens", type=int, default=8)
-    o.add_argument("--requests", type=int, default=300)
+    o.add_argument("--requests", type=int, default=1000)
     o.add_argument("--strategy", default="kv_aware")
     from . import soak
 
