@@ -105,6 +105,18 @@ class PrefixIndex:
     def pending_at(self, h: int) -> list[PendingTail] | None:
         return self._pending.get(h)
 
+    def owner_map(self) -> dict[int, int]:
+        """Block hash -> slot bitmask, for walkers that test many blocks (read only)."""
+        return self._owners
+
+    def pending_map(self) -> dict[int, list[PendingTail]]:
+        """Anchor hash -> pending tails (read only)."""
+        return self._pending
+
+    def emit(self, out: dict[Hashable, int], bits: int, depth: int) -> None:
+        """Record `depth` leading blocks for every backend whose slot bit is in `bits`."""
+        _emit(out, bits, depth, self._slot_backend)
+
     def __len__(self) -> int:
         """Distinct block hashes held by at least one backend."""
         return len(self._owners)

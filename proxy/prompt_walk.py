@@ -96,23 +96,36 @@ class PromptWalker:
         while not st.done:
             self.advance(st)
 
-    def walk(self, st: PromptState) -> None:
-        """Advance until no backend can match further or the text ends; resolve pending tails met on the way."""
+    def walk(self, st: PromptState) -> dict:
+        """Advance until no backend can match further or the text ends, resolving pending tails met on
+        the way; returns the matches (backend -> leading blocks it holds), found on the way too."""
         index = self.router.index
+        owners = index.owner_map().get
+        pending = index.pending_map()
+        matches: dict = {}
         mask = -1
         i = 0
         while not st.done:
             self.advance(st)
             hashes = st.hashes
-            while i < len(hashes):
+            n = len(hashes)
+            while i < n:
                 h = hashes[i]
-                mask &= index.owners(h)
-                if not mask:
-                    return
-                tails = index.pending_at(h)
-                if tails:
-                    self._resolve(tails, mask, st)
+                m = mask & owners(h, 0)
+                if m != mask:
+                    if i:
+                        index.emit(matches, mask & ~m, i)
+                    mask = m
+                    if not mask:
+                        return matches
+                if pending:
+                    tails = pending.get(h)
+                    if tails:
+                        self._resolve(tails, mask, st)
                 i += 1
+        if mask != -1:
+            index.emit(matches, mask, i)
+        return matches
 
     def _resolve(self, tails: list[PendingTail], mask: int, st: PromptState) -> None:
         """Hash the pending tails this prompt may continue into (text check first: it is exact and cheap)."""

@@ -129,13 +129,14 @@ class Router:
         """The routing view of a prompt given as text. Lazy (the default): tokenized and hashed only as
         far as any backend can match it (`prompt_walk.py`); `complete(ctx)` finishes the job."""
         st = PromptState(text, cache_salt or None)
+        matches = None
         if lazy:
-            self.walker.walk(st)
+            matches = self.walker.walk(st)
         else:
             self.walker.finish(st)
         return RequestContext(
             st.hashes, st.estimated_tokens(), max_tokens if max_tokens is not None else self.config.default_max_tokens,
-            model, self.index, tail=None if st.done else st, completer=self.complete,
+            model, self.index, matches, tail=None if st.done else st, completer=self.complete,
         )
 
     def complete(self, ctx: RequestContext) -> None:
