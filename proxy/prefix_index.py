@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_CAPACITY_BLOCKS = 924
+PROMPT_END_ENTRIES = 65536
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PrefixIndex:
         self.default_capacity = default_capacity
         self._owners: dict[int, int] = {}  # block hash -> bitmask of slots
         self._pending: dict[int, list[PendingTail]] = {}  # anchor hash -> tails
+        self._prompt_ends: OrderedDict[int, None] = OrderedDict()  # last full block of recently routed prompts
         self._stores: dict[Hashable, _BackendStore] = {}
         self._slot_backend: dict[int, Hashable] = {}
         self._free_slots: list[int] = []
@@ -104,6 +106,17 @@ class PrefixIndex:
 
     def pending_at(self, h: int) -> list[PendingTail] | None:
         return self._pending.get(h)
+
+    def mark_prompt_end(self, h: int) -> None:
+        """Block `h` ended a routed prompt: a later prompt matching exactly up to it continues that one (a chat turn)."""
+        ends = self._prompt_ends
+        ends.pop(h, None)
+        ends[h] = None
+        if len(ends) > PROMPT_END_ENTRIES:
+            del ends[next(iter(ends))]
+
+    def is_prompt_end(self, h: int) -> bool:
+        return h in self._prompt_ends
 
     def owner_map(self) -> dict[int, int]:
         """Block hash -> slot bitmask, for walkers that test many blocks (read only)."""

@@ -141,6 +141,8 @@ class PromptWalker:
                 if not st.text.startswith(other.text[: other.pos + 1]):
                     continue
                 self.finish(other)
+            if other.hashes:
+                index.mark_prompt_end(other.hashes[-1])
             index.resolve(p, other.hashes[other.hashes.index(p.anchor) + 1 :])
 
     def tail_blocks(self, st: PromptState) -> int:

@@ -211,6 +211,8 @@ class Router:
             self.index.record_routed(b.url, ctx.hashes, ctx.tail, self.walker.tail_blocks(ctx.tail))
         else:
             self.index.record_routed(b.url, ctx.hashes)
+        if ctx.tail is None and ctx.hashes:
+            self.index.mark_prompt_end(ctx.hashes[-1])
         self.policies[strategy or self.strategy].observe(ctx, b)
         return rec
 

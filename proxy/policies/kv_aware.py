@@ -29,6 +29,14 @@ old) is compared with our requests pending at the scrape's time, not now: otherw
 during a burst charged a phantom queue to a backend that had long since admitted it, and sessions
 fled their home (multiturn: 63 -> 47 moves in 400 turns). Measured in `docs/results/multiturn-compare/`.
 
+Chat sessions stay home. A prompt that continues an earlier routed prompt exactly through that
+prompt's last block (a chat's next turn), with at least 30% of it cached on that backend, goes there
+unless the cheapest backend is better by more than 0.5 s: cost alone moved sessions whenever their
+home was mid-wave, and since a moved session's later turns follow it and sessions started together
+return together, the waves grew (6/6/6/6 sessions -> 3/11/6/4 in five turns) and TTFT p99 with them.
+Shared documents are not held back: their deepest matched block ends no earlier prompt, or was
+matched by several requests. Measured in `docs/results/multiturn-compare/`.
+
 Costs within `tie_blocks` blocks of (weighted) prefill of the best are a tie (a one-block shared prefix is not
 worth a hot spot): the backend with the fewest indexed blocks (most free cache) wins, then
 rendezvous hashing of the request's last block hash with each backend's URL (`rendezvous.py`).
@@ -37,6 +45,7 @@ events decide alike: no tie depends on per-process state.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from ..backends import Backend, now
@@ -44,6 +53,7 @@ from . import rendezvous
 from .base import Decision, Policy, RequestContext
 
 SCRAPE_FRESH_S = 5.0
+REUSE_ENTRIES = 65536
 
 
 class KvAwarePolicy(Policy):
@@ -57,8 +67,16 @@ class KvAwarePolicy(Policy):
     eviction_weight = 0.25
     tie_blocks = 1.0
 
+    # A chat turn (its prompt continues a routed prompt exactly through that one's end, and at least
+    # this share of it is cached at home) stays home unless home costs move_valve_s more; a prefix
+    # that `shared_after` requests matched is a shared document, which may spread.
+    home_share = 0.3
+    shared_after = 2
+    move_valve_s = 0.5
+
     def __init__(self, env) -> None:
         super().__init__(env)
+        self._reuse: OrderedDict[int, int] = OrderedDict()  # deepest matched block -> requests that matched it
         # A typical unseen request's prefill: 1024 uncached tokens, as SMG's least_load assumes. A
         # constant, not learnt from this replica's traffic, so replicas weigh scraped load alike.
         self._mean_prefill = env.profile.prefill_base + 64 * env.profile.prefill_per_block
@@ -110,6 +128,37 @@ class KvAwarePolicy(Policy):
                 n += 1
         return n
 
+    def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        m = ctx.matched(backend)
+        if m:
+            h = ctx.hashes[m - 1]
+            reuse = self._reuse
+            reuse[h] = reuse.pop(h, 0) + 1
+            if len(reuse) > REUSE_ENTRIES:
+                del reuse[next(iter(reuse))]
+
+    def reset(self) -> None:
+        self._reuse.clear()
+
+    def _stay_home(self, ctx: RequestContext, candidates: Sequence[Backend], costs: list[float], choice: int) -> int:
+        """A chat session's next turn stays on the backend holding its history unless that is worse by
+        more than `move_valve_s`: moving a session moves all its later turns, and sessions that
+        arrive together come back together, so moves made when the home looks momentarily busy pile
+        sessions onto whichever backend's wave was thinking (multiturn, `docs/results/`)."""
+        matches = ctx.matches
+        if not matches:
+            return choice
+        home = max(range(len(candidates)), key=lambda i: matches.get(candidates[i].url, 0))
+        m = matches.get(candidates[home].url, 0)
+        if home == choice or m < 2 or m * self.env.block_size < self.home_share * ctx.num_tokens:
+            return choice
+        deepest = ctx.hashes[m - 1]
+        if not self.env.index.is_prompt_end(deepest) or self._reuse.get(deepest, 0) >= self.shared_after:
+            return choice
+        if costs[home] - costs[choice] > self.move_valve_s:
+            return choice
+        return home
+
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
         costs = self.costs(ctx, candidates)
         best = min(costs)
@@ -122,5 +171,6 @@ class KvAwarePolicy(Policy):
                 rank = (index.num_blocks(b.url), -rendezvous.weight(key, b.url))
                 if choice_rank is None or rank < choice_rank:
                     choice, choice_rank = i, rank
+        choice = self._stay_home(ctx, candidates, costs, choice)
         b = candidates[choice]
         return Decision(b, ctx.matched(b), f"cost={costs[choice]:.4f}s")

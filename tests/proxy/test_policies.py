@@ -219,3 +219,34 @@ def test_chat_turn_stays_with_its_history_unless_home_is_much_busier():
     for rec in [busy, *queue]:
         r.end(rec)
     assert r.registry.total_in_flight() == 0
+
+
+def test_a_chat_session_stays_home_through_a_queue_a_shared_document_spreads_from():
+    """The same moderate queue at home: the next turn of a chat stays (moving a session moves all its
+    later turns), a new question on a document served before moves to an idle backend."""
+    r = setup_router()
+    history = doc_tokens(90, 240)
+    home = route(r, history)[0].backend
+    turn = history + doc_tokens(91, 192)
+    queue = []
+    while len(queue) < 2:  # two 1,200-token prompts prefilling at home: ~0.37 s of queue
+        _, rec = route(r, doc_tokens(92 + len(queue) * 7, 1200), strategy="round_robin", keep=True)
+        (queue.append(rec) if rec.backend is home else r.end(rec))
+    d = r.decide(r.context(turn, 64))
+    assert d.backend is home and d.matched_blocks == 15
+    costs = r.policies["kv_aware"].costs(r.context(turn, 64), r.candidates())
+    assert min(costs) < costs[r.candidates().index(home)]  # by cost alone it would have moved
+    for rec in queue:
+        r.end(rec)
+
+    r.reset()
+    home = route(r, question(95, 0))[0].backend
+    queue = []
+    while len(queue) < 2:
+        _, rec = route(r, doc_tokens(96 + len(queue) * 7, 1200), strategy="round_robin", keep=True)
+        (queue.append(rec) if rec.backend is home else r.end(rec))
+    d = r.decide(r.context(question(95, 1), 64))
+    assert d.backend is not home and d.matched_blocks == 0
+    for rec in queue:
+        r.end(rec)
+    assert r.registry.total_in_flight() == 0
