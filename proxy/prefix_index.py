@@ -222,6 +222,7 @@ class PrefixIndex:
         if backend is None:
             self._owners.clear()
             self._pending.clear()
+            self._prompt_ends.clear()
             for st in self._stores.values():
                 st.lru.clear()
                 st.phantom = 0
