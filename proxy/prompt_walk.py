@@ -85,7 +85,8 @@ class PromptWalker:
             parent = st.digests[-1] if done else None
             new = r.hasher.hashes(st.ids, parent=parent, start_block=done, extra_keys_block0=extra)
             st.digests += new
-            st.hashes += [int.from_bytes(d[-8:], "big") for d in new]
+            from_bytes = int.from_bytes
+            st.hashes += [from_bytes(d[-8:], "big") for d in new]
         if prefix_id is not None:
             # The lists only ever grow, so sharing them is safe: an entry says how many blocks it covers.
             cache[(st.salt, prefix_id)] = (n_blocks, st.hashes, st.digests)

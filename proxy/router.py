@@ -152,7 +152,8 @@ class Router:
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""
         extra = (cache_salt,) if cache_salt else None
-        return [int.from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, extra_keys_block0=extra)]
+        from_bytes = int.from_bytes
+        return [from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, extra_keys_block0=extra)]
 
     def context(
         self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None

@@ -148,9 +148,11 @@ class KvAwarePolicy(Policy):
         matches = ctx.matches
         if not matches:
             return choice
-        home = max(range(len(candidates)), key=lambda i: matches.get(candidates[i].url, 0))
-        m = matches.get(candidates[home].url, 0)
-        if home == choice or m < 2 or m * self.env.block_size < self.home_share * ctx.num_tokens:
+        m = max(matches.values())
+        if m < 2 or matches.get(candidates[choice].url, 0) >= m or m * self.env.block_size < self.home_share * ctx.num_tokens:
+            return choice
+        home = next((i for i, b in enumerate(candidates) if matches.get(b.url, 0) == m), None)
+        if home is None:  # the history's backend is not a candidate (unhealthy, other model)
             return choice
         deepest = ctx.hashes[m - 1]
         if not self.env.index.is_prompt_end(deepest) or self._reuse.get(deepest, 0) >= self.shared_after:
