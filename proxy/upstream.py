@@ -112,6 +112,10 @@ class _Connection(asyncio.Protocol):
         if state == _UNTIL_EOF:
             self._emit(data)
             return
+        if state == _CHUNK_SIZE and not self._buf:
+            data = self._whole_chunks(data)
+            if not data:
+                return
         buf = self._buf
         buf += data
         while True:
@@ -142,6 +146,8 @@ class _Connection(asyncio.Protocol):
                     size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
                 except ValueError:
                     raise UpstreamError("bad chunk size") from None
+                if size < 0:
+                    raise UpstreamError("bad chunk size")
                 del buf[: end + 2]
                 if size == 0:
                     self._state = _TRAILERS
@@ -180,6 +186,34 @@ class _Connection(asyncio.Protocol):
                     self.keep_alive = False
                     buf.clear()
                 return
+
+    def _whole_chunks(self, data: bytes) -> bytes:
+        """Fast path for a stream (one SSE event per chunk, usually one chunk per read): emit the
+        complete data chunks at the start of `data` straight from it; return what is left for the
+        state machine (a partial chunk, the last chunk, trailers)."""
+        pos, n = 0, len(data)
+        out = []
+        while True:
+            end = data.find(b"\r\n", pos, pos + 1024)
+            if end < 0:
+                break
+            line = data[pos:end]
+            try:
+                size = int(line.split(b";", 1)[0] if b";" in line else line, 16)
+            except ValueError:
+                raise UpstreamError("bad chunk size") from None
+            if size < 0:
+                raise UpstreamError("bad chunk size")
+            stop = end + 2 + size
+            if size == 0 or stop + 2 > n:
+                break
+            if data[stop : stop + 2] != b"\r\n":
+                raise UpstreamError("bad chunk terminator")
+            out.append(data[end + 2 : stop])
+            pos = stop + 2
+        if out:
+            self._emit(out[0] if len(out) == 1 else b"".join(out))
+        return data[pos:] if pos else data
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
