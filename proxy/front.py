@@ -94,9 +94,11 @@ class FrontSink:
 
     async def write(self, data: bytes) -> None:
         if data:
+            conn = self.conn
             head, self._head = self._head, b""
-            self.conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
-            await self.conn.drain()
+            conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
+            if conn._write_paused:  # no coroutine per chunk unless the client reads slowly
+                await conn.drain()
 
     async def end(self) -> None:
         head, self._head = self._head, b""

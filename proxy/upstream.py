@@ -14,6 +14,7 @@ import contextlib
 import socket
 import ssl as ssl_mod
 from collections import deque
+from collections.abc import Awaitable
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -339,8 +340,9 @@ class UpstreamResponse:
             self.charset = params.split("charset=", 1)[1].split(";")[0].strip().strip('"') or None
         self._done = False
 
-    async def read_chunk(self) -> bytes:
-        return await self._conn.read_chunk(self._idle)
+    def read_chunk(self) -> Awaitable[bytes]:
+        """The body bytes received so far (waiting for some), b"" at the end (one coroutine, not two)."""
+        return self._conn.read_chunk(self._idle)
 
     async def read(self) -> bytes:
         parts = []
