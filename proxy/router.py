@@ -144,8 +144,7 @@ class Router:
         st = ctx.tail
         if st is None:
             return
-        self.walker.finish(st)
-        ctx.hashes = st.hashes
+        self.walker.finish(st)  # extends st.hashes, the list ctx.hashes already is
         ctx.num_tokens = len(st.ids)
         ctx.tail = None
 

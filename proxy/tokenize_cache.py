@@ -52,15 +52,6 @@ class ChunkedTokenizer:
             p = text.find(" ", p + 1)
         return -1 if p == -1 or p + 1 >= n else p
 
-    def cut_points(self, text: str) -> list[int]:
-        """Offsets where the text can be split without changing its tokenization (the chunk schedule)."""
-        cuts: list[int] = []
-        pos, k = 0, 0
-        while (cut := self.cut_after(text, pos, self.step(k))) != -1:
-            cuts.append(cut)
-            pos, k = cut, k + 1
-        return cuts
-
     def next_chunk(self, text: str, pos: int, chain: int, k: int) -> tuple[list[int], int, int | None]:
         """Encode chunk number `k`, from `pos` (whose prefix has cache id `chain`): (ids, end, prefix id).
 
