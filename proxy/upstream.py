@@ -31,6 +31,17 @@ class UpstreamTimeout(TimeoutError):
     """The backend was silent for longer than the idle timeout."""
 
 
+def _chunk_size(line: bytes) -> int:
+    """The size on a chunk-size line (extensions after ';' ignored)."""
+    try:
+        size = int(line.split(b";", 1)[0], 16)
+    except ValueError:
+        raise UpstreamError("bad chunk size") from None
+    if size < 0:
+        raise UpstreamError("bad chunk size")
+    return size
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection; parses one response at a time."""
 
@@ -143,12 +154,7 @@ class _Connection(asyncio.Protocol):
                     if len(buf) > 1024:
                         raise UpstreamError("bad chunk header")
                     return
-                try:
-                    size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise UpstreamError("bad chunk size") from None
-                if size < 0:
-                    raise UpstreamError("bad chunk size")
+                size = _chunk_size(bytes(buf[:end]))
                 del buf[: end + 2]
                 if size == 0:
                     self._state = _TRAILERS
@@ -198,13 +204,7 @@ class _Connection(asyncio.Protocol):
             end = data.find(b"\r\n", pos, pos + 1024)
             if end < 0:
                 break
-            line = data[pos:end]
-            try:
-                size = int(line.split(b";", 1)[0] if b";" in line else line, 16)
-            except ValueError:
-                raise UpstreamError("bad chunk size") from None
-            if size < 0:
-                raise UpstreamError("bad chunk size")
+            size = _chunk_size(data[pos:end])
             stop = end + 2 + size
             if size == 0 or stop + 2 > n:
                 break
