@@ -25,7 +25,6 @@ from kvblocks import APIError, error_body
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
-    from .metrics import ProxyMetrics
     from .server import ProxyHandlers
 
 log = logging.getLogger("kvroute.proxy")
@@ -266,12 +265,8 @@ class FrontProtocol(asyncio.Protocol):
         try:
             try:
                 await front.handlers.serve(req.path, req.parse, req.headers, read_body, sink)
-            except APIError as e:
-                front.metrics.errors.labels(str(e.status)).inc()
-                if not sink.started:
-                    await sink.send(e.status, {}, orjson.dumps(e.body()), "application/json")
-                else:
-                    sink.close = True
+            except APIError:  # only once the answer had started: the connection cannot carry another
+                sink.close = True
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception:
@@ -314,11 +309,9 @@ class FrontServer:
     """The listening socket and its connections; `aiohttp_protocol` makes aiohttp's handler for a handover."""
 
     def __init__(
-        self, handlers: ProxyHandlers, metrics: ProxyMetrics, aiohttp_protocol: Callable[[], asyncio.Protocol],
-        max_body: int, max_line: int,
+        self, handlers: ProxyHandlers, aiohttp_protocol: Callable[[], asyncio.Protocol], max_body: int, max_line: int,
     ) -> None:
         self.handlers = handlers
-        self.metrics = metrics
         self.aiohttp_protocol = aiohttp_protocol
         self.max_body = max_body
         self.max_line = max_line

@@ -12,6 +12,8 @@ from aiohttp import web
 
 
 class ResponseSink(Protocol):
+    started: bool  # whether the answer has begun (nothing else can be sent then)
+
     async def send(self, status: int, headers: dict[str, str], body: bytes, content_type: str) -> None:
         """The whole answer at once (Content-Length)."""
 
@@ -29,6 +31,10 @@ class AiohttpSink:
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.response: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None
 
     async def send(self, status: int, headers: dict[str, str], body: bytes, content_type: str) -> None:
         self.response = web.Response(body=body, status=status, headers=headers, content_type=content_type)

@@ -167,7 +167,20 @@ class ProxyHandlers:
         self, path: str, parse: Callable[[bytes], ParsedRequest], headers: Mapping[str, str],
         read_body: Callable[[], Awaitable[bytes]], sink: ResponseSink,
     ) -> None:
-        """One OpenAI request, whichever server parsed it: errors leave as `APIError`."""
+        """One OpenAI request, whichever server parsed it; an `APIError` is answered as OpenAI-style JSON
+        here (re-raised only if the answer had already started)."""
+        try:
+            await self._serve(path, parse, headers, read_body, sink)
+        except APIError as e:
+            if sink.started:
+                raise
+            self.app[METRICS_KEY].errors.labels(str(e.status)).inc()
+            await sink.send(e.status, {}, orjson.dumps(e.body()), "application/json")
+
+    async def _serve(
+        self, path: str, parse: Callable[[bytes], ParsedRequest], headers: Mapping[str, str],
+        read_body: Callable[[], Awaitable[bytes]], sink: ResponseSink,
+    ) -> None:
         self._check_api_key(headers)
         with self.admission.hold(self._bearer(headers)):
             strategy = self._strategy(headers)
@@ -347,9 +360,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
         )
         await runner.setup()
-        front = FrontServer(
-            app[STATE_KEY]["handlers"], app[METRICS_KEY], runner.server, config.max_body_bytes, config.max_header_bytes
-        )
+        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes)
         addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
     except BaseException:
         if runner is not None:
