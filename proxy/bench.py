@@ -89,6 +89,31 @@ def bench_decide(args: argparse.Namespace) -> None:
         med = statistics.median(parts["total"])
         print(f"  -> {d.backend.url} matched {d.matched_blocks} blocks; median total {med * 1e3:.3f} ms "
               f"= {med / 1e-3:.2f}x the 1 ms target")
+    bench_route_unique(args)
+
+
+def bench_route_unique(args: argparse.Namespace) -> None:
+    """Routing alone (text to decision to index bookkeeping) for ~1,000-token prompts no backend
+    holds, 4 backends at steady state: lazy prompts against tokenizing and hashing in full."""
+    print("route: unique ~1,000-token prompts, 4 backends (text_context + decide + begin + end)")
+    for label, lazy in (("lazy (default)", True), ("full tokenization", False)):
+        router = Router(ProxyConfig(backends=[]))
+        for i in range(4):
+            router.add_backend(f"http://10.0.1.{i}:8000")
+        prompts = word_prompts(args.iterations * 3, 1000, seed=3)
+
+        def route(text: str) -> None:
+            ctx = router.text_context(text, 64, lazy=lazy)
+            router.end(router.begin(ctx, router.decide(ctx)))
+
+        for t in prompts[: args.iterations]:  # fill the index to capacity first
+            route(t)
+        times = []
+        for t in prompts[args.iterations :]:
+            t0 = time.perf_counter()
+            route(t)
+            times.append(time.perf_counter() - t0)
+        print(f"  {label:18s} median {statistics.median(times) * 1e6:.0f} us   p99 {pct(times, 99) * 1e6:.0f} us")
 
 
 # -- overhead --------------------------------------------------------------------------------------
