@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 import zmq
 
-from kvblocks.kv_events import EventBatch, KVEvent, REPLAY_END_SEQ, encode_batch, encode_seq
+from kvblocks.kv_events import (
+    EventBatch,
+    KVEvent,
+    encode_batch,
+    encode_seq,
+    parse_replay_request,
+    replay_end,
+    replay_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +213,17 @@ class ZmqEventPublisher:
                 frames = self._replay.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 continue
-            if len(frames) != 3:
+            start_seq = parse_replay_request(frames)
+            if start_seq is None:
                 log.warning("kv events: invalid replay request with %d frames", len(frames))
                 continue
-            client, _, start = frames
-            start_seq = int.from_bytes(start, "big")
+            client = frames[0]
             with self._lock:
                 backlog = [(s, p) for s, p in self._buffer if s >= start_seq]
             try:
                 for seq, payload in backlog:
-                    self._replay.send_multipart((client, b"", encode_seq(seq), payload))
-                self._replay.send_multipart((client, b"", encode_seq(REPLAY_END_SEQ), b""))
+                    self._replay.send_multipart((client, *replay_reply(self._topic, seq, payload)))
+                self._replay.send_multipart((client, *replay_end()))
             except zmq.ZMQError as e:
                 log.warning("kv events: replay to a client failed: %s", e)
 

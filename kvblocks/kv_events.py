@@ -3,10 +3,15 @@
 ZMQ PUB, 3 frames per message: [topic, sequence (8-byte big-endian), msgpack batch]; a batch is
 [ts, [event maps tagged by "type"], data_parallel_rank], one batch per engine step with events.
 Hashes travel as ints (last 8 bytes of the digest) by default, raw digests when asked.
+
+Replay (a ROUTER beside the PUB) is framed here once, for our publisher and our subscriber both, as
+vLLM 0.32/0.33's `ZmqEventPublisher._service_replay` frames it: a DEALER sends [b"", start_seq]; each
+buffered batch comes back as [b"", topic, seq, payload] and the end as [b"", b"", seq -1, b""].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Union
 
 import msgpack
@@ -177,3 +182,41 @@ def encode_seq(seq: int) -> bytes:
 
 def decode_seq(frame: bytes) -> int:
     return int.from_bytes(frame, "big", signed=True)
+
+
+# ---- replay framing (vllm/distributed/kv_events.py, ZmqEventPublisher._service_replay) ------------
+
+
+def replay_request(start_seq: int) -> list[bytes]:
+    """What a DEALER sends to ask for every buffered batch from `start_seq` on."""
+    return [b"", start_seq.to_bytes(8, "big")]
+
+
+def parse_replay_request(frames: Sequence[bytes]) -> int | None:
+    """The start seq of a request as a ROUTER receives it ([client, b"", start]); None if malformed."""
+    if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
+        return None
+    return int.from_bytes(frames[2], "big")
+
+
+def replay_reply(topic: bytes, seq: int, payload: bytes) -> tuple[bytes, ...]:
+    """One buffered batch as the ROUTER sends it, after the client's identity frame."""
+    return (b"", topic, encode_seq(seq), payload)
+
+
+def replay_end() -> tuple[bytes, ...]:
+    """The end-of-replay marker, after the client's identity frame."""
+    return (b"", b"", encode_seq(REPLAY_END_SEQ), b"")
+
+
+def parse_replay_reply(frames: Sequence[bytes]) -> tuple[int, bytes]:
+    """(seq, payload) of one reply as a DEALER receives it; seq == REPLAY_END_SEQ ends the replay.
+
+    Accepts vLLM 0.32/0.33's [b"", topic, seq, payload] and the topic-less [b"", seq, payload] of
+    earlier releases; raises ValueError on anything else.
+    """
+    if len(frames) == 4 and frames[0] == b"" and len(frames[2]) == 8:
+        return decode_seq(frames[2]), frames[3]
+    if len(frames) == 3 and frames[0] == b"" and len(frames[1]) == 8:
+        return decode_seq(frames[1]), frames[2]
+    raise ValueError(f"malformed replay reply ({len(frames)} frames; expected [b'', topic, seq, payload])")

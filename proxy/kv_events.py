@@ -30,8 +30,9 @@ from kvblocks.kv_events import (
     BlockStored,
     EventBatch,
     decode_batch,
-    decode_seq,
     int_hash,
+    parse_replay_reply,
+    replay_request,
 )
 
 log = logging.getLogger(__name__)
@@ -394,27 +395,27 @@ class KVEventSubscriber:
         return True
 
     async def _fetch_replay(self, start_seq: int) -> list[tuple[int, bytes]] | None:
-        """vLLM's replay protocol over a DEALER: send [b"", start], read [b"", seq, payload] until seq -1."""
+        """vLLM's replay protocol over a DEALER (framing in kvblocks.kv_events): every batch from `start_seq`."""
         assert self.source.replay_endpoint is not None
         self.stats.replays += 1
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.source.replay_endpoint)
-            await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
+            await sock.send_multipart(replay_request(start_seq))
             items: list[tuple[int, bytes]] = []
             while True:
                 if not await sock.poll(int(self._replay_timeout * 1000), zmq.POLLIN):
                     log.warning("kv events %s: replay from %d timed out", self.backend, start_seq)
                     return None
-                frames = await sock.recv_multipart()
-                if len(frames) != 3 or len(frames[1]) != 8:
-                    log.warning("kv events %s: malformed replay reply (%d frames)", self.backend, len(frames))
+                try:
+                    seq, payload = parse_replay_reply(await sock.recv_multipart())
+                except ValueError as e:
+                    log.warning("kv events %s: %s", self.backend, e)
                     return None
-                seq = decode_seq(frames[1])
                 if seq == REPLAY_END_SEQ:
                     return items
-                items.append((seq, frames[2]))
+                items.append((seq, payload))
         finally:
             sock.close(linger=0)
 

@@ -147,18 +147,21 @@ async def test_replay_router_serves_buffer_from_start_seq_then_end_marker():
                 assert await dealer.poll(5000), "replay did not answer"
                 f = await dealer.recv_multipart()
                 frames.append(f)
-                if f[1] == (-1).to_bytes(8, "big", signed=True):
+                if f[2] == (-1).to_bytes(8, "big", signed=True):
                     break
             replies.append(frames)
     finally:
         dealer.close(linger=0)
         pub.close()
-    # buffer_steps=3 keeps seqs 2..4; a request from 0 gets what is left, from 3 gets 3..4
+    # buffer_steps=3 keeps seqs 2..4; a request from 0 gets what is left, from 3 gets 3..4. The
+    # frames are vLLM 0.32/0.33's _service_replay as a DEALER sees them, written out literally:
+    # [b"", topic, seq, payload] per batch, then [b"", b"", -1, b""].
     for frames, want in zip(replies, ([2, 3, 4], [3, 4])):
-        assert all(f[0] == b"" and len(f) == 3 for f in frames)
-        assert [int.from_bytes(f[1], "big") for f in frames[:-1]] == want
-        assert frames[-1][2] == b""
-        assert [msgpack.unpackb(f[2])[1][0]["block_hashes"] for f in frames[:-1]] == [[w] for w in want]
+        assert all(f[0] == b"" and len(f) == 4 for f in frames)
+        assert all(f[1] == b"" for f in frames[:-1])  # the publisher's topic (default: empty)
+        assert [int.from_bytes(f[2], "big") for f in frames[:-1]] == want
+        assert frames[-1][1] == b"" and frames[-1][3] == b""
+        assert [msgpack.unpackb(f[3])[1][0]["block_hashes"] for f in frames[:-1]] == [[w] for w in want]
 
 
 async def test_connect_mode_publisher_reaches_a_bound_subscriber():
