@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvblocks import APIError, Tokenizer, get_tokenizer
+from kvblocks import APIError, Tokenizer, get_tokenizer, salt_extra_keys
 from kvblocks.kv_events import KVEvent
 
 from .block_pool import BlockPool
@@ -139,7 +139,7 @@ class Engine:
             )
         if request_id in self.requests:
             raise APIError(400, f"request id {request_id!r} is already in flight", param="request_id")
-        extra = (cache_salt,) if cache_salt else None
+        extra = salt_extra_keys(cache_salt)
         return EngineRequest(
             request_id=request_id,
             prompt_token_ids=prompt,

@@ -5,7 +5,7 @@ Tokenize -> cut into full blocks -> chained hashes identical to vLLM's for the s
 from .blocks import DEFAULT_BLOCK_SIZE, BlockHasher, full_blocks, num_full_blocks
 from .chat import ChatFormatError, render_chat
 from .errors import APIError, error_body
-from .hashing import HASH_ALGOS, hash_block, hash_fn, hash_to_int, none_hash
+from .hashing import HASH_ALGOS, hash_block, hash_fn, hash_to_int, none_hash, salt_extra_keys
 from .tokenizer import BUILTIN_TOKENIZER, Tokenizer, get_tokenizer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "hash_fn",
     "hash_to_int",
     "none_hash",
+    "salt_extra_keys",
     "num_full_blocks",
     "render_chat",
 ]

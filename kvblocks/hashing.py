@@ -38,10 +38,22 @@ def hash_fn(algo: str) -> Callable[[Any], bytes]:
 
 
 def none_hash(algo: str = "sha256", seed: str | None = None) -> bytes:
-    """Parent digest of block 0: the hash of PYTHONHASHSEED when set, else of "vllm-none-hash"."""
+    """Parent digest of block 0: the hash of PYTHONHASHSEED when set (even to ""), else of "vllm-none-hash".
+
+    vLLM's `resolve_none_hash_seed` tests `os.getenv("PYTHONHASHSEED") is not None`, so an empty
+    value is a seed of its own (the empty string), not "unset".
+    """
     if seed is None:
-        seed = os.environ.get("PYTHONHASHSEED") or NONE_HASH_SEED
+        seed = os.environ.get("PYTHONHASHSEED")
+        if seed is None:
+            seed = NONE_HASH_SEED
     return hash_fn(algo)(seed)
+
+
+def salt_extra_keys(cache_salt: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Block 0's extra hash keys for a request's `cache_salt`, tagged as vLLM 0.32/0.33 tags them
+    (`generate_block_hash_extra_keys`: `("cache_salt", salt)`); None for an unsalted request."""
+    return (("cache_salt", cache_salt),) if cache_salt else None
 
 
 def hash_block(

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvblocks import salt_extra_keys
+
 from .prefix_index import PendingTail
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ class PromptWalker:
                 return
         done = len(st.hashes)
         if n_blocks > done:
-            extra = (st.salt,) if st.salt and done == 0 else None
+            extra = salt_extra_keys(st.salt) if done == 0 else None
             parent = st.digests[-1] if done else None
             new = r.hasher.hashes(st.ids, parent=parent, start_block=done, extra_keys_block0=extra)
             st.digests += new

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Collection, Sequence
 
 from emulator.latency import get_profile
-from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer
+from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
 
 from .backends import Backend, BackendRegistry, InFlight, now
 from .circuit_breaker import BreakerState, CircuitBreaker
@@ -150,7 +150,7 @@ class Router:
 
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""
-        extra = (cache_salt,) if cache_salt else None
+        extra = salt_extra_keys(cache_salt)
         from_bytes = int.from_bytes
         return [from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, extra_keys_block0=extra)]
 

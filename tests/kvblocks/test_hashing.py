@@ -66,3 +66,25 @@ def test_first_token_change_changes_every_block(tokens, other):
     h = BlockHasher(16)
     changed = [other if other != tokens[0] else other + 1] + tokens[1:]
     assert not set(h.hashes(tokens)) & set(h.hashes(changed))
+
+
+def test_cache_salt_keys_are_vllms_tagged_tuple():
+    """vLLM 0.32/0.33 hash block 0 of a salted prompt with (("cache_salt", salt),); the bare (salt,)
+    of earlier releases gives another hash, which real vLLM would never publish."""
+    from kvblocks import salt_extra_keys
+
+    assert salt_extra_keys("t") == (("cache_salt", "t"),)
+    assert salt_extra_keys(None) is None and salt_extra_keys("") is None
+    h = BlockHasher(16)
+    assert h.hashes(TOKENS, extra_keys_block0=salt_extra_keys("t"))[0] != h.hashes(TOKENS, extra_keys_block0=("t",))[0]
+
+
+def test_empty_pythonhashseed_is_a_seed_not_unset(monkeypatch):
+    """vLLM checks `os.getenv("PYTHONHASHSEED") is not None`: "" seeds NONE_HASH with the empty string."""
+    from kvblocks import none_hash
+    from kvblocks.hashing import hash_fn
+
+    monkeypatch.setenv("PYTHONHASHSEED", "")
+    assert none_hash("sha256") == hash_fn("sha256")("")
+    monkeypatch.delenv("PYTHONHASHSEED")
+    assert none_hash("sha256") == hash_fn("sha256")("vllm-none-hash")

@@ -1,0 +1,77 @@
+"""Two real vLLM servers, started once per test run for every test in this folder.
+
+Server `a` requires an API key (as a production server would), `b` does not; both publish KV events
+with a replay socket, serve a 32-token-block cache of 128 blocks and the tiny local model. A machine
+where vLLM cannot be installed or started skips these tests with the reason (pytest -ra prints it);
+with KVROUTE_REQUIRE_VLLM=1 (CI) that is a failure instead.
+"""
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from .vllm_server import VLLMServer, VLLMUnavailable, required, start_servers, tiny_model, vllm_python
+
+API_KEY_A = "vllm-key-a"
+
+
+@dataclass
+class VLLMPair:
+    a: VLLMServer
+    b: VLLMServer
+    setup_s: float
+
+    @property
+    def servers(self) -> list[VLLMServer]:
+        return [self.a, self.b]
+
+    def key(self, s: VLLMServer) -> str | None:
+        return s.api_key
+
+    def reset_caches(self) -> None:
+        """Empty both prefix caches (dev-mode /reset_prefix_cache), so each test starts cold."""
+        for s in self.servers:
+            req = urllib.request.Request(s.url + "/reset_prefix_cache", data=b"", method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200, f"reset_prefix_cache on {s.name}: {r.status}"
+
+
+def _unavailable(reason: str) -> None:
+    if required():
+        pytest.fail(f"real vLLM required (KVROUTE_REQUIRE_VLLM=1) but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"real vLLM unavailable here: {reason}")
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMPair]:
+    t0 = time.monotonic()
+    try:
+        py = vllm_python()
+        model = tiny_model(py)
+    except VLLMUnavailable as e:
+        _unavailable(str(e))
+    log_dir = tmp_path_factory.mktemp("vllm")
+    a = VLLMServer("a", py, model, api_key=API_KEY_A, cpu=0)
+    b = VLLMServer("b", py, model, cpu=1)
+    try:
+        start_servers([a, b], log_dir)
+    except VLLMUnavailable as e:
+        _unavailable(str(e))
+    pair = VLLMPair(a, b, time.monotonic() - t0)
+    print(f"\nreal vLLM: two servers up in {pair.setup_s:.0f}s ({a.url}, {b.url}); logs in {log_dir}")
+    try:
+        yield pair
+    finally:
+        for s in (a, b):
+            s.stop()
+
+
+@pytest.fixture
+def vllm(vllm_pair: VLLMPair) -> VLLMPair:
+    """The pair with both caches emptied."""
+    vllm_pair.reset_caches()
+    return vllm_pair
