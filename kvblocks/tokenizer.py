@@ -24,6 +24,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt's ids as vLLM computes them: `encode` plus the special tokens the
+        tokenizer adds itself (a Llama tokenizer's BOS), as vLLM's `add_special_tokens=True` does."""
+        ...
+
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
     @property
@@ -43,6 +48,8 @@ class TiktokenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
+
+    encode_prompt = encode  # cl100k adds no special tokens of its own
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._enc.decode([t for t in token_ids if 0 <= t < self._enc.n_vocab], errors="replace")
@@ -76,6 +83,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """With the tokenizer's post-processor (e.g. Llama's BOS), as vLLM's /v1/completions encodes:
+        without it every block hash would differ from the backend's and exact routing match nothing."""
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tok.decode(list(token_ids))

@@ -15,6 +15,8 @@ import orjson
 
 from kvblocks import APIError
 
+from .backends import Backend
+
 CACHE_ENTRIES = 4096
 
 
@@ -30,7 +32,7 @@ class BackendTokenizer:
         self.misses = 0
 
     async def encode(
-        self, backend_url: str, model: str | None, text: str | None = None, messages: list[Any] | None = None
+        self, backend: Backend, model: str | None, text: str | None = None, messages: list[Any] | None = None
     ) -> list[int]:
         """Token ids of a prompt (`text`) or a conversation (`messages`) as that backend tokenizes them."""
         body: dict[str, Any] = {"model": model} if model else {}
@@ -47,8 +49,8 @@ class BackendTokenizer:
             return ids
         self.misses += 1
         try:
-            async with self.session.post(backend_url + "/tokenize", data=key, timeout=self.timeout,
-                                         headers={"Content-Type": "application/json"}) as r:
+            async with self.session.post(backend.url + "/tokenize", data=key, timeout=self.timeout,
+                                         headers={"Content-Type": "application/json", **backend.auth_headers}) as r:
                 payload = await r.read()
                 if r.status >= 500:
                     raise APIError(503, f"tokenization failed at a backend (HTTP {r.status})")

@@ -53,6 +53,8 @@ class Backend:
     failures: int = 0
     last_error: str | None = None
     models: list[str] | None = None
+    api_key: str | None = field(default=None, repr=False)  # sent upstream; never in logs or reprs
+    auth_error: str | None = None  # set while the backend rejects our credentials
     max_model_len: int | None = None
     scraped: ScrapedLoad = field(default_factory=ScrapedLoad)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
@@ -62,6 +64,11 @@ class Backend:
     @property
     def in_flight(self) -> int:
         return len(self.requests)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What every request to this backend carries: its API key (vLLM --api-key guards /v1/*)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def serves(self, model: str | None) -> bool:
         return model is None or self.models is None or model in self.models

@@ -30,6 +30,8 @@ class ProxyConfig:
     strategy: str = "kv_aware"
     api_keys: list[str] = field(default_factory=list)
     admin_key: str | None = None
+    # Sent upstream (Authorization: Bearer) to backends without a key of their own in the backends file.
+    backend_api_key: str | None = field(default=None, repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
     health_interval: float = 2.0
     metrics_interval: float = 1.0
@@ -103,7 +105,7 @@ class ProxyConfig:
 
     def all_backends(self) -> list[str]:
         """Backends from the flag list plus the backends file."""
-        return list(dict.fromkeys([*self.backends, *(url for url, _ in self._file_backends())]))
+        return list(dict.fromkeys([*self.backends, *(e.url for e in self._file_backends())]))
 
     def kv_event_sources(self) -> dict[str, KVEventSource]:
         """Backends that publish vLLM KV events, with where to subscribe (their index part becomes exact)."""
@@ -111,35 +113,34 @@ class ProxyConfig:
         for url, value in zip(self.backends, self.kv_events):
             if value.strip().lower() not in ("", "none"):
                 out[url] = KVEventSource.parse(value)
-        for url, source in self._file_backends():
-            if source is not None:
-                out[url] = source
+        for e in self._file_backends():
+            if e.kv_events is not None:
+                out[e.url] = e.kv_events
         return out
 
-    def _file_backends(self) -> list[tuple[str, KVEventSource | None]]:
+    def backend_api_keys(self) -> dict[str, str]:
+        """The key each backend is sent (its own from the backends file, else --backend-api-key)."""
+        out = {url: self.backend_api_key for url in self.all_backends() if self.backend_api_key}
+        for e in self._file_backends():
+            if e.api_key:
+                out[e.url] = e.api_key
+        return out
+
+    def _file_backends(self) -> list[FileBackend]:
         """The backends file: one URL per line (# comments), or a JSON list of URLs /
-        `{"url": ..., "kv_events": "ENDPOINT" | {"endpoint", "topic", "replay_endpoint"}}`."""
+        `{"url": ..., "kv_events": "ENDPOINT" | {"endpoint", "topic", "replay_endpoint"},
+        "api_key": KEY | "api_key_env": ENV_VAR}`."""
         if not self.backends_file:
             return []
         with open(self.backends_file, encoding="utf-8") as f:
             text = f.read()
         if text.lstrip().startswith("["):
-            entries = json.loads(text)
-            out: list[tuple[str, KVEventSource | None]] = []
-            for e in entries:
-                if isinstance(e, str):
-                    out.append((normalize_url(e), None))
-                elif isinstance(e, dict) and isinstance(e.get("url"), str):
-                    ev = e.get("kv_events")
-                    out.append((normalize_url(e["url"]), KVEventSource.parse(ev) if ev else None))
-                else:
-                    raise ValueError(f"{self.backends_file}: each entry must be a URL or {{\"url\": ..., \"kv_events\": ...}}")
-            return out
+            return [FileBackend.parse(e, self.backends_file) for e in json.loads(text)]
         urls = []
         for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
-                urls.append((normalize_url(line), None))
+                urls.append(FileBackend(normalize_url(line)))
         return urls
 
     @classmethod
@@ -176,6 +177,37 @@ class ProxyConfig:
             raise  # unreachable: parser.error exits
 
 
+@dataclass(frozen=True)
+class FileBackend:
+    """One entry of a JSON backends file."""
+
+    url: str
+    kv_events: KVEventSource | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in logs or reprs
+
+    @classmethod
+    def parse(cls, e: Any, where: str) -> FileBackend:
+        if isinstance(e, str):
+            return cls(normalize_url(e))
+        if not isinstance(e, dict) or not isinstance(e.get("url"), str):
+            raise ValueError(f'{where}: each entry must be a URL or {{"url": ..., "kv_events": ..., "api_key": ...}}')
+        unknown = sorted(set(e) - {"url", "kv_events", "api_key", "api_key_env"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for backend {e['url']}")
+        key = e.get("api_key")
+        env_name = e.get("api_key_env")
+        if env_name is not None:
+            if key is not None:
+                raise ValueError(f"{where}: backend {e['url']} has both api_key and api_key_env")
+            key = os.environ.get(env_name) if isinstance(env_name, str) else None
+            if not key:
+                raise ValueError(f"{where}: backend {e['url']}: env var {env_name} (its api_key_env) is not set")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError(f"{where}: backend {e['url']}: api_key must be a non-empty string")
+        ev = e.get("kv_events")
+        return cls(normalize_url(e["url"]), KVEventSource.parse(ev) if ev else None, key)
+
+
 def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -191,6 +223,8 @@ _HELP = {
     "strategy": "routing strategy (see /admin/strategy); default: load-aware prefix routing",
     "api_keys": "client API key accepted as 'Authorization: Bearer KEY' (repeatable)",
     "admin_key": "key guarding /admin/ (Bearer)",
+    "backend_api_key": "API key the proxy sends upstream (Authorization: Bearer) to backends started with --api-key; "
+    "a backends-file entry's api_key / api_key_env overrides it per backend; never logged",
     "emulators": "number of embedded emulators when no backend is given",
     "profile": "latency profile of the backends (routing cost model; embedded emulators use it too)",
     "time_scale": "backends' time scale (emulator --time-scale); embedded emulators use it too",

@@ -19,7 +19,7 @@ import orjson
 from kvblocks import APIError, error_body
 
 from .backends import Backend, InFlight
-from .health import BackendMonitor
+from .health import BackendMonitor, note_auth
 from .metrics import ProxyMetrics
 from .policies import Decision, RequestContext
 from .response_sink import ResponseSink
@@ -98,14 +98,20 @@ class Forwarder:
         # Set on SIGTERM: a stream still running when the grace period ends gets an error event, not a cut.
         self.draining = False
         self._streams: set[asyncio.Task] = set()
+        self._mismatch_logged: set[str] = set()
 
     async def forward(
-        self, sink: ResponseSink, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str
+        self, sink: ResponseSink, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str,
+        check_tokens: bool = True,
     ) -> None:
-        """Answer through `sink`: the backend's answer, or an OpenAI-style error raised as `APIError`."""
+        """Answer through `sink`: the backend's answer, or an OpenAI-style error raised as `APIError`.
+
+        `check_tokens`: the routing key is the whole prompt, so the backend's usage.prompt_tokens must
+        equal our count (False for multi-prompt requests, whose usage sums several prompts)."""
         router = self.router
         t0 = time.perf_counter()
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+        tokens = ctx.num_tokens if ctx.complete and check_tokens else None  # to compare with usage.prompt_tokens
         tried: list[Backend] = []
         last: _Failed | None = None
         for attempt in range(self.max_attempts):
@@ -122,7 +128,8 @@ class Forwarder:
             probe = b.breaker.attempt()
             verdict = None
             try:
-                verdict = await self._attempt(sink, path, raw, headers, decision, rec, stream, strategy, request_id, t0)
+                verdict = await self._attempt(sink, path, raw, {**headers, **b.auth_headers} if b.api_key else headers,
+                                              decision, rec, stream, strategy, request_id, t0, tokens)
                 return
             except _Failed as f:
                 verdict = False
@@ -158,7 +165,7 @@ class Forwarder:
 
     async def _attempt(
         self, sink: ResponseSink, path: str, raw: bytes, headers: dict[str, str], decision: Decision,
-        rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float,
+        rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float, tokens: int | None = None,
     ) -> bool:
         """One try on `decision.backend`: answered (returns whether the backend served it well) or `_Failed`."""
         b = decision.backend
@@ -196,10 +203,17 @@ class Forwarder:
             }
             status = upstream.status
             ok = True
-            if first is None:
+            if status in (401, 403):  # our credentials, not the client's: a clean 502, no retry elsewhere
+                self._auth_refused(b, status)
+                body = orjson.dumps(error_body(502, f"backend {b.url}: {b.auth_error}"))
+                await sink.send(502, out_headers, body, "application/json")
+                ok = False
+            elif first is None:
                 await sink.send(status, out_headers, body, upstream.content_type)
+                if tokens is not None and status == 200:
+                    self._check_prompt_tokens(b, tokens, body)
             else:
-                ok = await self._stream(sink, upstream, first, out_headers, request_id)
+                ok = await self._stream(sink, upstream, first, out_headers, request_id, b, tokens)
             done = ok
             m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
@@ -210,6 +224,38 @@ class Forwarder:
                     upstream.release()
                 else:
                     upstream.close()
+
+    def _auth_refused(self, b: Backend, status: int) -> None:
+        note_auth(b, status)
+        self.metrics.child(self.metrics.auth_failures, b.url).inc()
+        if self.router.registry.set_health(b, False, b.auth_error):
+            log.warning("backend %s marked unhealthy: %s", b.url, b.auth_error)
+
+    def _check_prompt_tokens(self, b: Backend, tokens: int, data: bytes) -> None:
+        """Compare the backend's usage.prompt_tokens with our count: a tokenizer that does not match the
+        backend's makes every block hash differ, so this is the one visible sign of it."""
+        i = data.rfind(b'"prompt_tokens":')
+        if i < 0:
+            return
+        j = i + 16
+        while j < len(data) and data[j] == 0x20:
+            j += 1
+        k = j
+        while k < len(data) and 0x30 <= data[k] <= 0x39:
+            k += 1
+        if k == j:
+            return
+        theirs = int(data[j:k])
+        if theirs == tokens:
+            return
+        self.metrics.child(self.metrics.token_mismatch, b.url).inc()
+        if b.url not in self._mismatch_logged:
+            self._mismatch_logged.add(b.url)
+            log.warning(
+                "backend %s counted %d prompt tokens where the proxy counted %d: the proxy's tokenizer does not "
+                "match the backend's, so its block hashes cannot match (use --tokenizer backend or the model's "
+                "tokenizer folder); counted in kvroute_prompt_tokens_mismatch_total, logged once per backend",
+                b.url, theirs, tokens)
 
     def drain(self, grace: float) -> None:
         """On SIGTERM: let streams run for `grace` seconds, then end each with an error event.
@@ -226,7 +272,8 @@ class Forwarder:
             task.cancel()
 
     async def _stream(
-        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
+        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str,
+        b: Backend | None = None, tokens: int | None = None,
     ) -> bool:
         """Pass the stream through; False when the backend failed it midway (the client got an error event)."""
         ok = True
@@ -235,6 +282,8 @@ class Forwarder:
             task = asyncio.current_task(self.loop)
             self._streams.add(task)
             try:
+                if tokens is not None and b'"prompt_tokens"' in first:
+                    self._check_prompt_tokens(b, tokens, first)
                 await sink.write(first)
                 while True:
                     try:
@@ -248,6 +297,8 @@ class Forwarder:
                         break
                     if not chunk:
                         break
+                    if tokens is not None and b'"prompt_tokens"' in chunk:  # the usage chunk (stream_options)
+                        self._check_prompt_tokens(b, tokens, chunk)
                     await sink.write(chunk)
             except asyncio.CancelledError:
                 if self.draining:  # cancelled by shutdown, not by the client: end the stream cleanly

@@ -56,6 +56,20 @@ def parse_vllm_metrics(text: str) -> dict[str, float | str]:
     return out
 
 
+def auth_failure(b: Backend, status: int) -> str:
+    return (f"backend rejected the proxy's credentials (HTTP {status}): "
+            + ("its API key is wrong" if b.api_key else "it needs an API key") + " (--backend-api-key, or api_key in the backends file)")
+
+
+def note_auth(b: Backend, status: int) -> None:
+    """Track whether `b` accepts our credentials, from the status of a request to a guarded path."""
+    if status in (401, 403):
+        b.auth_error = auth_failure(b, status)
+    elif status < 400 and b.auth_error is not None:
+        log.info("backend %s accepts the proxy's credentials again", b.url)
+        b.auth_error = None
+
+
 class BackendMonitor:
     """Runs the periodic checks on the proxy's event loop."""
 
@@ -106,16 +120,22 @@ class BackendMonitor:
 
     async def check_health(self, b: Backend) -> bool:
         try:
-            async with self.session.get(b.url + "/health", timeout=self.timeout) as r:
+            async with self.session.get(b.url + "/health", timeout=self.timeout, headers=b.auth_headers) as r:
                 ok = r.status == 200
                 err = None if ok else f"/health answered {r.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             ok, err = False, f"{type(e).__name__}: {e}"
+        if ok and (b.models is None or b.auth_error):
+            # vLLM's /health needs no key but /v1/* does: a wrong key shows here, and keeps it out of routing
+            await self.fetch_models(b)
+            if b.auth_error:
+                ok, err = False, b.auth_error
         if ok:
             if self.router.registry.set_health(b, True):
                 log.info("backend %s is healthy again", b.url)
-            if b.models is None:
-                await self.fetch_models(b)
+        elif b.auth_error:
+            if self.router.registry.set_health(b, False, err):
+                log.warning("backend %s marked unhealthy: %s", b.url, err)
         else:
             # A backend that never answered yet (just added, or down at startup) gets no traffic at once.
             self.mark_failure(b, err, immediate=b.models is None)
@@ -134,7 +154,8 @@ class BackendMonitor:
 
     async def fetch_models(self, b: Backend) -> None:
         try:
-            async with self.session.get(b.url + "/v1/models", timeout=self.timeout) as r:
+            async with self.session.get(b.url + "/v1/models", timeout=self.timeout, headers=b.auth_headers) as r:
+                note_auth(b, r.status)
                 if r.status == 200:
                     data = await r.json()
                     entries = [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
@@ -146,7 +167,7 @@ class BackendMonitor:
 
     async def scrape(self, b: Backend) -> None:
         try:
-            async with self.session.get(b.url + "/metrics", timeout=self.timeout) as r:
+            async with self.session.get(b.url + "/metrics", timeout=self.timeout, headers=b.auth_headers) as r:
                 if r.status != 200:
                     return
                 text = await r.text()

@@ -88,6 +88,13 @@ class ProxyMetrics:
         self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
         self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
+        self.auth_failures = Counter(
+            "kvroute_backend_auth_failures", "Requests a backend refused for the proxy's credentials (401/403; not retried)",
+            ["backend"], registry=r)
+        self.token_mismatch = Counter(
+            "kvroute_prompt_tokens_mismatch",
+            "Responses whose usage.prompt_tokens differs from the proxy's own token count (its tokenizer does not match the backend's)",
+            ["backend"], registry=r)
         r.register(_BackendCollector(router, admission))
 
     def child(self, metric, *labels: str):

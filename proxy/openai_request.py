@@ -26,6 +26,7 @@ class ParsedRequest:
     cache_salt: str | None = None
     chat: bool = False
     messages: list[Any] | None = None
+    multi: bool = False  # several prompts: routed on the first, usage counts them all
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -98,9 +99,9 @@ def _parse_completion(body: dict[str, Any]) -> ParsedRequest:
         if all(isinstance(p, str) for p in prompt):
             if not all(prompt):
                 raise APIError(400, "prompt must not be empty", "prompt")
-            return ParsedRequest(model, stream, max_tokens, text=first)
+            return ParsedRequest(model, stream, max_tokens, text=first, multi=len(prompt) > 1)
         if all(_is_token_list(p) and p for p in prompt):
-            return ParsedRequest(model, stream, max_tokens, token_ids=first)
+            return ParsedRequest(model, stream, max_tokens, token_ids=first, multi=len(prompt) > 1)
         raise APIError(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
     if isinstance(prompt, list):
         raise APIError(400, "prompt must not be empty", "prompt")

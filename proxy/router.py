@@ -64,9 +64,14 @@ class Router:
         self.strategy = self.policy(name).name
         return self.strategy
 
-    def add_backend(self, url: str, kv_events: KVEventSource | None = None) -> tuple[Backend, bool]:
-        """Add a backend; with `kv_events` its part of the index follows its KV events (exact while in sync)."""
+    def add_backend(
+        self, url: str, kv_events: KVEventSource | None = None, api_key: str | None = None
+    ) -> tuple[Backend, bool]:
+        """Add a backend; with `kv_events` its part of the index follows its KV events (exact while in sync);
+        `api_key` is sent upstream with every request to it."""
         b, created = self.registry.add(url)
+        if api_key is not None:
+            b.api_key = api_key
         if created:
             self.index.add_backend(url)
             if kv_events is not None:

@@ -27,6 +27,7 @@ from kvblocks import APIError, error_body
 from .admin import add_admin_routes
 from .admission import Admission
 from .backend_tokenizer import BackendTokenizer
+from .backends import Backend
 from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from .config import ProxyConfig
 from .forward import Forwarder
@@ -34,6 +35,7 @@ from .front import FrontServer
 from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .openai_request import ParsedRequest, parse_chat, parse_completion
+from .passthrough import add_passthrough_routes
 from .policies import RequestContext
 from .response_sink import AiohttpSink, ResponseSink
 from .router import BACKEND_TOKENIZER, Router
@@ -149,14 +151,16 @@ class ProxyHandlers:
         return self.router.policy(name.strip()).name
 
     def _check_model(self, parsed: ParsedRequest) -> None:
-        if parsed.model is None:
-            return
+        if parsed.model is not None:
+            self._check_model_name(parsed.model)
+
+    def _check_model_name(self, model: str) -> None:
         known: set[str] = set()
         for b in self.router.registry:
             if b.models:
                 known.update(b.models)
-        if known and parsed.model not in known:
-            raise APIError(404, f"The model `{parsed.model}` does not exist.", "model", "NotFoundError")
+        if known and model not in known:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "NotFoundError")
 
     async def _proxy(self, request: web.Request, path: str, parse) -> web.StreamResponse:
         sink = AiohttpSink(request)
@@ -196,7 +200,8 @@ class ProxyHandlers:
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
             self._check_length(parsed, ctx)
-            await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self._request_id(headers))
+            await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self._request_id(headers),
+                                         check_tokens=not parsed.multi)
 
     async def _backend_tokens(self, parsed: ParsedRequest) -> list[int]:
         """`--tokenizer backend`: the ids a healthy backend serving the model computes (its own template for chat)."""
@@ -204,7 +209,7 @@ class ProxyHandlers:
         serving = [b for b in healthy if not b.models or parsed.model is None or parsed.model in b.models]
         if not serving:
             raise APIError(503, "no healthy backend available to tokenize the prompt")
-        return await self.backend_tokenizer.encode(serving[0].url, parsed.model, parsed.text, parsed.messages)
+        return await self.backend_tokenizer.encode(serving[0], parsed.model, parsed.text, parsed.messages)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "/v1/completions", parse_completion)
@@ -216,9 +221,10 @@ class ProxyHandlers:
         self._check_api_key(request.headers)
         healthy = self.router.registry.healthy()
 
-        async def fetch(url: str) -> list[dict]:
+        async def fetch(b: Backend) -> list[dict]:
             try:
-                async with self.session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                async with self.session.get(b.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5),
+                                            headers=b.auth_headers) as r:
                     if r.status == 200:
                         data = await r.json(loads=orjson.loads)
                         return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
@@ -227,7 +233,7 @@ class ProxyHandlers:
             return []
 
         merged: dict[str, dict] = {}
-        for models in await asyncio.gather(*(fetch(b.url) for b in healthy)):
+        for models in await asyncio.gather(*(fetch(b) for b in healthy)):
             for m in models:
                 merged.setdefault(m["id"], m)
         return json_response({"object": "list", "data": list(merged.values())})
@@ -247,8 +253,9 @@ def create_app(config: ProxyConfig) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
     router = Router(config)
     kv_sources = config.kv_event_sources()
+    keys = config.backend_api_keys()
     for url in config.all_backends():
-        router.add_backend(url, kv_sources.get(url))
+        router.add_backend(url, kv_sources.get(url), keys.get(url))
     app[ROUTER_KEY] = router
     app[ADMISSION_KEY] = Admission(config.max_concurrent_per_key)
     app[METRICS_KEY] = ProxyMetrics(router, app[ADMISSION_KEY])
@@ -286,6 +293,7 @@ def create_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/health", h.health)
     app.router.add_get("/metrics", h.metrics)
+    add_passthrough_routes(app, h)
     add_admin_routes(app, config, router)
     return app
 

@@ -60,8 +60,8 @@ class ChunkedTokenizer:
         reused), so callers can cache work derived from a prefix's tokens (its block hashes) under it.
         """
         enc = self.tokenizer.encode
-        if not self.enabled:
-            return enc(text[pos:] if pos else text), len(text), None
+        if not self.enabled:  # one piece, with the tokenizer's own special tokens (a Llama BOS) as vLLM adds them
+            return self.tokenizer.encode_prompt(text[pos:] if pos else text), len(text), None
         cut = self.cut_after(text, pos, self.step(k))
         if cut == -1:
             return enc(text[pos:] if pos else text), len(text), None

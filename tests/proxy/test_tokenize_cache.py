@@ -40,8 +40,11 @@ def test_other_tokenizers_are_not_chunked():
         def encode(self, text):
             return [len(text)]
 
+        def encode_prompt(self, text):  # a BOS of 1, as a Llama tokenizer adds
+            return [1, len(text)]
+
     ct = ChunkedTokenizer(Fake())
-    assert ct.encode("a b " * 2000) == [8000]
+    assert ct.encode("a b " * 2000) == [1, 8000]
 
 
 def test_router_text_context_reuses_prefix_hashes_exactly():
