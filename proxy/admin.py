@@ -18,6 +18,7 @@ from yarl import URL
 from kvblocks import APIError
 
 from .app_keys import STATE_KEY
+from .backends import Backend
 from .config import ProxyConfig, normalize_url
 from .health import BackendMonitor
 from .policies import policy_names
@@ -134,17 +135,24 @@ class AdminHandlers:
         self.router.reset()
         timeout = aiohttp.ClientTimeout(total=10)
 
-        async def reset_one(url: str) -> dict[str, Any]:
+        async def reset_one(b: Backend) -> dict[str, Any]:
+            """vLLM answers 200 {"success": false} while blocks are held (running requests): not a reset."""
             try:
-                async with self._session.post(url + "/reset_prefix_cache", timeout=timeout) as r:
-                    await r.read()
-                    return {"ok": 200 <= r.status < 300, "status": r.status}
+                async with self._session.post(b.url + "/reset_prefix_cache", timeout=timeout, headers=b.auth_headers) as r:
+                    body = await r.read()
+                    ok = 200 <= r.status < 300
+                    if ok and body:
+                        try:
+                            ok = orjson.loads(body).get("success", True) is not False
+                        except (orjson.JSONDecodeError, AttributeError):
+                            pass
+                    return {"ok": ok, "status": r.status}
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 return {"ok": False, "status": None, "error": f"{type(e).__name__}: {e}"}
 
-        urls = [b.url for b in self.router.registry]
-        results = await asyncio.gather(*(reset_one(u) for u in urls))
-        per = dict(zip(urls, results))
+        backends = list(self.router.registry)
+        results = await asyncio.gather(*(reset_one(b) for b in backends))
+        per = dict(zip([b.url for b in backends], results))
         return _json({"index_cleared": True, "ok": all(r["ok"] for r in results), "backends": per})
 
 

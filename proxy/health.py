@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 
 import aiohttp
 
@@ -25,29 +26,31 @@ _GAUGES = {
 }
 
 
+_SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
 def parse_vllm_metrics(text: str) -> dict[str, float | str]:
-    """The few vLLM series routing uses, summed over engines; cache_config_info's sizes and hash algorithm."""
+    """The few vLLM series routing uses, summed over engines; cache_config_info's sizes and hash algorithm.
+
+    Label values are quoted strings that may hold commas, braces or `=` (vLLM's cache_config_info
+    carries every CacheConfig field as a label), so samples are parsed as the exposition format
+    defines them, not split on separators."""
     out: dict[str, float | str] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
-        name, _, rest = line.partition("{")
-        if not rest:
-            name, _, value = line.partition(" ")
-            labels = ""
-        else:
-            labels, _, value = rest.rpartition("}")
-        name = name.strip()
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
         if name in _GAUGES:
             try:
-                out[_GAUGES[name]] = out.get(_GAUGES[name], 0.0) + float(value.split()[0])
-            except (ValueError, IndexError):
+                out[_GAUGES[name]] = out.get(_GAUGES[name], 0.0) + float(value)
+            except ValueError:
                 continue
         elif name == "vllm:cache_config_info":
-            for part in labels.split(","):
-                k, _, v = part.partition("=")
-                k = k.strip()
-                v = v.strip().strip('"')
+            for k, v in _LABEL.findall(labels):
                 if k in ("num_gpu_blocks", "block_size"):
                     with contextlib.suppress(ValueError):
                         out[k] = float(v)
@@ -82,6 +85,7 @@ class BackendMonitor:
         self.unhealthy_after = max(1, cfg.unhealthy_after)
         self.timeout = aiohttp.ClientTimeout(total=max(0.5, min(5.0, cfg.health_interval)))
         self._tasks: list[asyncio.Task] = []
+        self._no_metrics_logged: set[str] = set()
 
     def start(self) -> None:
         self._tasks = [
@@ -174,6 +178,10 @@ class BackendMonitor:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
             return
         vals = parse_vllm_metrics(text)
+        if not vals and b.url not in self._no_metrics_logged:
+            self._no_metrics_logged.add(b.url)  # once per backend
+            log.warning("backend %s: /metrics has no vllm:num_requests_* / vllm:cache_config_info series (a vLLM "
+                        "started with --disable-log-stats?): load and block size are not read from it", b.url)
         s = b.scraped
         s.running = vals.get("running")
         s.waiting = vals.get("waiting")

@@ -7,10 +7,12 @@ with KVROUTE_REQUIRE_VLLM=1 (CI) that is a failure instead.
 """
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,7 @@ class VLLMPair:
     a: VLLMServer
     b: VLLMServer
     setup_s: float
+    log_dir: Path
 
     @property
     def servers(self) -> list[VLLMServer]:
@@ -33,11 +36,17 @@ class VLLMPair:
         return s.api_key
 
     def reset_caches(self) -> None:
-        """Empty both prefix caches (dev-mode /reset_prefix_cache), so each test starts cold."""
+        """Empty both prefix caches (dev-mode /reset_prefix_cache), so each test starts cold. vLLM refuses
+        ({"success": false}) while a request still holds blocks, e.g. one a previous test abandoned."""
         for s in self.servers:
-            req = urllib.request.Request(s.url + "/reset_prefix_cache", data=b"", method="POST")
-            with urllib.request.urlopen(req, timeout=30) as r:
-                assert r.status == 200, f"reset_prefix_cache on {s.name}: {r.status}"
+            for _ in range(100):
+                req = urllib.request.Request(s.url + "/reset_prefix_cache", data=b"", method="POST")
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    if json.loads(r.read()).get("success"):
+                        break
+                time.sleep(0.2)  # bounded wait for the server's running requests to end
+            else:
+                raise AssertionError(f"vLLM {s.name} never accepted a prefix-cache reset")
 
 
 def _unavailable(reason: str) -> None:
@@ -61,7 +70,7 @@ def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMPair]:
         start_servers([a, b], log_dir)
     except VLLMUnavailable as e:
         _unavailable(str(e))
-    pair = VLLMPair(a, b, time.monotonic() - t0)
+    pair = VLLMPair(a, b, time.monotonic() - t0, log_dir)
     print(f"\nreal vLLM: two servers up in {pair.setup_s:.0f}s ({a.url}, {b.url}); logs in {log_dir}")
     try:
         yield pair

@@ -21,6 +21,9 @@ from ..kv_events.helpers import RecordingSink, eventually
 from .conftest import _unavailable
 from .vllm_server import VLLMUnavailable, free_port, vllm_python
 
+# Session set-up (venv build, two vLLM start-ups) counts against the first test: give it room.
+pytestmark = pytest.mark.timeout(1800)
+
 SIDE = Path(__file__).parent / "vllm_side"
 
 

