@@ -19,7 +19,7 @@ import zmq
 
 from kvblocks.kv_events import EventBatch, KVEvent, REPLAY_END_SEQ, encode_batch, encode_seq
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kvroute.emulator.kv_events")
 
 PUBLISHERS = ("null", "zmq")
 
