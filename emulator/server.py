@@ -315,7 +315,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return _json({"version": request.app[STATE].config.version})
+    # vLLM's body plus what a load generator needs to read emulated time right (absent on real vLLM).
+    config = request.app[STATE].config
+    return _json({"version": config.version, "kvroute_emulator": {"time_scale": config.time_scale}})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -14,7 +14,10 @@ from typing import Any
 import aiohttp
 
 from .config import RunConfig
+from kvblocks.cli import UsageError
+
 from .plots import compare_plots, run_plots
+from .preflight import preflight
 from .proxy_admin import AdminError, ProxyAdmin
 from .report import compare_report, run_report
 from .results import SUMMARY_JSON, write_json, write_records
@@ -35,6 +38,8 @@ class CompareResult:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     report: Path | None = None
+    # Strategies asked for that never ran (a run before them was interrupted).
+    not_run: list[str] = field(default_factory=list)
 
 
 async def compare(config: RunConfig, strategies: list[str], target: str | None = None, command: str = "",
@@ -49,9 +54,14 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
     async with managed_proxy(target, config.time_scale, backends, spawn) as stack:
         target = config.target = stack.target
         admin = ProxyAdmin(target, config.admin_key)
-        original = await admin.strategy()
+        original, available = await admin.strategy_and_available()
+        unknown = [s for s in strategies if s != DEFAULT_ALIAS and available and s not in available]
+        if unknown:
+            raise UsageError("--strategies", f"{target} has no strategy {', '.join(map(repr, unknown))}; "
+                             f"it has {', '.join(available)}")
         names = [original if s == DEFAULT_ALIAS else s for s in strategies]
         backend_urls = await admin.backends()
+        config.model = (await preflight(target, config.model, config.api_key, config.time_scale, backend_urls)).model
         res = CompareResult(target)
         try:
             for name in names:
@@ -68,6 +78,7 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
                 write_json(folder / SUMMARY_JSON, summary)
                 run_report(summary, command, target, run_plots(result, folder), folder)
                 if result.interrupted:
+                    res.not_run = names[names.index(name) + 1:]
                     break
         finally:
             try:
@@ -76,7 +87,7 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
                 print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
     write_json(out / SUMMARY_JSON, res.summaries)
     res.plots = compare_plots(res.results, res.summaries, out)
-    res.report = compare_report(res.summaries, command, stack.description, res.plots, out)
+    res.report = compare_report(res.summaries, command, stack.description, res.plots, out, res.not_run)
     return res
 
 
