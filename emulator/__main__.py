@@ -12,7 +12,6 @@ from kvblocks.cli import UsageError, exit_on_usage_error
 from kvblocks.logs import configure_logging, get_logger
 
 from .config import EmulatorConfig
-from .server import STATE, start_emulators
 
 CRASH_EXIT_CODE = 70
 
@@ -23,6 +22,8 @@ def _exit_process() -> None:
 
 
 async def serve(config: EmulatorConfig) -> None:
+    from .server import STATE, start_emulators  # after the flags are checked
+
     log = get_logger("emulator")
     emulators = await start_emulators(config)
     for em in emulators:

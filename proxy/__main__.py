@@ -13,7 +13,6 @@ from kvblocks.cli import UsageError, exit_on_usage_error
 from kvblocks.logs import configure_logging
 
 from .config import ProxyConfig
-from .server import start_proxy
 
 PROG = "python -m proxy"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -38,6 +37,8 @@ def announce(url: str, host: str) -> str:
 
 
 async def serve(config: ProxyConfig) -> None:
+    from .server import start_proxy  # after the flags are checked: a mistake is reported without loading the server
+
     try:
         proxy = await start_proxy(config)
     except OSError as e:
