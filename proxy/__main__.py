@@ -10,7 +10,7 @@ import socket
 from collections.abc import Sequence
 
 from kvblocks.cli import UsageError, exit_on_usage_error
-from kvblocks.logs import configure_logging
+from kvblocks.logs import configure_logging, get_logger
 
 from .config import ProxyConfig
 
@@ -50,9 +50,8 @@ async def serve(config: ProxyConfig) -> None:
     gc.set_threshold(20_000, 20, 20)
     router = proxy.router
     print(f"{announce(proxy.url, config.host)} (strategy {router.strategy})", flush=True)
-    for b in router.registry:
-        kind = "embedded emulator" if proxy.emulators else "backend"
-        print(f"  routing to {kind} {b.url}", flush=True)
+    get_logger("proxy").info("routing", backends=[b.url for b in router.registry],
+                             embedded_emulators=bool(proxy.emulators), strategy=router.strategy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
