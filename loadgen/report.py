@@ -109,7 +109,10 @@ def run_report(s: dict[str, Any], command: str, target: str, plots: list[Path], 
                          f"{_f(g['ttft_emulated']['p99'])} |")
         lines.append("")
     lines += _consistency(s)
-    lines += ["## Plots", "", *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots], "", TIME_NOTE, ""]
+    lines += ["## Plots", "", *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots], ""]
+    if not s["ok"]:
+        lines += ["No latency, hit-rate or load plots: no request succeeded (see Errors).", ""]
+    lines += [TIME_NOTE, ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
