@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="leave prompt_tokens_details null, like vLLM's default")
     a("--log-format", choices=LOG_FORMATS, help="console or json: one JSON object per line (default console)")
     a("--log-requests", dest="log_requests", action="store_const", const=True, help="one log line per finished request (default on)")
-    a("--no-log-requests", dest="log_requests", action="store_const", const=False, help="no per-request log line")
+    a("--no-log-requests", dest="log_requests", action="store_const", const=False, help="no per-request log line (default: one line per request)")
     a("--version", dest="version", help="version string /version reports (default 0.33.0)")
     a("--kv-events-config", type=json_object,
       help="vLLM-style KV events JSON, e.g. '{\"enable_kv_cache_events\":true}' (default: none, no events)")

@@ -228,17 +228,23 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """Everything that can be checked without a network: flags, values, files, strategy names (UsageError)."""
+    ns = parse_args(argv)
+    cfg = configs(ns)
+    if ns.command == "compare":
+        strategy_names(ns.strategies)
+        if ns.target and not ns.reset_target:
+            raise UsageError("--target", f"compare resets the prefix index of {cfg.target} and its backends' "
+                             "prefix caches between strategies; pass --reset-target to allow that on a proxy "
+                             "this run did not start")
+    return ns, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with exit_on_usage_error(PROG):
-        ns = parse_args(argv)
-        cfg = configs(ns)
-        if ns.command == "compare":
-            strategy_names(ns.strategies)
-            if ns.target and not ns.reset_target:
-                raise UsageError("--target", f"compare resets the prefix index of {cfg.target} and its backends' "
-                                 "prefix caches between strategies; pass --reset-target to allow that on a proxy "
-                                 "this run did not start")
+        ns, cfg = check_args(argv)
         command = "python -m loadgen " + shlex.join(argv)
         runner = _run if ns.command == "run" else _compare
         return asyncio.run(runner(ns, cfg, command))

@@ -208,7 +208,7 @@ _HELP = {
     "backends": "backend base URL (repeatable); none = start embedded emulators",
     "backends_file": "file with one backend URL per line (# comments), or a JSON list of URLs or "
     '{"url": URL, "kv_events": ENDPOINT | {"endpoint", "topic", "replay_endpoint"}}',
-    "strategy": "routing strategy (see /admin/strategy); default: load-aware prefix routing",
+    "strategy": "routing strategy (switch at run time: PUT /admin/strategy)",
     "api_keys": "client API key accepted as 'Authorization: Bearer KEY' (repeatable)",
     "admin_key": "key guarding /admin/ (Bearer)",
     "emulators": "number of embedded emulators when no backend is given",
@@ -234,7 +234,7 @@ _HELP = {
     "connect_timeout": "seconds to open a backend connection before trying another backend",
     "first_byte_timeout": "seconds a backend may take to its first streamed byte (whole body if not streaming) before a retry",
     "idle_timeout": "seconds a started stream may stay silent before it ends with an SSE error event",
-    "retries": "extra attempts on other backends when one fails before the first byte (default 1)",
+    "retries": "extra attempts on other backends when one fails before the first byte",
     "retry_backoff": "first retry's backoff in seconds; doubles per retry, with jitter",
     "retry_backoff_max": "cap of the retry backoff in seconds",
     "breaker_failures": "failed requests in a row that open a backend's circuit breaker",
