@@ -185,6 +185,22 @@ def error_for(e: Exception, field_names: list[str], sources: Mapping[str, str],
     return UsageError(where, message)
 
 
+_JSON_TYPES: dict[type, tuple[type, ...]] = {
+    bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,), dict: (dict,),
+}
+
+
+def _check_json_type(where: str, value: Any, kind: type, default: Any) -> None:
+    """A config-file value must have its setting's type (null only where the default is null)."""
+    if value is None and default is None:
+        return
+    ok = isinstance(value, _JSON_TYPES.get(kind, (object,))) and not (kind in (int, float) and isinstance(value, bool))
+    if not ok:
+        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+                dict: "a JSON object"}.get(kind, kind.__name__)
+        raise UsageError(where, f"expected {name}, got {json.dumps(value)}")
+
+
 def load_dataclass(
     cls: type,
     ns: argparse.Namespace,
@@ -210,6 +226,9 @@ def load_dataclass(
         unknown = sorted(set(loaded) - set(names))
         if unknown:
             raise UsageError(where, f"{path}: unknown keys {unknown}; known: {', '.join(names)}")
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in loaded.items():
+            _check_json_type(f"{where} {path} key {k!r}", v, kind_of(by_name[k]), by_name[k].default)
         values.update(loaded)
         sources.update({k: f"{where} {path} key {k!r}" for k in loaded})
     for f in dataclasses.fields(cls):

@@ -134,7 +134,7 @@ class Forwarder:
                 self.metrics.child(self.metrics.requests, strategy, b.url, str(f.status or 502)).inc()
                 if attempt + 1 < self.max_attempts:
                     self.metrics.retries.labels(f.reason).inc()
-                    if any(x not in tried for x in router.registry.healthy):
+                    if any(x not in tried for x in router.registry.healthy()):
                         log.warning("request %s: %s on %s; retrying on another backend", request_id, f.reason, b.url)
                     else:
                         log.warning("request %s: %s on %s; no other healthy backend to retry on", request_id, f.reason, b.url)

@@ -168,3 +168,18 @@ async def test_all_requests_failing_exits_non_zero(tmp_path):
     assert rc == 1, err
     assert "3 of 3 requests failed" in err and "--max-error-share" in err and "Traceback" not in err
     assert (tmp_path / "report.md").exists()
+
+
+def test_config_file_value_of_the_wrong_type_names_the_key(tmp_path):
+    cf = tmp_path / "proxy.json"
+    cf.write_text('{"port": "abc"}')
+    rc, _out, err = _run("proxy", "--config", str(cf))
+    _assert_one_line(rc, err, "proxy", f"--config {cf} key 'port'", "integer")
+
+
+def test_wildcard_bind_is_announced_as_such():
+    from proxy.__main__ import announce
+
+    assert announce("http://127.0.0.1:8000", "0.0.0.0") == \
+        "kvroute proxy listening on http://127.0.0.1:8000 (bound to 0.0.0.0: every interface)"
+    assert announce("http://127.0.0.1:8000", "127.0.0.1") == "kvroute proxy listening on http://127.0.0.1:8000"

@@ -91,3 +91,22 @@ async def test_one_log_format_with_access_lines_and_stdlib_warnings():
     assert line["matched_blocks"] == 0 and line["latency_s"] > 0
     # The dead backend's warning comes from a stdlib logger, rendered by the same stack.
     assert any(r["level"] == "warning" and dead_url in r["event"] for r in records), records
+
+
+async def test_a_failure_with_no_other_backend_does_not_claim_a_retry(caplog):
+    from proxy.config import ProxyConfig
+    from proxy.server import start_proxy
+
+    em = await start_emulator(EmulatorConfig(port=0, time_scale=TIME_SCALE, log_requests=False, fault_error_rate=1.0))
+    proxy = await start_proxy(ProxyConfig(port=0, backends=[em.url], retries=1, time_scale=TIME_SCALE,
+                                          breaker_failures=100))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(proxy.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}) as r:
+                assert r.status == 503
+    finally:
+        await proxy.stop()
+        await em.stop()
+    messages = [r.getMessage() for r in caplog.records if r.name == "kvroute.proxy"]
+    assert any("no other healthy backend to retry on" in m for m in messages), messages
+    assert not any("retrying on another backend" in m for m in messages)
