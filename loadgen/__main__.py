@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from kvblocks.cli import ArgumentParser, UsageError, error_for, exit_on_usage_error, http_url
+from kvblocks.logs import configure_logging
 
 from .config import WORKLOAD_NAMES, RunConfig, WorkloadConfig, env_overrides
 
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with exit_on_usage_error(PROG):
         ns, cfg = check_args(argv)
+        # Results go to stdout and the report; warnings (ours, aiohttp's) through the shared log stack.
+        configure_logging("console", "warning")
         command = "python -m loadgen " + shlex.join(argv)
         runner = _run if ns.command == "run" else _compare
         return asyncio.run(runner(ns, cfg, command))

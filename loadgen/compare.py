@@ -6,7 +6,6 @@ target, a proxy with embedded emulators is started for the comparison (see `stac
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import aiohttp
 
 from .config import RunConfig
 from kvblocks.cli import UsageError
+from kvblocks.logs import get_logger
 
 from .plots import compare_plots, run_plots
 from .preflight import preflight
@@ -27,6 +27,7 @@ from .summary import summarize
 from .workloads import build_workload
 
 DEFAULT_ALIAS = "default"
+log = get_logger("loadgen")
 
 
 @dataclass
@@ -84,7 +85,7 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
             try:
                 await admin.set_strategy(original)
             except (AdminError, OSError, aiohttp.ClientError) as e:
-                print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
+                log.warning("could not restore the proxy's strategy", strategy=original, target=target, error=str(e))
     write_json(out / SUMMARY_JSON, res.summaries)
     res.plots = compare_plots(res.results, res.summaries, out)
     res.report = compare_report(res.summaries, command, stack.description, res.plots, out, res.not_run)
