@@ -8,7 +8,7 @@ import sys
 
 import errno
 
-from kvblocks.cli import UsageError, exit_on_usage_error
+from kvblocks.cli import UsageError, check_listen, exit_on_usage_error
 from kvblocks.logs import configure_logging, get_logger
 
 from .config import EmulatorConfig
@@ -23,6 +23,9 @@ def _exit_process() -> None:
 
 async def serve(config: EmulatorConfig) -> None:
     from .server import STATE, start_emulators  # after the flags are checked
+
+    if config.port:
+        check_listen(config.host, [config.port + i for i in range(config.replicas)])
 
     log = get_logger("emulator")
     emulators = await start_emulators(config)

@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import os
+import errno
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -54,6 +56,29 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print_usage_error(self.prog, f"{message} (see {self.prog} --help)")
         raise SystemExit(USAGE_EXIT)
+
+
+def check_listen(host: str, ports: list[int]) -> None:
+    """Before starting anything: each port (0 = any) can be bound on `host`, or a UsageError naming the flag.
+
+    A server started first would log its own start-up (health checks, emulators) before failing to bind."""
+    for port in ports:
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise UsageError("--host", f"{host!r}: cannot resolve ({e.strerror})") from None
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UsageError("--port", f"{host}:{port} is already in use (another server? --port 0 picks a "
+                                     "free one)") from None
+                if e.errno == errno.EACCES:
+                    raise UsageError("--port", f"{port}: permission denied (ports below 1024 need privileges)") from None
+                raise UsageError("--host", f"cannot bind {host}:{port}: {e.strerror or e}") from None
 
 
 def flag_of(field: str, aliases: Mapping[str, str] | None = None) -> str:

@@ -9,7 +9,7 @@ import signal
 import socket
 from collections.abc import Sequence
 
-from kvblocks.cli import UsageError, exit_on_usage_error
+from kvblocks.cli import UsageError, check_listen, exit_on_usage_error
 from kvblocks.logs import configure_logging, get_logger
 
 from .config import ProxyConfig
@@ -38,6 +38,9 @@ def announce(url: str, host: str) -> str:
 
 async def serve(config: ProxyConfig) -> None:
     from .server import start_proxy  # after the flags are checked: a mistake is reported without loading the server
+
+    if config.port:
+        check_listen(config.host, [config.port])
 
     try:
         proxy = await start_proxy(config)

@@ -116,7 +116,8 @@ def test_mistake_is_one_line_naming_the_flag(prog, argv, env, expected):
     _assert_one_line(rc, err, prog, *expected)
 
 
-@pytest.mark.parametrize("prog,argv", [("proxy", []), ("emulator", [])])
+# With a --backend the proxy would start health checks before binding: the port is checked first, so still one line.
+@pytest.mark.parametrize("prog,argv", [("proxy", []), ("proxy", ["--backend", "http://127.0.0.1:1"]), ("emulator", [])])
 def test_port_in_use(prog, argv, busy_port):
     rc, _out, err = _run(prog, "--port", str(busy_port), *argv)
     _assert_one_line(rc, err, prog, "--port", str(busy_port), "in use")
