@@ -235,6 +235,8 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     cfg = configs(ns)
     if ns.command == "compare":
         strategy_names(ns.strategies)
+        if ns.backends < 1:
+            raise UsageError("--backends", f"must be >= 1 (got {ns.backends})")
         if ns.target and not ns.reset_target:
             raise UsageError("--target", f"compare resets the prefix index of {cfg.target} and its backends' "
                              "prefix caches between strategies; pass --reset-target to allow that on a proxy "

@@ -65,6 +65,15 @@ class WorkloadConfig:
             raise ValueError("requests must be positive")
         if self.output_tokens < 1 or self.max_model_len < 2 or self.trace_speedup <= 0:
             raise ValueError("output_tokens must be >= 1, max_model_len >= 2 and trace_speedup > 0")
+        for name in ("documents", "doc_tokens_min", "turns", "system_prompts", "tenants", "users_per_tenant"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("zipf_s", "question_tokens", "sessions", "turn_tokens", "think_time", "system_tokens", "few_shot",
+                     "tenant_tokens", "trace_offset", "trace_max_output"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if any(n < 0 for n in self.prefix_lengths):
+            raise ValueError("prefix_lengths must be >= 0")
         if self.doc_tokens_min > self.doc_tokens_max:
             raise ValueError("doc_tokens_min must not exceed doc_tokens_max")
         if self.name == "trace" and not os.path.isfile(self.trace_path):
