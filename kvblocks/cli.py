@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import errno
+import json
 import re
 import socket
 import sys
@@ -47,7 +46,7 @@ def exit_on_usage_error(prog: str) -> Iterator[None]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (argparse's own names the flag), exit 2; help shows defaults."""
+    """argparse whose errors are one line (argparse's own message names the flag) and exit 2."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -155,21 +154,12 @@ def read_json_object(where: str, path: str) -> dict[str, Any]:
     return value
 
 
-def check_file(where: str, path: str) -> None:
-    """A file the program will read later: it must exist now, so the mistake shows at start-up."""
-    if not os.path.exists(path):
-        raise UsageError(where, f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(where, f"{path}: is a directory, expected a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(where, f"{path}: not readable")
-
-
 def http_url(where: str, url: str) -> str:
     """An http(s) base URL without a trailing slash; a bare `host:port` gets `http://`."""
-    url = url.strip().rstrip("/")
+    url = url.strip()
     if "://" not in url:
         url = "http://" + url
+    url = url.rstrip("/") if url.partition("://")[2].strip("/") else url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UsageError(where, f"{url!r}: expected an http:// or https:// URL")
