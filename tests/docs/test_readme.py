@@ -272,3 +272,13 @@ def test_every_flag_of_every_cli_has_help_with_its_default_and_choices():
             assert a.help and "default" in a.help, f"{where} {a.option_strings[0]}: help must state the default"
             if a.choices and a.metavar:
                 assert all(str(c) in a.help for c in a.choices), f"{where} {a.option_strings[0]}: list the choices"
+    # The benchmark CLIs state defaults through argparse's ArgumentDefaultsHelpFormatter.
+    for module, sub in (("proxy.bench", "decide"), ("proxy.bench", "overhead"), ("proxy.bench", "soak"),
+                        ("emulator.bench", None)):
+        p = subprocess.run([sys.executable, "-m", module, *([sub] if sub else []), "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert p.returncode == 0, p.stderr
+        flags = re.findall(r"^  (--[a-z-]+)", p.stdout, re.M)
+        blocks = re.split(r"\n  (?=--)", p.stdout.split("options:", 1)[1])
+        assert flags and all("(default: " in " ".join(b.split()) for b in blocks if not b.lstrip().startswith("-h")), (module, sub)
+
