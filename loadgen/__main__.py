@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -15,7 +16,7 @@ from pathlib import Path
 from kvblocks.cli import ArgumentParser, UsageError, error_for, exit_on_usage_error, http_url
 from kvblocks.logs import configure_logging
 
-from .config import WORKLOAD_NAMES, RunConfig, WorkloadConfig, env_overrides
+from .config import ENV_PREFIX, WORKLOAD_NAMES, RunConfig, WorkloadConfig, env_overrides
 
 PROG = "python -m loadgen"
 # Exit status when a run finished but too many of its requests failed (see --max-error-share).
@@ -24,8 +25,18 @@ EXIT_INTERRUPTED = 130
 DEFAULT_STRATEGIES = "default,round_robin,least_loaded"
 
 
+def _env_defaults(cls: type):
+    """`cls` with its `KVROUTE_LOADGEN_<FIELD>` env vars applied: the flags' defaults; a bad one names its variable."""
+    values = env_overrides(cls)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        sources = {k: f"{ENV_PREFIX}{k.upper()}={os.environ[ENV_PREFIX + k.upper()]!r}" for k in values}
+        raise error_for(e, [f.name for f in fields(cls)], sources, _ALIASES) from None
+
+
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
-    d = WorkloadConfig(**env_overrides(WorkloadConfig))
+    d = _env_defaults(WorkloadConfig)
     g = p.add_argument_group("workload (env KVROUTE_LOADGEN_<NAME>)")
     g.add_argument("--workload", dest="name", choices=WORKLOAD_NAMES, default=d.name,
                    help="what the requests look like (see README); default %(default)s")
@@ -58,7 +69,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
-    d = RunConfig(**env_overrides(RunConfig))
+    d = _env_defaults(RunConfig)
     g = p.add_argument_group("run (env KVROUTE_LOADGEN_<NAME>)")
     g.add_argument("--target", default=None if not target_required else d.target,
                    help="OpenAI base URL of the proxy, ending in /v1 (default "
@@ -87,6 +98,8 @@ def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     g.add_argument("--max-error-share", type=float, default=d.max_error_share,
                    help="exit with status 1 when more than this share of a run's requests failed "
                         "(default %(default)s)")
+    g.add_argument("--log-format", choices=("console", "json"), default=d.log_format,
+                   help="warnings and errors as console lines or JSON objects (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
 
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_usage_error(PROG):
         ns, cfg = check_args(argv)
         # Results go to stdout and the report; warnings (ours, aiohttp's) through the shared log stack.
-        configure_logging("console", "warning")
+        configure_logging(cfg.log_format, "warning")
         command = "python -m loadgen " + shlex.join(argv)
         runner = _run if ns.command == "run" else _compare
         return asyncio.run(runner(ns, cfg, command))

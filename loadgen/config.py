@@ -97,6 +97,7 @@ class RunConfig:
     metrics_interval: float = 0.5
     # A run whose failed share of requests exceeds this makes the CLI exit 1 (all failing must not look fine).
     max_error_share: float = 0.05
+    log_format: str = "console"
     progress: bool = True
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
@@ -107,6 +108,8 @@ class RunConfig:
             raise ValueError("give either a rate or a concurrency, not both")
         if self.time_scale <= 0:
             raise ValueError("time_scale must be positive")
+        if self.log_format not in ("console", "json"):
+            raise ValueError(f"log_format must be console or json, not {self.log_format!r}")
         if not 0 <= self.max_error_share <= 1:
             raise ValueError("max_error_share must be within [0, 1]")
         if self.request_timeout <= 0 or self.metrics_interval <= 0 or self.duration < 0:

@@ -111,6 +111,8 @@ CASES = [
     ("loadgen", ["compare", "--strategies", "kv_aware,nope"], {}, ["--strategies", "'nope'", "kv_aware"]),
     ("loadgen", ["compare", "--target", "http://127.0.0.1:9/v1"], {}, ["--target", "--reset-target"]),
     ("loadgen", ["run"], {"KVROUTE_LOADGEN_REQUESTS": "abc"}, ["KVROUTE_LOADGEN_REQUESTS='abc'", "integer"]),
+    ("loadgen", ["compare"], {"KVROUTE_LOADGEN_TIME_SCALE": "-1"}, ["KVROUTE_LOADGEN_TIME_SCALE='-1'", "--time-scale"]),
+    ("loadgen", ["run", "--log-format", "xml"], {}, ["--log-format", "xml"]),
 ]
 
 
