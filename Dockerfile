@@ -3,6 +3,8 @@
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS build
+# Optional extras: "fast,hf" adds the Hugging Face tokenizer a real model needs (compose.yaml's vLLM variant).
+ARG EXTRAS=fast
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/kvroute
 ENV PATH=/opt/kvroute/bin:$PATH
@@ -12,7 +14,7 @@ COPY kvblocks ./kvblocks
 COPY emulator ./emulator
 COPY proxy ./proxy
 COPY loadgen ./loadgen
-RUN pip install --upgrade pip && pip install ".[fast]" \
+RUN pip install --upgrade pip && pip install ".[${EXTRAS}]" \
     && python -c "import kvblocks; kvblocks.get_tokenizer().encode('warm')"
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

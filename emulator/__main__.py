@@ -6,11 +6,12 @@ import os
 import signal
 import sys
 
-import structlog
+import errno
+
+from kvblocks.cli import UsageError, check_listen, exit_on_usage_error
+from kvblocks.logs import configure_logging, get_logger
 
 from .config import EmulatorConfig
-from .logs import configure_logging
-from .server import STATE, start_emulators
 
 CRASH_EXIT_CODE = 70
 
@@ -21,7 +22,12 @@ def _exit_process() -> None:
 
 
 async def serve(config: EmulatorConfig) -> None:
-    log = structlog.get_logger("emulator")
+    from .server import STATE, start_emulators  # after the flags are checked
+
+    if config.port:
+        check_listen(config.host, [config.port + i for i in range(config.replicas)])
+
+    log = get_logger("emulator")
     emulators = await start_emulators(config)
     for em in emulators:
         em.app[STATE].faults.crash = _exit_process
@@ -59,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    try:
-        runner(serve(config))
-    except OSError as e:
-        print(f"emulator: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
-        return 1
+    with exit_on_usage_error("python -m emulator"):
+        try:
+            runner(serve(config))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError("--port", f"{config.host}:{config.port} (or a replica's port after it) is already "
+                                 "in use; try --port 0") from None
+            raise UsageError("--host/--port", f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     return 0
 
 

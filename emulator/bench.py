@@ -132,17 +132,20 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emulator.bench", description=__doc__.split("\n\n")[0])
+    from kvblocks.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m emulator.bench", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--levels", default="100,250,500,750", help="concurrent streams per level")
     p.add_argument("--time-scale", type=float, default=1.0, help="emulator time scale (1.0 = real A100 timing)")
     p.add_argument("--max-tokens", type=int, default=48, help="output tokens per request")
     p.add_argument("--prompt-words", type=int, default=100, help="prompt length in words")
-    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends in turn")
     p.add_argument("--min-requests", type=int, default=20, help="at least this many requests per level")
     p.add_argument("--ramp", type=float, default=2.0, help="seconds over which a level's clients start")
     p.add_argument("--tolerance", type=float, default=0.05, help="max |measured/predicted - 1| to pass")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop starting new levels after this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)

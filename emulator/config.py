@@ -6,12 +6,12 @@ Defaults reproduce one vLLM server running Llama-2-13B on an A100 40GB.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, Field, asdict, dataclass, fields
 from typing import Any
 
 from kvblocks import HASH_ALGOS
+from kvblocks.cli import ArgumentParser, exit_on_usage_error, json_object, load_dataclass
 
 from .latency import DEFAULT_PROFILE, PROFILES
 from .model_spec import DEFAULT_GPU, DEFAULT_MODEL, GPUS, MODELS, num_gpu_blocks
@@ -107,31 +107,19 @@ class EmulatorConfig:
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> EmulatorConfig:
-        """Build from `--config FILE.json`, then env vars, then CLI flags (each overriding the last)."""
+        """Build from `--config FILE.json`, then env vars, then CLI flags (each overriding the last).
+        A mistake is one line naming the flag or env var, and SystemExit(2)."""
         parser = build_parser()
         args = parser.parse_args(argv)
-        values: dict[str, Any] = {}
-        if args.config:
-            with open(args.config, encoding="utf-8") as f:
-                loaded = json.load(f)
-            unknown = set(loaded) - {f.name for f in fields(cls)}
-            if unknown:
-                parser.error(f"unknown keys in {args.config}: {', '.join(sorted(unknown))}")
-            values.update(loaded)
         env = os.environ if env is None else env
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse_env(f.name, raw)
-        for f in fields(cls):
-            v = getattr(args, f.name, None)
-            if v is not None:
-                values[f.name] = v
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as e:
-            parser.error(str(e))
-            raise
+        with exit_on_usage_error(parser.prog):
+            return load_dataclass(
+                cls, args, env,
+                env_names=lambda f: [ENV_PREFIX + f.name.upper()],
+                kind_of=_kind,
+                config_file=("--config", args.config) if args.config else None,
+            )
+        raise AssertionError("unreachable")
 
 
 _BOOL_FIELDS = {"enable_prompt_tokens_details", "log_requests"}
@@ -145,30 +133,31 @@ def _field_type(name: str) -> type:
     return type(default)
 
 
-def _parse_env(name: str, raw: str) -> Any:
-    if name in _BOOL_FIELDS:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if name in _JSON_FIELDS:
-        return json.loads(raw)
-    return _field_type(name)(raw)
+def _kind(f: Field) -> type:
+    if f.name in _BOOL_FIELDS:
+        return bool
+    if f.name in _JSON_FIELDS:
+        return dict
+    return _field_type(f.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m emulator",
         description="Emulated vLLM server(s): OpenAI API, vLLM metrics, prefix cache, continuous batching.",
         epilog=f"Every flag can also be set as env var {ENV_PREFIX}<FLAG_IN_UPPER_SNAKE>, e.g. {ENV_PREFIX}PORT=8001.",
     )
     a = p.add_argument
-    a("--config", help="JSON file with config fields (overridden by env vars and flags)")
+    a("--config", help="JSON file with config fields (overridden by env vars and flags; default: none)")
     a("--host", help="address to bind (default 127.0.0.1)")
     a("--port", type=int, help="first port; replica i listens on port+i; 0 = OS-assigned (default 8001)")
     a("--replicas", type=int, help="number of emulated servers, one port each (default 1)")
-    a("--model", help="served model name and model spec (default meta-llama/Llama-2-13b-hf)")
-    a("--gpu", choices=sorted(GPUS), help="GPU spec for capacity (default a100-40gb)")
+    a("--model", help=f"served model name and model spec for capacity: {', '.join(MODELS)} (default {DEFAULT_MODEL}; "
+      "another name needs --num-gpu-blocks)")
+    a("--gpu", choices=sorted(GPUS), help=f"GPU spec for capacity: {', '.join(sorted(GPUS))} (default {DEFAULT_GPU})")
     a("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (default 0.9)")
-    a("--profile", choices=sorted(PROFILES), help=f"latency profile (default {DEFAULT_PROFILE})")
-    a("--engine", choices=ENGINES, help="batched = continuous batching (default); simple = independent per request")
+    a("--profile", choices=sorted(PROFILES), help=f"latency profile: {', '.join(sorted(PROFILES))} (default {DEFAULT_PROFILE})")
+    a("--engine", choices=ENGINES, help="batched = continuous batching; simple = independent per request (default batched)")
     a("--time-scale", type=float, help="wall seconds per emulated second (default 1.0; 0.1 = 10x faster)")
     a("--num-gpu-blocks", type=int, help="KV blocks incl. vLLM's null block (default: derived, 924)")
     a("--block-size", type=int, help="tokens per KV block (default 16)")
@@ -176,23 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-model-len", type=int, help="max prompt + output tokens (default 4096)")
     a("--seed", type=int, help="seed of the dummy token generator (default 0)")
     a("--eos-probability", type=float, help="chance per token of a natural EOS after min_tokens (default 0)")
-    a("--prefix-caching-hash-algo", choices=HASH_ALGOS, help="block hash algorithm (default sha256)")
+    a("--prefix-caching-hash-algo", choices=HASH_ALGOS, help=f"block hash algorithm: {', '.join(HASH_ALGOS)} (default sha256)")
     a("--enable-prompt-tokens-details", dest="enable_prompt_tokens_details", action="store_const", const=True,
       help="fill usage.prompt_tokens_details.cached_tokens (default on)")
     a("--no-enable-prompt-tokens-details", dest="enable_prompt_tokens_details", action="store_const", const=False,
       help="leave prompt_tokens_details null, like vLLM's default")
-    a("--log-format", choices=LOG_FORMATS, help="console (default) or json")
-    a("--no-log-requests", dest="log_requests", action="store_const", const=False, help="no per-request log line")
-    a("--kv-events-config", type=json.loads, help="vLLM-style KV events JSON, e.g. '{\"enable_kv_cache_events\":true}'")
+    a("--log-format", choices=LOG_FORMATS, help="console or json: one JSON object per line (default console)")
+    a("--log-requests", dest="log_requests", action="store_const", const=True, help="one log line per finished request (default on)")
+    a("--no-log-requests", dest="log_requests", action="store_const", const=False, help="no per-request log line (default: one line per request)")
+    a("--version", dest="version", help="version string /version reports (default 0.33.0)")
+    a("--kv-events-config", type=json_object,
+      help="vLLM-style KV events JSON, e.g. '{\"enable_kv_cache_events\":true}' (default: none, no events)")
     f = p.add_argument_group("fault injection (off by default; rates are probabilities per request, seeded by --seed)")
-    f.add_argument("--fault-error-rate", type=float, help="answer this share of requests with a 5xx before any byte")
+    f.add_argument("--fault-error-rate", type=float, help="answer this share of requests with a 5xx before any byte (default 0)")
     f.add_argument("--fault-error-status", type=int, help="status of injected errors (default 503)")
-    f.add_argument("--fault-latency-spike-rate", type=float, help="share of requests delayed before the first byte")
-    f.add_argument("--fault-latency-spike", type=float, help="that extra delay, wall seconds")
-    f.add_argument("--fault-hang-rate", type=float, help="share of requests that hang before the first byte until the client leaves")
-    f.add_argument("--fault-cut-after", type=int, help="cut (abort the connection, no [DONE]) after N tokens")
+    f.add_argument("--fault-latency-spike-rate", type=float, help="share of requests delayed before the first byte (default 0)")
+    f.add_argument("--fault-latency-spike", type=float, help="that extra delay, wall seconds (default 0)")
+    f.add_argument("--fault-hang-rate", type=float, help="share of requests that hang before the first byte until the client leaves (default 0)")
+    f.add_argument("--fault-cut-after", type=int, help="cut (abort the connection, no [DONE]) after N tokens (default: never)")
     f.add_argument("--fault-cut-rate", type=float, help="share of requests --fault-cut-after applies to (default 1)")
-    f.add_argument("--fault-crash-after", type=int, help="exit the process (in-process: drop every connection) at request N+1")
-    f.add_argument("--fault-slow-start", type=float, help="/health answers 503 for the first S wall seconds")
+    f.add_argument("--fault-crash-after", type=int, help="exit the process (in-process: drop every connection) at request N+1 (default: never)")
+    f.add_argument("--fault-slow-start", type=float, help="/health answers 503 for the first S wall seconds (default 0)")
     return p
 

@@ -16,7 +16,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from kvblocks import error_body
 
-log = logging.getLogger("kvroute.http")
+log = logging.getLogger("kvroute.emulator.http")
 
 _MESSAGES = {
     400: "malformed HTTP request",

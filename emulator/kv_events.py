@@ -27,7 +27,7 @@ from kvblocks.kv_events import (
     replay_reply,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kvroute.emulator.kv_events")
 
 PUBLISHERS = ("null", "zmq")
 
@@ -54,8 +54,15 @@ class KVEventsConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"kv-events-config {name} must be a non-negative integer")
-        if not isinstance(self.endpoint, str) or "://" not in self.endpoint:
-            raise ValueError("kv-events-config endpoint must be a ZMQ address such as tcp://*:5557")
+        # A transport ZMQ does not know fails only when the publisher binds (a traceback at start-up): check it here.
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is None and name == "replay_endpoint":
+                continue
+            if not isinstance(value, str) or value.partition("://")[0] not in ("tcp", "ipc", "inproc") \
+                    or not value.partition("://")[2]:
+                raise ValueError(f"kv_events_config {name} {value!r} must be a ZMQ address such as tcp://*:5557 "
+                                 "(tcp://, ipc:// or inproc://)")
 
     @property
     def active(self) -> bool:

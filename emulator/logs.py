@@ -1,33 +1,11 @@
-"""Structured logging for the emulator: console or JSON lines, one line per finished request."""
+"""The emulator's per-request log line; the logging stack itself is the shared one (kvblocks.logs)."""
 from __future__ import annotations
 
-import logging
-import sys
-
-import orjson
-import structlog
+from kvblocks.logs import configure_logging
 
 from .request import EngineRequest
 
-
-def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
-    """Process-wide structlog setup; called by `python -m emulator`, not by library users."""
-    renderer = (
-        structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj).decode())
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+__all__ = ["configure_logging", "request_log_fields"]
 
 
 def request_log_fields(req: EngineRequest) -> dict[str, object]:

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import orjson
-import structlog
+
 from aiohttp import web
 
 from kvblocks import APIError, Tokenizer, error_body, get_tokenizer
+from kvblocks.logs import get_logger
 
 from .config import EmulatorConfig
 from .engine import Engine, make_engine
@@ -29,7 +30,7 @@ from .protocol import GenerateRequest, RequestParser, parse_json_object
 from .request import EngineRequest, TokenOutput
 from .responses import ResponseBuilder
 
-log = structlog.get_logger("emulator")
+log = get_logger("emulator")
 
 SSE_DONE = b"data: [DONE]\n\n"
 MAX_REQUEST_ID = 256
@@ -314,7 +315,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return _json({"version": request.app[STATE].config.version})
+    # vLLM's body plus what a load generator needs to read emulated time right (absent on real vLLM).
+    config = request.app[STATE].config
+    return _json({"version": config.version, "kvroute_emulator": {"time_scale": config.time_scale}})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -1,95 +1,189 @@
-"""CLI: `python -m loadgen run ...` (one workload, one target) and `python -m loadgen compare ...` (per strategy)."""
+"""CLI: `python -m loadgen run ...` (one workload, one target) and `python -m loadgen compare ...` (per strategy).
+
+Without --rate or --concurrency the load is one request at a time (concurrency 1), and --time-scale 1
+means the backends run in real GPU time: a 200-request run then takes minutes.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import WORKLOAD_NAMES, RunConfig, WorkloadConfig, env_overrides
+from kvblocks.cli import ArgumentParser, UsageError, error_for, exit_on_usage_error, http_url
+from kvblocks.logs import configure_logging
+
+from .config import ENV_PREFIX, WORKLOAD_NAMES, RunConfig, WorkloadConfig, env_overrides
+
+PROG = "python -m loadgen"
+# Exit status when a run finished but too many of its requests failed (see --max-error-share).
+EXIT_TOO_MANY_ERRORS = 1
+EXIT_INTERRUPTED = 130
+DEFAULT_STRATEGIES = "default,round_robin,least_loaded"
+
+
+def _env_defaults(cls: type):
+    """`cls` with its `KVROUTE_LOADGEN_<FIELD>` env vars applied: the flags' defaults; a bad one names its variable."""
+    values = env_overrides(cls)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        sources = {k: f"{ENV_PREFIX}{k.upper()}={os.environ[ENV_PREFIX + k.upper()]!r}" for k in values}
+        raise error_for(e, [f.name for f in fields(cls)], sources, _ALIASES) from None
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
-    d = WorkloadConfig(**env_overrides(WorkloadConfig))
+    d = _env_defaults(WorkloadConfig)
     g = p.add_argument_group("workload (env KVROUTE_LOADGEN_<NAME>)")
-    g.add_argument("--workload", dest="name", choices=WORKLOAD_NAMES, default=d.name)
+    g.add_argument("--workload", dest="name", choices=WORKLOAD_NAMES, default=d.name,
+                   help="what the requests look like (see README); default %(default)s")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes every prompt's text (default %(default)s)")
     g.add_argument("--requests", type=int, default=d.requests, help="requests to send (default %(default)s)")
-    g.add_argument("--output-tokens", type=int, default=d.output_tokens, help="max_tokens, with ignore_eos")
+    g.add_argument("--output-tokens", type=int, default=d.output_tokens, help="max_tokens, with ignore_eos (default %(default)s)")
     g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="prompt + output limit (default 4096)")
-    g.add_argument("--documents", type=int, default=d.documents, help="rag: number of documents")
-    g.add_argument("--doc-tokens-min", type=int, default=d.doc_tokens_min, help="rag: smallest document (tokens)")
-    g.add_argument("--doc-tokens-max", type=int, default=d.doc_tokens_max, help="rag: largest document (tokens)")
-    g.add_argument("--zipf-s", type=float, default=d.zipf_s, help="rag: Zipf exponent of document popularity")
-    g.add_argument("--question-tokens", type=int, default=d.question_tokens, help="tokens of each new question")
-    g.add_argument("--sessions", type=int, default=d.sessions, help="multiturn: sessions (0 = requests / turns)")
-    g.add_argument("--turns", type=int, default=d.turns, help="multiturn: turns per session")
-    g.add_argument("--turn-tokens", type=int, default=d.turn_tokens, help="multiturn: tokens per user message")
-    g.add_argument("--think-time", type=float, default=d.think_time, help="multiturn: emulated s between turns")
-    g.add_argument("--system-prompts", type=int, default=d.system_prompts, help="sysprompt: shared system prompts")
-    g.add_argument("--system-tokens", type=int, default=d.system_tokens, help="sysprompt: tokens per system prompt")
-    g.add_argument("--few-shot", type=int, default=d.few_shot, help="sysprompt: few-shot example pairs")
+    g.add_argument("--documents", type=int, default=d.documents, help="rag: number of documents (default %(default)s)")
+    g.add_argument("--doc-tokens-min", type=int, default=d.doc_tokens_min, help="rag: smallest document (tokens) (default %(default)s)")
+    g.add_argument("--doc-tokens-max", type=int, default=d.doc_tokens_max, help="rag: largest document (tokens) (default %(default)s)")
+    g.add_argument("--zipf-s", type=float, default=d.zipf_s, help="rag: Zipf exponent of document popularity (default %(default)s)")
+    g.add_argument("--question-tokens", type=int, default=d.question_tokens, help="tokens of each new question (default %(default)s)")
+    g.add_argument("--sessions", type=int, default=d.sessions, help="multiturn: sessions (0 = requests / turns) (default %(default)s)")
+    g.add_argument("--turns", type=int, default=d.turns, help="multiturn: turns per session (default %(default)s)")
+    g.add_argument("--turn-tokens", type=int, default=d.turn_tokens, help="multiturn: tokens per user message (default %(default)s)")
+    g.add_argument("--think-time", type=float, default=d.think_time, help="multiturn: emulated s between turns (default %(default)s)")
+    g.add_argument("--system-prompts", type=int, default=d.system_prompts, help="sysprompt: shared system prompts (default %(default)s)")
+    g.add_argument("--system-tokens", type=int, default=d.system_tokens, help="sysprompt: tokens per system prompt (default %(default)s)")
+    g.add_argument("--few-shot", type=int, default=d.few_shot, help="sysprompt: few-shot example pairs (default %(default)s)")
     g.add_argument("--prefix-lengths", default=",".join(map(str, d.prefix_lengths)),
-                   help="prefix-sweep: comma-separated shared prefix lengths (tokens)")
-    g.add_argument("--tenants", type=int, default=d.tenants, help="tenants: number of tenants")
-    g.add_argument("--tenant-tokens", type=int, default=d.tenant_tokens, help="tenants: shared context tokens")
-    g.add_argument("--users-per-tenant", type=int, default=d.users_per_tenant, help="tenants: users per tenant")
-    g.add_argument("--trace-path", default=d.trace_path, help="trace: Mooncake JSONL file")
-    g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay")
-    g.add_argument("--trace-speedup", type=float, default=d.trace_speedup, help="trace: timestamp speed-up factor")
-    g.add_argument("--trace-max-output", type=int, default=d.trace_max_output, help="trace: cap output lengths (0 = none)")
+                   help="prefix-sweep: comma-separated shared prefix lengths (tokens) (default %(default)s)")
+    g.add_argument("--tenants", type=int, default=d.tenants, help="tenants: number of tenants (default %(default)s)")
+    g.add_argument("--tenant-tokens", type=int, default=d.tenant_tokens, help="tenants: shared context tokens (default %(default)s)")
+    g.add_argument("--users-per-tenant", type=int, default=d.users_per_tenant, help="tenants: users per tenant (default %(default)s)")
+    g.add_argument("--trace-path", default=d.trace_path,
+                   help="trace: Mooncake JSONL file (default: the conversation trace shipped in loadgen/data/)")
+    g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay (default %(default)s)")
+    g.add_argument("--trace-speedup", type=float, default=d.trace_speedup, help="trace: timestamp speed-up factor (default %(default)s)")
+    g.add_argument("--trace-max-output", type=int, default=d.trace_max_output, help="trace: cap output lengths (0 = none) (default %(default)s)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
-    d = RunConfig(**env_overrides(RunConfig))
+    d = _env_defaults(RunConfig)
     g = p.add_argument_group("run (env KVROUTE_LOADGEN_<NAME>)")
     g.add_argument("--target", default=None if not target_required else d.target,
-                   help="OpenAI base URL of the proxy, e.g. http://127.0.0.1:8000/v1")
+                   help="OpenAI base URL of the proxy, ending in /v1 (default "
+                        + (f"{d.target})" if target_required else "none: start a proxy with --backends emulators)"))
     g.add_argument("--out", default=d.out, help="results folder (default %(default)s)")
     mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=float, default=d.rate, help="Poisson arrivals per emulated second (of requests; of sessions for multiturn)")
-    mode.add_argument("--concurrency", type=int, default=d.concurrency, help="closed loop: requests (multiturn: sessions) in flight")
-    g.add_argument("--duration", type=float, default=d.duration, help="stop sending after this many wall seconds")
+    mode.add_argument("--rate", type=float, default=d.rate,
+                      help="Poisson arrivals per emulated second (of requests; of sessions for multiturn); "
+                           "default %(default)s: neither this nor --concurrency = concurrency 1")
+    mode.add_argument("--concurrency", type=int, default=d.concurrency,
+                      help="closed loop: requests (multiturn: sessions) in flight; default %(default)s = 1 unless --rate")
+    g.add_argument("--duration", type=float, default=d.duration,
+                   help="stop sending after this many wall seconds (default %(default)s = no limit)")
     g.add_argument("--time-scale", type=float, default=d.time_scale,
                    help="the emulators' --time-scale: wall s per emulated s (0.1 = 10x faster); "
-                        "latencies are also reported divided by it, in emulated seconds")
-    g.add_argument("--model", default=d.model, help="model name (default: first of GET /v1/models)")
-    g.add_argument("--api-key", default=d.api_key)
-    g.add_argument("--admin-key", default=d.admin_key, help="the proxy's admin key, if it has one")
-    g.add_argument("--request-timeout", type=float, default=d.request_timeout, help="per request, wall seconds")
+                        "latencies are also reported divided by it, in emulated seconds; checked against the "
+                        "emulators' own before the run (default %(default)s)")
+    g.add_argument("--model", default=d.model, help="model name, checked against GET /v1/models "
+                                                    "(default: the first model listed there)")
+    g.add_argument("--api-key", default=d.api_key, help="client API key sent as Bearer (default %(default)s)")
+    g.add_argument("--admin-key", default=d.admin_key, help="the proxy's admin key, if it has one (default: none)")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="per request, wall seconds (default %(default)s)")
     g.add_argument("--metrics-interval", type=float, default=d.metrics_interval,
-                   help="wall seconds between scrapes of the backends' /metrics")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+                   help="wall seconds between scrapes of the backends' /metrics (default %(default)s)")
+    g.add_argument("--max-error-share", type=float, default=d.max_error_share,
+                   help="exit with status 1 when more than this share of a run's requests failed "
+                        "(default %(default)s)")
+    g.add_argument("--log-format", choices=("console", "json"), default=d.log_format,
+                   help="warnings and errors as console lines or JSON objects (default %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadgen", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="send one workload to one target")
+def build_parser() -> argparse.ArgumentParser:
+    from proxy.policies import POLICIES
+
+    parser = ArgumentParser(prog=PROG, description=__doc__,
+                            epilog="Every flag is also the env var KVROUTE_LOADGEN_<FLAG_IN_UPPER_SNAKE>.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    run = sub.add_parser("run", help="send one workload to one target", description=__doc__)
     _add_workload_args(run)
     _add_run_args(run, target_required=True)
     run.add_argument("--backend", action="append", default=[],
-                     help="a backend URL whose /metrics to sample (default: the proxy's /admin/backends if any)")
-    cmp_ = sub.add_parser("compare", help="the same workload once per routing strategy against one proxy")
+                     help="a backend URL whose /metrics to sample, repeatable (default: the proxy's /admin/backends if any)")
+    cmp_ = sub.add_parser("compare", help="the same workload once per routing strategy against one proxy",
+                          description=__doc__)
     _add_workload_args(cmp_)
     _add_run_args(cmp_, target_required=False)
-    cmp_.add_argument("--strategies", default="default,round_robin,least_loaded",
-                      help="comma-separated strategy names; 'default' = the proxy's current strategy")
-    cmp_.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given")
+    cmp_.add_argument("--strategies", default=DEFAULT_STRATEGIES,
+                      help="comma-separated strategy names, checked before any runs: 'default' (the proxy's current "
+                           f"strategy), {', '.join(POLICIES)} (default %(default)s)")
+    cmp_.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given (default %(default)s)")
     cmp_.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
-                      help="without --target: run the started proxy in its own process (default) or in this one")
-    return parser.parse_args(argv)
+                      help="without --target: run the started proxy in its own process or in this one "
+                           "(default %(default)s)")
+    cmp_.add_argument("--reset-target", action="store_true",
+                      help="allow resetting the prefix index and the backends' prefix caches of a --target this run "
+                           "did not start (compare resets them between strategies; default: refuse)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+_ALIASES = {"name": "workload"}
 
 
 def configs(ns: argparse.Namespace) -> RunConfig:
+    """The run's settings from parsed flags; a bad value is a UsageError naming its flag."""
+    names = [f.name for f in fields(WorkloadConfig)] + [f.name for f in fields(RunConfig)]
     wl = {f.name: getattr(ns, f.name) for f in fields(WorkloadConfig) if hasattr(ns, f.name)}
-    wl["prefix_lengths"] = tuple(int(x) for x in str(ns.prefix_lengths).split(",") if x.strip())
+    try:
+        wl["prefix_lengths"] = tuple(int(x) for x in str(ns.prefix_lengths).split(",") if x.strip())
+    except ValueError:
+        raise UsageError("--prefix-lengths", f"{ns.prefix_lengths!r}: expected comma-separated integers") from None
     run = {f.name: getattr(ns, f.name) for f in fields(RunConfig) if hasattr(ns, f.name) and f.name != "workload"}
-    run["target"] = ns.target or ""
+    run["target"] = http_url("--target", ns.target) if ns.target else ""
     run["progress"] = not ns.no_progress
-    return RunConfig(**run, workload=WorkloadConfig(**wl))
+    for url in getattr(ns, "backend", []):
+        http_url("--backend", url)
+    try:
+        return RunConfig(**run, workload=WorkloadConfig(**wl))
+    except (TypeError, ValueError) as e:
+        raise error_for(e, names, {}, _ALIASES) from None
+
+
+def strategy_names(text: str) -> list[str]:
+    """--strategies as a list, each a known policy or 'default'; checked before anything runs."""
+    from proxy.policies import POLICIES
+
+    from .compare import DEFAULT_ALIAS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UsageError("--strategies", "no strategy given")
+    unknown = [n for n in names if n != DEFAULT_ALIAS and n not in POLICIES]
+    if unknown:
+        raise UsageError("--strategies", f"unknown strategy {', '.join(map(repr, unknown))}; "
+                         f"choose from {DEFAULT_ALIAS}, {', '.join(POLICIES)}")
+    return names
+
+
+def too_many_errors(summaries: dict[str, dict], max_share: float) -> list[str]:
+    """One line per run whose failed share exceeds `max_share` (cancelled requests are not failures)."""
+    lines = []
+    for name, s in summaries.items():
+        done = s["requests_sent"] - s["cancelled"]
+        share = s["errors"] / done if done else 0.0
+        if share > max_share:
+            first = next(iter(s.get("error_kinds") or {}), "")
+            lines.append(f"{name}: {s['errors']} of {done} requests failed ({share:.1%} > --max-error-share "
+                         f"{max_share:g}){'; first error: ' + first if first else ''}")
+    return lines
 
 
 async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
@@ -101,12 +195,15 @@ async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .summary import summarize
     from .workloads import build_workload
 
+    from .preflight import preflight
+
     backends = list(ns.backend)
     if not backends:
         try:
             backends = await ProxyAdmin(cfg.target, cfg.admin_key).backends()
         except Exception:
             backends = []
+    cfg.model = (await preflight(cfg.target, cfg.model, cfg.api_key, cfg.time_scale, backends)).model
     result = await run_workload(build_workload(cfg.workload), cfg, backends)
     out = Path(cfg.out)
     write_records(out, result)
@@ -116,35 +213,59 @@ async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     print(f"hit rate {summary['hit_rate']:.1%}, TTFT p50 {_s(summary['ttft_p50_emulated'])} / "
           f"p99 {_s(summary['ttft_p99_emulated'])} emulated s, {summary['ok']} ok, {summary['errors']} errors"
           f"{', interrupted' if result.interrupted else ''}; report: {report}")
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return _error_exit({cfg.workload.name: summary}, cfg.max_error_share)
+
+
+def _error_exit(summaries: dict[str, dict], max_share: float) -> int:
+    bad = too_many_errors(summaries, max_share)
+    for line in bad:
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+    return EXIT_TOO_MANY_ERRORS if bad else 0
 
 
 async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .compare import compare
     from .report import compare_table
 
-    strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
-    res = await compare(cfg, strategies, ns.target, command, ns.backends, ns.spawn)
+    strategies = strategy_names(ns.strategies)
+    res = await compare(cfg, strategies, cfg.target or None, command, ns.backends, ns.spawn)
     print("\n".join(compare_table(res.summaries)))
     print(f"report: {res.report}")
-    return 130 if any(r.interrupted for r in res.results.values()) else 0
+    if any(r.interrupted for r in res.results.values()):
+        return EXIT_INTERRUPTED
+    return _error_exit(res.summaries, cfg.max_error_share)
 
 
 def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """Everything that can be checked without a network: flags, values, files, strategy names (UsageError)."""
+    ns = parse_args(argv)
+    cfg = configs(ns)
+    if ns.command == "compare":
+        strategy_names(ns.strategies)
+        if ns.backends < 1:
+            raise UsageError("--backends", f"must be >= 1 (got {ns.backends})")
+        if ns.target and not ns.reset_target:
+            raise UsageError("--target", f"compare resets the prefix index of {cfg.target} and its backends' "
+                             "prefix caches between strategies; pass --reset-target to allow that on a proxy "
+                             "this run did not start")
+    return ns, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ns = parse_args(argv)
-    try:
-        cfg = configs(ns)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    command = "python -m loadgen " + shlex.join(argv)
-    runner = _run if ns.command == "run" else _compare
-    return asyncio.run(runner(ns, cfg, command))
+    with exit_on_usage_error(PROG):
+        ns, cfg = check_args(argv)
+        # Results go to stdout and the report; warnings (ours, aiohttp's) through the shared log stack.
+        configure_logging(cfg.log_format, "warning")
+        command = "python -m loadgen " + shlex.join(argv)
+        runner = _run if ns.command == "run" else _compare
+        return asyncio.run(runner(ns, cfg, command))
 
 
 if __name__ == "__main__":

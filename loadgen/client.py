@@ -118,6 +118,9 @@ async def send_request(client: openai.AsyncOpenAI, model: str, spec: RequestSpec
         rec.status = e.status_code
         rec.error = f"{type(e).__name__}: {_short(e.message)}"
         return rec
+    except openai.APIConnectionError as e:  # also APITimeoutError: say which URL, or five identical lines say nothing
+        rec.error = f"{type(e).__name__}: {_short(str(e))} ({client.base_url})"
+        return rec
     except openai.APIError as e:
         rec.error = f"{type(e).__name__}: {_short(str(e))}"
         return rec

@@ -6,7 +6,6 @@ target, a proxy with embedded emulators is started for the comparison (see `stac
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,11 @@ from typing import Any
 import aiohttp
 
 from .config import RunConfig
+from kvblocks.cli import UsageError
+from kvblocks.logs import get_logger
+
 from .plots import compare_plots, run_plots
+from .preflight import preflight
 from .proxy_admin import AdminError, ProxyAdmin
 from .report import compare_report, run_report
 from .results import SUMMARY_JSON, write_json, write_records
@@ -24,6 +27,7 @@ from .summary import summarize
 from .workloads import build_workload
 
 DEFAULT_ALIAS = "default"
+log = get_logger("loadgen")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class CompareResult:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     report: Path | None = None
+    # Strategies asked for that never ran (a run before them was interrupted).
+    not_run: list[str] = field(default_factory=list)
 
 
 async def compare(config: RunConfig, strategies: list[str], target: str | None = None, command: str = "",
@@ -49,9 +55,14 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
     async with managed_proxy(target, config.time_scale, backends, spawn) as stack:
         target = config.target = stack.target
         admin = ProxyAdmin(target, config.admin_key)
-        original = await admin.strategy()
+        original, available = await admin.strategy_and_available()
+        unknown = [s for s in strategies if s != DEFAULT_ALIAS and available and s not in available]
+        if unknown:
+            raise UsageError("--strategies", f"{target} has no strategy {', '.join(map(repr, unknown))}; "
+                             f"it has {', '.join(available)}")
         names = [original if s == DEFAULT_ALIAS else s for s in strategies]
         backend_urls = await admin.backends()
+        config.model = (await preflight(target, config.model, config.api_key, config.time_scale, backend_urls)).model
         res = CompareResult(target)
         try:
             for name in names:
@@ -68,15 +79,16 @@ async def compare(config: RunConfig, strategies: list[str], target: str | None =
                 write_json(folder / SUMMARY_JSON, summary)
                 run_report(summary, command, target, run_plots(result, folder), folder)
                 if result.interrupted:
+                    res.not_run = names[names.index(name) + 1:]
                     break
         finally:
             try:
                 await admin.set_strategy(original)
             except (AdminError, OSError, aiohttp.ClientError) as e:
-                print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
+                log.warning("could not restore the proxy's strategy", strategy=original, target=target, error=str(e))
     write_json(out / SUMMARY_JSON, res.summaries)
     res.plots = compare_plots(res.results, res.summaries, out)
-    res.report = compare_report(res.summaries, command, stack.description, res.plots, out)
+    res.report = compare_report(res.summaries, command, stack.description, res.plots, out, res.not_run)
     return res
 
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from importlib.resources import files
 from typing import Any
 
+from kvblocks.cli import UsageError, coerce
+
 ENV_PREFIX = "KVROUTE_LOADGEN_"
-DEFAULT_TRACE = "/work/shared/traces/mooncake_fast25_conversation_trace.jsonl"
+TRACE_FILE = "mooncake_fast25_conversation_trace.jsonl"
+# Shipped inside the package (Apache-2.0, source and licence in loadgen/data/), so `trace` runs from a clone.
+DEFAULT_TRACE = str(files("loadgen").joinpath("data", TRACE_FILE))
 WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace")
 
 
@@ -58,8 +63,21 @@ class WorkloadConfig:
             raise ValueError(f"unknown workload {self.name!r}; choose one of {', '.join(WORKLOAD_NAMES)}")
         if self.requests <= 0:
             raise ValueError("requests must be positive")
+        if self.output_tokens < 1 or self.max_model_len < 2 or self.trace_speedup <= 0:
+            raise ValueError("output_tokens must be >= 1, max_model_len >= 2 and trace_speedup > 0")
+        for name in ("documents", "doc_tokens_min", "turns", "system_prompts", "tenants", "users_per_tenant"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("zipf_s", "question_tokens", "sessions", "turn_tokens", "think_time", "system_tokens", "few_shot",
+                     "tenant_tokens", "trace_offset", "trace_max_output"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if any(n < 0 for n in self.prefix_lengths):
+            raise ValueError("prefix_lengths must be >= 0")
         if self.doc_tokens_min > self.doc_tokens_max:
             raise ValueError("doc_tokens_min must not exceed doc_tokens_max")
+        if self.name == "trace" and not os.path.isfile(self.trace_path):
+            raise ValueError(f"trace_path {self.trace_path}: no such file")
 
 
 @dataclass
@@ -77,6 +95,9 @@ class RunConfig:
     admin_key: str = ""
     request_timeout: float = 300.0
     metrics_interval: float = 0.5
+    # A run whose failed share of requests exceeds this makes the CLI exit 1 (all failing must not look fine).
+    max_error_share: float = 0.05
+    log_format: str = "console"
     progress: bool = True
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
@@ -87,6 +108,12 @@ class RunConfig:
             raise ValueError("give either a rate or a concurrency, not both")
         if self.time_scale <= 0:
             raise ValueError("time_scale must be positive")
+        if self.log_format not in ("console", "json"):
+            raise ValueError(f"log_format must be console or json, not {self.log_format!r}")
+        if not 0 <= self.max_error_share <= 1:
+            raise ValueError("max_error_share must be within [0, 1]")
+        if self.request_timeout <= 0 or self.metrics_interval <= 0 or self.duration < 0:
+            raise ValueError("request_timeout and metrics_interval must be > 0, duration >= 0")
 
     @property
     def load_description(self) -> str:
@@ -100,25 +127,26 @@ class RunConfig:
         return "fixed concurrency 1"
 
 
-def _coerce(value: str, like: Any) -> Any:
+def _coerce(name: str, value: str, like: Any) -> Any:
     if isinstance(like, bool):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(like, int):
-        return int(value)
-    if isinstance(like, float):
-        return float(value)
+        return coerce(name, value, bool)
+    if isinstance(like, (int, float)):
+        return coerce(name, value, type(like))
     if isinstance(like, tuple):
-        return tuple(int(v) for v in value.split(",") if v.strip())
+        try:
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise UsageError(f"{name}={value!r}", "expected comma-separated integers") from None
     return value
 
 
 def env_overrides(cls: type, environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Values for `cls`'s fields taken from `KVROUTE_LOADGEN_<FIELD>` env vars."""
+    """Values for `cls`'s fields taken from `KVROUTE_LOADGEN_<FIELD>` env vars (UsageError names a bad one)."""
     environ = dict(os.environ if environ is None else environ)
     out: dict[str, Any] = {}
     defaults = cls()
     for f in fields(cls):
         key = ENV_PREFIX + f.name.upper()
         if key in environ and f.name != "workload":
-            out[f.name] = _coerce(environ[key], getattr(defaults, f.name))
+            out[f.name] = _coerce(key, environ[key], getattr(defaults, f.name))
     return out

@@ -130,20 +130,46 @@ def latency_by_cache_status(result: RunResult, out: Path) -> Path:
 
 
 def prefix_match_length(result: RunResult, out: Path) -> Path:
+    """What the proxy believed it matched against what the backend reported cached, side by side
+    (overlaid, identical histograms would hide one another)."""
     ok = _ok(result)
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    cached = [r.cached_tokens // 16 for r in ok]
-    matched = [r.matched_blocks for r in ok if r.matched_blocks is not None]
+    pairs = [(r.cached_tokens // 16, r.matched_blocks) for r in ok]
+    cached = [c for c, _ in pairs]
+    matched = [m for _, m in pairs if m is not None]
     hi = max(cached + matched + [1])
-    bins = np.linspace(0, hi + 1, min(50, hi + 2))
-    ax.hist(cached, bins=bins, alpha=0.6, label="cached blocks (backend usage)")
+    bins = np.linspace(0, hi + 1, min(40, hi + 2))
+    data, labels = [cached], ["cached blocks (backend usage)"]
     if matched:
-        ax.hist(matched, bins=bins, alpha=0.6, label="matched blocks (proxy header)")
+        data.append(matched)
+        labels.append("matched blocks (proxy header)")
+    ax.hist(data, bins=bins, label=labels, color=["tab:green", "tab:purple"][:len(data)])
+    agree = sum(1 for c, m in pairs if m is not None and m == c)
+    with_header = sum(1 for _, m in pairs if m is not None)
     ax.set_xlabel("prefix match length (16-token blocks)")
     ax.set_ylabel("requests")
-    ax.set_title(f"Prefix match length distribution — {result.label}")
+    title = f"Prefix match length distribution — {result.label}"
+    if with_header:
+        title += f"\nproxy's match = backend's cache for {agree} of {with_header} requests"
+    ax.set_title(title)
     ax.legend()
     return _save(fig, out / "prefix_match_length.png")
+
+
+def _count_axis(ax, values: list[float]) -> None:
+    """Request counts: integer ticks from 0, at least 0..1, so all-zero data is a flat line at 0, not noise."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, max([1.0, *values]) * 1.08)
+
+
+def _held(samples: list, grid: np.ndarray, field: str, scale: float) -> np.ndarray:
+    """A gauge's value at each grid time: the last scrape at or before it (0 before the first)."""
+    t = np.array([x.t / scale for x in samples])
+    v = np.array([getattr(x, field) for x in samples], dtype=float)
+    idx = np.searchsorted(t, grid, side="right") - 1
+    return np.where(idx >= 0, v[np.clip(idx, 0, None)], 0.0)
 
 
 def backend_metrics_over_time(result: RunResult, out: Path, name: str = "backend_metrics.png") -> Path | None:
@@ -153,18 +179,28 @@ def backend_metrics_over_time(result: RunResult, out: Path, name: str = "backend
     by: dict[str, list] = defaultdict(list)
     for x in result.samples:
         by[x.backend].append(x)
+    names = sorted(by)
+    for b in names:
+        by[b].sort(key=lambda x: x.t)
+    grid = np.unique([x.t / s for x in result.samples])
+    labels = [backend_label(b) for b in names]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for b in sorted(by):
-        ss = by[b]
-        t = [x.t / s for x in ss]
-        axes[0].plot(t, [x.kv_usage * 100 for x in ss], label=backend_label(b))
-        axes[1].plot(t, [x.running for x in ss], label=backend_label(b))
-        axes[2].plot(t, [x.waiting for x in ss], label=backend_label(b))
-    for ax, yl in zip(axes, ("KV cache usage (%)", "running requests", "waiting requests (queue)")):
+    for b, label in zip(names, labels):
+        axes[0].plot(grid, _held(by[b], grid, "kv_usage", s) * 100, label=label, drawstyle="steps-post")
+    # Request counts stacked per backend: the top edge is the total, each band one backend's share (separate
+    # lines of 0/1 at concurrency 1 cross into a tangle).
+    for ax, field in ((axes[1], "running"), (axes[2], "waiting")):
+        ys = [_held(by[b], grid, field, s) for b in names]
+        ax.stackplot(grid, ys, labels=labels, step="post", alpha=0.85)
+        _count_axis(ax, list(np.sum(ys, axis=0)))
+    for ax, yl in zip(axes, ("KV cache usage (%)", "running requests (stacked per backend)",
+                             "waiting requests (stacked per backend)")):
         ax.set_xlabel(f"time since start ({_unit(s)})")
         ax.set_ylabel(yl)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     axes[0].set_ylim(0, 100)
+    if not any(x.waiting for x in result.samples):
+        axes[2].set_title("no request waited", fontsize=9)
     fig.suptitle(f"Backend metrics over time (vllm:* scraped from each emulator) — {result.label}")
     return _save(fig, out / name)
 
@@ -193,11 +229,13 @@ def prefix_sweep(result: RunResult, out: Path) -> Path | None:
 
 
 def run_plots(result: RunResult, out: Path) -> list[Path]:
-    """All single-run plots into `out`."""
+    """All single-run plots into `out`; those drawn from answered requests only when some succeeded."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [latency_distribution(result, out), hit_rate_over_time(result, out), worker_load(result, out),
-             latency_by_cache_status(result, out), prefix_match_length(result, out),
-             backend_metrics_over_time(result, out), prefix_sweep(result, out)]
+    paths: list[Path | None] = []
+    if _ok(result):
+        paths += [latency_distribution(result, out), hit_rate_over_time(result, out), worker_load(result, out),
+                  latency_by_cache_status(result, out), prefix_match_length(result, out)]
+    paths += [backend_metrics_over_time(result, out), prefix_sweep(result, out)]
     return [p for p in paths if p is not None]
 
 
@@ -280,9 +318,11 @@ def compare_backend_metrics(results: dict[str, RunResult], out: Path) -> Path | 
 def compare_plots(results: dict[str, RunResult], summaries: dict[str, dict], out: Path) -> list[Path]:
     """Comparison plots into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [compare_bars(summaries, out), compare_ttft_cdf(results, out),
-             compare_backend_distribution(results, out), compare_backend_metrics(results, out)]
-    if any(r.workload.name == "prefix-sweep" for r in results.values()):
+    paths: list[Path | None] = []
+    if any(_ok(r) for r in results.values()):  # every request failed: no blank axes
+        paths += [compare_bars(summaries, out), compare_ttft_cdf(results, out), compare_backend_distribution(results, out)]
+    paths.append(compare_backend_metrics(results, out))
+    if any(r.workload.name == "prefix-sweep" and _ok(r) for r in results.values()):
         paths.append(compare_sweep(results, out))
     return [p for p in paths if p is not None]
 

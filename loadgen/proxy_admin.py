@@ -33,6 +33,12 @@ class ProxyAdmin:
         body = await self._call("GET", "/admin/strategy")
         return body["strategy"]
 
+    async def strategy_and_available(self) -> tuple[str, list[str]]:
+        """The current strategy and every name the proxy accepts ([] when it does not say)."""
+        body = await self._call("GET", "/admin/strategy")
+        available = body.get("available") if isinstance(body, dict) else None
+        return body["strategy"], [str(x) for x in available] if isinstance(available, list) else []
+
     async def set_strategy(self, name: str) -> None:
         await self._call("PUT", "/admin/strategy", {"strategy": name})
         current = await self.strategy()

@@ -77,6 +77,9 @@ def per_backend_table(s: dict[str, Any]) -> list[str]:
 def run_report(s: dict[str, Any], command: str, target: str, plots: list[Path], out: Path) -> Path:
     """report.md of one run."""
     lines = _header(f"Load test: `{s['workload']}`", command, s, target)
+    if s.get("interrupted"):
+        lines += [f"**Interrupted** (Ctrl-C) after {s['requests_sent']} of {s['requests_planned']} requests; "
+                  "the figures cover only those.", ""]
     lines += [
         "## Summary", "",
         "| requests sent | ok | errors | cancelled | hit rate | throughput (req/s, emulated) | "
@@ -106,7 +109,10 @@ def run_report(s: dict[str, Any], command: str, target: str, plots: list[Path], 
                          f"{_f(g['ttft_emulated']['p99'])} |")
         lines.append("")
     lines += _consistency(s)
-    lines += ["## Plots", "", *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots], "", TIME_NOTE, ""]
+    lines += ["## Plots", "", *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots], ""]
+    if not s["ok"]:
+        lines += ["No latency, hit-rate or load plots: no request succeeded (see Errors).", ""]
+    lines += [TIME_NOTE, ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -135,17 +141,23 @@ def compare_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     for name, s in summaries.items():
         le = s["latency_emulated"]
         shares = [d["share"] for d in s["per_backend"].values()]
-        lines.append(f"| {name} | {_pct(s['hit_rate'])} | {_f(s['ttft_p50_emulated'])} | {_f(s['ttft_p99_emulated'])} | "
+        label = f"{name} (interrupted: {s['requests_sent']}/{s['requests_planned']} sent)" if s.get("interrupted") else name
+        lines.append(f"| {label} | {_pct(s['hit_rate'])} | {_f(s['ttft_p50_emulated'])} | {_f(s['ttft_p99_emulated'])} | "
                      f"{_f(le['tpot']['p50'], 4)} | {_f(le['e2e']['p50'])} | {_f(s['throughput_rps_emulated'], 2)} | "
                      f"{s['errors']} | {_busy_line(s)} | {_pct(max(shares) if shares else None)} |")
     return lines
 
 
 def compare_report(summaries: dict[str, dict[str, Any]], command: str, target: str, plots: list[Path],
-                   out: Path) -> Path:
-    """report.md of a strategy comparison."""
+                   out: Path, not_run: list[str] | tuple[str, ...] = ()) -> Path:
+    """report.md of a strategy comparison; an interrupted one says which strategies did not (fully) run."""
     first = next(iter(summaries.values()))
     lines = _header(f"Routing strategies compared on `{first['workload']}`", command, first, target)
+    cut = [n for n, s in summaries.items() if s.get("interrupted")]
+    if cut or not_run:
+        lines += [f"**Interrupted**: {', '.join(cut) or 'a run'} stopped early (Ctrl-C)"
+                  + (f"; not run: {', '.join(not_run)}" if not_run else "")
+                  + ". Figures of an interrupted run cover only the requests it sent.", ""]
     lines += [
         f"Each strategy ran the same seeded workload ({first['requests_planned']} requests) against one proxy; "
         "between runs the strategy was switched (`PUT /admin/strategy`) and the proxy's index and every "

@@ -8,3 +8,15 @@ response_sink) over upstream (keep-alive HTTP/1.1 client); health (checks, vLLM 
 metrics (Prometheus), admin (/admin/ API), kv_events (exact index from backends' KV events), bench
 (`python -m proxy.bench overhead|decide|soak`).
 """
+
+# `from proxy import ProxyConfig, start_proxy`; imported on first use so `import proxy.<module>` stays light.
+_EXPORTS = {"ProxyConfig": "config", "start_proxy": "server", "RunningProxy": "server"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,43 +3,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
-import json
-import logging
 import signal
-import sys
+import socket
 from collections.abc import Sequence
 
+from kvblocks.cli import UsageError, check_listen, exit_on_usage_error
+from kvblocks.logs import configure_logging, get_logger
+
 from .config import ProxyConfig
-from .server import start_proxy
+
+PROG = "python -m proxy"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": record.created, "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()})
+def bind_error(config: ProxyConfig, e: OSError) -> UsageError:
+    """A listening socket that cannot be had is the user's to fix: name the flag."""
+    if e.errno == errno.EADDRINUSE:
+        return UsageError("--port", f"{config.host}:{config.port} is already in use (another proxy? try --port 0)")
+    if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+        return UsageError("--host", f"cannot bind {config.host!r}: {e.strerror or e}")
+    if e.errno == errno.EACCES:
+        return UsageError("--port", f"{config.port}: permission denied (ports below 1024 need privileges)")
+    return UsageError("--host/--port", f"cannot listen on {config.host}:{config.port}: {e.strerror or e}")
 
 
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+def announce(url: str, host: str) -> str:
+    """The start-up line (scripts read the URL from it); a wildcard bind says so instead of hiding it."""
+    if host in WILDCARD_HOSTS:
+        return f"kvroute proxy listening on {url} (bound to {host or '*'}: every interface)"
+    return f"kvroute proxy listening on {url}"
 
 
 async def serve(config: ProxyConfig) -> None:
-    proxy = await start_proxy(config)
+    from .server import start_proxy  # after the flags are checked: a mistake is reported without loading the server
+
+    if config.port:
+        check_listen(config.host, [config.port])
+
+    try:
+        proxy = await start_proxy(config)
+    except OSError as e:
+        raise bind_error(config, e) from None
     # Startup objects (tokenizer vocab, app) never die: keep them out of the cyclic GC's scans, and
     # let the request path (short-lived lists of ids and hashes) allocate more between collections.
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     router = proxy.router
-    print(f"kvroute proxy listening on {proxy.url} (strategy {router.strategy})", flush=True)
-    for b in router.registry:
-        kind = "embedded emulator" if proxy.emulators else "backend"
-        print(f"  routing to {kind} {b.url}", flush=True)
+    print(f"{announce(proxy.url, config.host)} (strategy {router.strategy})", flush=True)
+    get_logger("proxy").info("routing", backends=[b.url for b in router.registry],
+                             embedded_emulators=bool(proxy.emulators), strategy=router.strategy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,15 +68,16 @@ async def serve(config: ProxyConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = ProxyConfig.from_cli(argv)
-    setup_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level)
     try:
         import uvloop
     except ImportError:
         uvloop = None
-    if uvloop is not None:
-        uvloop.run(serve(config))
-    else:
-        asyncio.run(serve(config))
+    with exit_on_usage_error(PROG):
+        if uvloop is not None:
+            uvloop.run(serve(config))
+        else:
+            asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -221,19 +221,23 @@ def bench_overhead(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m proxy.bench")
+    from kvblocks.cli import ArgumentParser
+
+    # Every flag's help states its default; a mistake is one line, exit 2 (as for the main CLIs).
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = ArgumentParser(prog="python -m proxy.bench", formatter_class=fmt)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("decide", help="routing-decision micro-benchmark")
-    d.add_argument("--tokens", type=int, default=4096)
-    d.add_argument("--index-blocks", type=int, default=100_000)
-    d.add_argument("--backends", type=int, default=64)
-    d.add_argument("--iterations", type=int, default=500)
-    d.add_argument("--strategy", default="kv_aware")
-    o = sub.add_parser("overhead", help="proxy latency/throughput/CPU vs a direct connection")
-    o.add_argument("--tokens", type=int, default=1000)
-    o.add_argument("--max-tokens", type=int, default=8)
-    o.add_argument("--requests", type=int, default=1000)
-    o.add_argument("--strategy", default="kv_aware")
+    d = sub.add_parser("decide", help="routing-decision micro-benchmark", formatter_class=fmt)
+    d.add_argument("--tokens", type=int, default=4096, help="prompt length in tokens")
+    d.add_argument("--index-blocks", type=int, default=100_000, help="blocks already in the prefix index")
+    d.add_argument("--backends", type=int, default=64, help="backends the index spreads them over")
+    d.add_argument("--iterations", type=int, default=500, help="decisions timed")
+    d.add_argument("--strategy", default="kv_aware", help="routing strategy")
+    o = sub.add_parser("overhead", help="proxy latency/throughput/CPU vs a direct connection", formatter_class=fmt)
+    o.add_argument("--tokens", type=int, default=1000, help="prompt length in tokens (each prompt unique)")
+    o.add_argument("--max-tokens", type=int, default=8, help="output tokens per request")
+    o.add_argument("--requests", type=int, default=1000, help="requests at concurrency 1 (x4 at concurrency 32)")
+    o.add_argument("--strategy", default="kv_aware", help="routing strategy")
     from . import soak
 
     soak.add_parser(sub)

@@ -14,9 +14,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS
+from kvblocks.cli import ArgumentParser, UsageError, exit_on_usage_error, http_url, load_dataclass, with_default
+
 from .kv_events import KVEventSource
 
 ENV_PREFIX = "KVROUTE_"
+LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKEND_TOKENIZER = "backend"
 
 
 @dataclass
@@ -64,6 +70,7 @@ class ProxyConfig:
     emulator_model: str | None = None
     log_format: str = "console"
     log_level: str = "info"
+    access_log: bool = False
     # KV events: `--kv-events` pairs with `--backend` by position ("none" skips one); see kv_event_sources().
     kv_events: list[str] = field(default_factory=list)
     kv_events_silence_timeout: float = 10.0
@@ -85,10 +92,31 @@ class ProxyConfig:
             raise ValueError("max_concurrent_per_key must be >= 0 (0 = unlimited)")
         if self.max_header_bytes < 1024 or self.max_model_len < 2:
             raise ValueError("max_header_bytes must be >= 1024 and max_model_len >= 2")
-        for name in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+        for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "time_scale", "health_interval",
+                     "metrics_interval", "kv_events_silence_timeout"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds")
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be within 0..65535 (got {self.port})")
+        if self.emulators < 1 or self.unhealthy_after < 1:
+            raise ValueError("emulators and unhealthy_after must be >= 1")
+        if self.hash_algo not in HASH_ALGOS:
+            raise ValueError(f"hash_algo must be one of {', '.join(HASH_ALGOS)}, not {self.hash_algo!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.tokenizer not in (BUILTIN_TOKENIZER, BACKEND_TOKENIZER) and not os.path.exists(self.tokenizer):
+            raise ValueError(f"tokenizer {self.tokenizer!r}: no such Hugging Face tokenizer folder or file; "
+                             f"use {BUILTIN_TOKENIZER}, {BACKEND_TOKENIZER} or a tokenizer folder")
         self.backends = [normalize_url(u) for u in self.backends]
+        if self.backends_file:
+            try:
+                self._file_backends()
+            except FileNotFoundError:
+                raise ValueError(f"backends_file {self.backends_file}: no such file") from None
+            except (OSError, ValueError, UsageError) as e:
+                raise ValueError(f"backends_file {self.backends_file}: {e}") from None
         from emulator.latency import PROFILES
 
         from .policies import POLICIES
@@ -145,36 +173,26 @@ class ProxyConfig:
 
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ProxyConfig:
-        """Parse flags; each unset flag falls back to `KVROUTE_<FLAG>`, then `--config FILE.json`, then default."""
+        """Parse flags; each unset flag falls back to `KVROUTE_<FLAG>`, then `--config FILE.json`, then default.
+        A mistake is one line naming the flag or env var, and SystemExit(2)."""
         env = os.environ if env is None else env
         parser = _build_parser()
         ns = parser.parse_args(argv)
-        values: dict[str, Any] = {}
-        config_file = ns.config or env.get(ENV_PREFIX + "CONFIG")
-        if config_file:
-            with open(config_file, encoding="utf-8") as f:
-                file_values = json.load(f)
-            if not isinstance(file_values, dict):
-                parser.error(f"{config_file}: expected a JSON object")
-            unknown = set(file_values) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                parser.error(f"{config_file}: unknown keys {sorted(unknown)}")
-            values.update(file_values)
-        for f in dataclasses.fields(cls):
-            cli_value = getattr(ns, f.name, None)
-            env_names = [ENV_PREFIX + n.upper() for n in dict.fromkeys((_FLAG_NAMES.get(f.name, f.name), f.name))]
-            env_name = next((n for n in env_names if n in env), None)
-            if cli_value is not None:
-                if _field_kind(f) is list:
-                    cli_value = [x.strip() for v in cli_value for x in v.split(",") if x.strip()]
-                values[f.name] = cli_value
-            elif env_name is not None:
-                values[f.name] = _from_env(f, env[env_name], parser, env_name)
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as e:
-            parser.error(str(e))
-            raise  # unreachable: parser.error exits
+        with exit_on_usage_error(parser.prog):
+            config_file = None
+            if ns.config:
+                config_file = ("--config", ns.config)
+            elif env.get(ENV_PREFIX + "CONFIG"):
+                config_file = (ENV_PREFIX + "CONFIG", env[ENV_PREFIX + "CONFIG"])
+            return load_dataclass(
+                cls, ns, env,
+                env_names=lambda f: [ENV_PREFIX + n.upper() for n in dict.fromkeys((_FLAG_NAMES.get(f.name, f.name), f.name))],
+                kind_of=_field_kind,
+                config_file=config_file,
+                aliases=_FLAG_NAMES,
+                from_cli=lambda f, v: [x.strip() for s in v for x in s.split(",") if x.strip()] if _field_kind(f) is list else v,
+            )
+        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -209,18 +227,20 @@ class FileBackend:
 
 
 def normalize_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        url = "http://" + url
-    return url
+    """`host:port` -> `http://host:port`; anything but http(s) is a ValueError naming --backend."""
+    try:
+        return http_url("", url)
+    except UsageError as e:
+        raise ValueError(f"backends: {e.message}") from None
 
 
 # Dataclass field -> CLI flag stem (and env suffix) when they differ.
 _FLAG_NAMES = {"backends": "backend", "api_keys": "api_key"}
 _HELP = {
     "backends": "backend base URL (repeatable); none = start embedded emulators",
-    "backends_file": "file with one backend URL per line",
-    "strategy": "routing strategy (see /admin/strategy); default: load-aware prefix routing",
+    "backends_file": "file with one backend URL per line (# comments), or a JSON list of URLs or "
+    '{"url": URL, "kv_events": ENDPOINT | {"endpoint", "topic", "replay_endpoint"}}',
+    "strategy": "routing strategy (switch at run time: PUT /admin/strategy)",
     "api_keys": "client API key accepted as 'Authorization: Bearer KEY' (repeatable)",
     "admin_key": "key guarding /admin/ (Bearer)",
     "backend_api_key": "API key the proxy sends upstream (Authorization: Bearer) to backends started with --api-key; "
@@ -228,7 +248,18 @@ _HELP = {
     "emulators": "number of embedded emulators when no backend is given",
     "profile": "latency profile of the backends (routing cost model; embedded emulators use it too)",
     "time_scale": "backends' time scale (emulator --time-scale); embedded emulators use it too",
-    "log_format": "console or json",
+    "log_format": "log lines for a terminal, or one JSON object per line (containers)",
+    "log_level": "lowest level logged",
+    "access_log": "one log line per proxied request (backend, strategy, matched blocks, status, latency, request id)",
+    "host": "address to bind; 0.0.0.0 = every interface",
+    "port": "port to listen on; 0 = OS-assigned (printed at start-up)",
+    "max_body_bytes": "largest request body accepted; beyond: 413",
+    "health_interval": "seconds between health checks (GET /health) of each backend",
+    "metrics_interval": "seconds between scrapes of each backend's /metrics",
+    "unhealthy_after": "failed health checks in a row that take a backend out of routing",
+    "default_capacity_blocks": "KV blocks assumed per backend until its vllm:cache_config_info says",
+    "default_max_tokens": "max_tokens assumed for a request that gives none (routing cost)",
+    "emulator_model": "model name the embedded emulators serve (default: the emulator's)",
     "tokenizer": "cl100k_base (built in), a Hugging Face tokenizer folder, or 'backend' (each prompt through a backend's /tokenize, cached)",
     "block_size": "tokens per KV block until the backends report theirs (vllm:cache_config_info), then theirs",
     "hash_algo": "sha256 or sha256_cbor until the backends report theirs (prefix_caching_hash_algo), then theirs",
@@ -237,7 +268,7 @@ _HELP = {
     "connect_timeout": "seconds to open a backend connection before trying another backend",
     "first_byte_timeout": "seconds a backend may take to its first streamed byte (whole body if not streaming) before a retry",
     "idle_timeout": "seconds a started stream may stay silent before it ends with an SSE error event",
-    "retries": "extra attempts on other backends when one fails before the first byte (default 1)",
+    "retries": "extra attempts on other backends when one fails before the first byte",
     "retry_backoff": "first retry's backoff in seconds; doubles per retry, with jitter",
     "retry_backoff_max": "cap of the retry backoff in seconds",
     "breaker_failures": "failed requests in a row that open a backend's circuit breaker",
@@ -251,18 +282,36 @@ _HELP = {
 }
 
 
+def _choices(name: str) -> tuple[str, ...] | None:
+    from emulator.latency import PROFILES
+
+    from .policies import POLICIES
+
+    return {"strategy": tuple(POLICIES), "profile": tuple(PROFILES), "hash_algo": tuple(HASH_ALGOS),
+            "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}.get(name)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m proxy",
-        description="kvroute: KV-cache-aware OpenAI/vLLM-compatible proxy. Every flag is also env KVROUTE_<FLAG>.",
+        description="kvroute: KV-cache-aware OpenAI/vLLM-compatible proxy.",
+        epilog="Every flag --some-flag is also the env var KVROUTE_SOME_FLAG; precedence: "
+        "defaults < --config file < env vars < flags. List flags repeat or take comma-separated values.",
     )
-    p.add_argument("--config", help="JSON file with ProxyConfig fields")
+    p.add_argument("--config", help="JSON file with ProxyConfig fields (keys = flag names with _); default: none")
     for f in dataclasses.fields(ProxyConfig):
         flags = ["--" + n.replace("_", "-") for n in dict.fromkeys((_FLAG_NAMES.get(f.name, f.name), f.name))]
         kind = _field_kind(f)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": _HELP.get(f.name)}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = _choices(f.name)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": with_default(_HELP.get(f.name), default, choices)}
+        if choices and f.name != "log_level":
+            kwargs["choices"] = choices
+            kwargs["metavar"] = f.name.upper()
         if kind is list:
             kwargs["action"] = "append"
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is not str:
             kwargs["type"] = kind
         p.add_argument(*flags, **kwargs)
@@ -271,6 +320,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _field_kind(f: dataclasses.Field) -> type:
     t = str(f.type)
+    if t.startswith("bool"):
+        return bool
     if t.startswith("list"):
         return list
     if t.startswith("int"):
@@ -278,14 +329,3 @@ def _field_kind(f: dataclasses.Field) -> type:
     if t.startswith("float"):
         return float
     return str
-
-
-def _from_env(f: dataclasses.Field, raw: str, parser: argparse.ArgumentParser, name: str) -> Any:
-    kind = _field_kind(f)
-    if kind is list:
-        return [x.strip() for x in raw.split(",") if x.strip()]
-    try:
-        return kind(raw)
-    except ValueError:
-        parser.error(f"{name}={raw!r}: expected {kind.__name__}")
-        raise

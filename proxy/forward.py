@@ -17,6 +17,7 @@ import time
 
 import orjson
 from kvblocks import APIError, error_body
+from kvblocks.logs import get_logger
 
 from .backends import Backend, InFlight
 from .health import BackendMonitor, note_auth
@@ -95,6 +96,8 @@ class Forwarder:
         self.max_attempts = 1 + cfg.retries
         self.backoff = cfg.retry_backoff
         self.backoff_max = cfg.retry_backoff_max
+        # --access-log: one structured line per proxied request (None: off, nothing is formatted).
+        self.access = get_logger("proxy.access") if cfg.access_log else None
         # Set on SIGTERM: a stream still running when the grace period ends gets an error event, not a cut.
         self.draining = False
         self._streams: set[asyncio.Task] = set()
@@ -138,11 +141,18 @@ class Forwarder:
                 self.metrics.child(self.metrics.requests, strategy, b.url, str(f.status or 502)).inc()
                 if attempt + 1 < self.max_attempts:
                     self.metrics.retries.labels(f.reason).inc()
-                    log.warning("request %s: %s on %s; retrying elsewhere", request_id, f.reason, b.url)
+                    if any(x not in tried for x in router.registry.healthy()):
+                        log.warning("request %s: %s on %s; retrying on another backend", request_id, f.reason, b.url)
+                    else:
+                        log.warning("request %s: %s on %s; no other healthy backend to retry on", request_id, f.reason, b.url)
             finally:
                 router.end(rec)
                 self._judge(b, probe, verdict)
         assert last is not None
+        if self.access is not None:
+            self.access.info("request", request_id=request_id, path=path, backend=tried[-1].url if tried else None,
+                             strategy=strategy, matched_blocks=None, status=last.status or last.reason,
+                             latency_s=round(time.perf_counter() - t0, 6), attempts=len(tried))
         if last.status is not None and last.body is not None:
             await sink.send(last.status, {"x-request-id": request_id, "x-kvroute-strategy": strategy}, last.body,
                             last.content_type or "application/json")
@@ -217,6 +227,10 @@ class Forwarder:
             done = ok
             m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
+            if self.access is not None:
+                self.access.info("request", request_id=request_id, path=path, backend=b.url, strategy=strategy,
+                                 matched_blocks=decision.matched_blocks, status=status if ok else "stream_error",
+                                 latency_s=round(time.perf_counter() - t0, 6), stream=stream)
             return ok
         finally:
             if upstream is not None:

@@ -35,7 +35,9 @@ from kvblocks.kv_events import (
     replay_request,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kvroute.proxy.kv_events")
+# Transports a subscriber can connect over (pyzmq raises "Protocol not supported" on others at connect time).
+ZMQ_TRANSPORTS = ("tcp", "ipc", "inproc")
 
 # Why a backend's exact view was lost (label values of kvroute_kv_events_desync_total).
 GAP = "gap"
@@ -75,8 +77,10 @@ class KVEventSource:
     def __post_init__(self) -> None:
         for name in ("endpoint", "replay_endpoint"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or "://" not in value):
-                raise ValueError(f"kv_events {name} must be a ZMQ address such as tcp://127.0.0.1:5557")
+            if value is not None and (not isinstance(value, str) or value.partition("://")[0] not in ZMQ_TRANSPORTS
+                                      or not value.partition("://")[2]):
+                raise ValueError(f"kv_events {name} {value!r} must be a ZMQ address such as tcp://127.0.0.1:5557 "
+                                 f"({', '.join(t + '://' for t in ZMQ_TRANSPORTS)})")
         if not isinstance(self.topic, str):
             raise ValueError("kv_events topic must be a string")
 
@@ -316,7 +320,10 @@ class KVEventSubscriber:
             return
         self.stats.synced = True
         self._busy_since = None
-        log.info("kv events %s: exact view (re)established at seq %s", self.backend, self._applied)
+        if self._applied is None:
+            log.info("kv events %s: exact view established before the first event batch (empty cache)", self.backend)
+        else:
+            log.info("kv events %s: exact view (re)established at seq %d", self.backend, self._applied)
         self.sink.resynced(self.backend)
 
     def _reset(self) -> None:

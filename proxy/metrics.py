@@ -15,7 +15,8 @@ from .admission import Admission
 from .circuit_breaker import BreakerState
 from .router import Router
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
+# Doubling from 10 s up to the 600 s idle timeout, so long streams are not lumped into one 160-640 s bucket.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -87,7 +88,7 @@ class ProxyMetrics:
         self.ttft = Histogram("kvroute_ttft_seconds", "Time until the answer starts: first streamed chunk, or the whole body when not streaming", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
         self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
-        self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
+        self.errors = Counter("kvroute_rejected", "OpenAI requests answered with an error by the proxy itself (admin API errors not counted)", ["status"], registry=r)
         self.auth_failures = Counter(
             "kvroute_backend_auth_failures", "Requests a backend refused for the proxy's credentials (401/403; not retried)",
             ["backend"], registry=r)

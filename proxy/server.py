@@ -62,7 +62,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except APIError as e:
-        if request.app.get(METRICS_KEY) is not None:
+        # kvroute_rejected_total counts refused client requests; an admin call's error is not one.
+        if request.app.get(METRICS_KEY) is not None and not request.path.startswith("/admin/"):
             request.app[METRICS_KEY].errors.labels(str(e.status)).inc()
         return error_response(e)
     except web.HTTPRequestEntityTooLarge:

@@ -291,18 +291,19 @@ async def run_soak(cfg: SoakConfig) -> dict:
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("soak", help="many concurrent streaming clients through the proxy: peak RSS, p99 TTFT vs quiet")
+    s = sub.add_parser("soak", help="many concurrent streaming clients through the proxy: peak RSS, p99 TTFT vs quiet",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = SoakConfig()
-    s.add_argument("--clients", type=int, default=d.clients)
+    s.add_argument("--clients", type=int, default=d.clients, help="concurrent streaming clients")
     s.add_argument("--duration", type=float, default=d.duration, help="seconds of steady load after the ramp")
     s.add_argument("--ramp", type=float, default=d.ramp, help="seconds over which the clients start")
-    s.add_argument("--client-procs", type=int, default=d.client_procs)
-    s.add_argument("--emulators", type=int, default=d.emulators)
-    s.add_argument("--time-scale", type=float, default=d.time_scale)
-    s.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    s.add_argument("--prompt-words", type=int, default=d.prompt_words)
-    s.add_argument("--quiet-requests", type=int, default=d.quiet_requests)
-    s.add_argument("--strategy", default=d.strategy)
+    s.add_argument("--client-procs", type=int, default=d.client_procs, help="processes the clients are spread over")
+    s.add_argument("--emulators", type=int, default=d.emulators, help="emulated backends behind the proxy")
+    s.add_argument("--time-scale", type=float, default=d.time_scale, help="the emulators' time scale")
+    s.add_argument("--max-tokens", type=int, default=d.max_tokens, help="output tokens per request")
+    s.add_argument("--prompt-words", type=int, default=d.prompt_words, help="prompt length in words")
+    s.add_argument("--quiet-requests", type=int, default=d.quiet_requests, help="requests timed alone first (the quiet TTFT)")
+    s.add_argument("--strategy", default=d.strategy, help="routing strategy")
 
 
 def main(args: argparse.Namespace) -> None:

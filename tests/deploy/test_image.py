@@ -120,3 +120,15 @@ def test_default_command_answers_health(image_venv, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out[-2000:]
+
+
+def test_installed_package_carries_the_trace_and_its_licence(image_venv, tmp_path):
+    """A non-editable install (what the image has) replays the shipped trace with no --trace-path."""
+    code = ("from pathlib import Path; from loadgen.config import DEFAULT_TRACE, WorkloadConfig; "
+            "from loadgen.workloads import build_workload; p = Path(DEFAULT_TRACE); "
+            "assert 'site-packages' in str(p), p; "
+            "assert (p.parent / 'SOURCES.md').is_file() and (p.parent / 'LICENSE-Apache-2.0.txt').is_file(); "
+            "print(len(build_workload(WorkloadConfig(name='trace', requests=3)).requests))")
+    r = subprocess.run([str(image_venv), "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "3"

@@ -80,3 +80,17 @@ vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
 """
     m = parse_metrics(text)
     assert m["running"] == 3.0 and m["prefix_hits"] == 320.0 and m["kv_usage"] == 0.25 and m["waiting"] == 0.0
+
+
+def test_a_run_where_every_request_failed_draws_no_blank_plots(tmp_path: Path):
+    res = _result()
+    for r in res.records:
+        r.ok, r.status, r.error = False, 503, "APIConnectionError: Connection error. (http://127.0.0.1:9/v1)"
+    s = summarize(res)
+    plots = run_plots(res, tmp_path)
+    # Only the backends' own metrics are left to draw; nothing from requests that never answered.
+    assert {p.name for p in plots} == {"backend_metrics.png"}
+    report = run_report(s, "cmd", "http://127.0.0.1:9/v1", plots, tmp_path).read_text()
+    assert "no request succeeded" in report and "http://127.0.0.1:9/v1" in report
+    cplots = compare_plots({"a": res}, {"a": s}, tmp_path / "cmp")
+    assert {p.name for p in cplots} == {"compare_backend_metrics.png"}

@@ -45,3 +45,17 @@ def test_bad_trace_line_is_reported(tmp_path):
         assert "bad.jsonl:1" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_default_trace_ships_with_the_package_with_source_and_licence():
+    from pathlib import Path
+
+    import loadgen
+    from loadgen.config import DEFAULT_TRACE
+
+    path = Path(DEFAULT_TRACE)
+    assert path.is_relative_to(Path(loadgen.__file__).parent)  # from a clone, nothing outside the repo
+    assert "Apache-2.0" in (path.parent / "SOURCES.md").read_text()
+    assert "Apache License" in (path.parent / "LICENSE-Apache-2.0.txt").read_text()
+    w = build_workload(WorkloadConfig(name="trace", requests=5))
+    assert len(w.requests) == 5 and w.requests[0].prompt_tokens > 0
