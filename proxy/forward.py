@@ -24,7 +24,7 @@ from .metrics import ProxyMetrics
 from .policies import Decision, RequestContext
 from .response_sink import ResponseSink
 from .router import Router
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -177,6 +177,11 @@ class Forwarder:
                         first = await upstream.read_chunk()
             except TimeoutError:
                 raise _Failed("timeout") from None
+            except UpstreamProtocolError as e:
+                self.metrics.child(self.metrics.malformed, b.url).inc()
+                log.warning("backend %s: malformed answer: %s", b.url, e)
+                self.monitor.mark_failure(b, str(e), immediate=False)
+                raise _Failed("malformed") from None
             except UpstreamError as e:
                 self.monitor.mark_failure(b, str(e), immediate=False)
                 raise _Failed("disconnect") from None
@@ -199,7 +204,7 @@ class Forwarder:
             if first is None:
                 await sink.send(status, out_headers, body, upstream.content_type)
             else:
-                ok = await self._stream(sink, upstream, first, out_headers, request_id)
+                ok = await self._stream(sink, upstream, first, out_headers, request_id, b.url)
             done = ok
             m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
@@ -226,7 +231,8 @@ class Forwarder:
             task.cancel()
 
     async def _stream(
-        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
+        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str,
+        backend: str,
     ) -> bool:
         """Pass the stream through; False when the backend failed it midway (the client got an error event)."""
         ok = True
@@ -242,8 +248,11 @@ class Forwarder:
                     except _UPSTREAM_ERRORS as e:
                         ok = False
                         stalled = isinstance(e, TimeoutError)
+                        if isinstance(e, UpstreamProtocolError):
+                            self.metrics.child(self.metrics.malformed, backend).inc()
                         log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
-                        msg = "backend stream stalled (idle timeout)" if stalled else "backend stream failed (connection lost)"
+                        msg = ("backend stream stalled (idle timeout)" if stalled else "backend stream malformed"
+                               if isinstance(e, UpstreamProtocolError) else "backend stream failed (connection lost)")
                         await sink.write(sse_error(504 if stalled else 502, msg))
                         break
                     if not chunk:

@@ -87,6 +87,10 @@ class ProxyMetrics:
         self.ttft = Histogram("kvroute_ttft_seconds", "Time until the answer starts: first streamed chunk, or the whole body when not streaming", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
         self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
+        self.malformed = Counter(
+            "kvroute_upstream_malformed", "Backend answers dropped (connection closed) for broken HTTP framing or a bound",
+            ["backend"], registry=r,
+        )
         self.errors = Counter("kvroute_rejected", "Requests answered with an error by the proxy itself", ["status"], registry=r)
         r.register(_BackendCollector(router, admission))
 

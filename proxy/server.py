@@ -263,7 +263,7 @@ def create_app(config: ProxyConfig) -> web.Application:
         h.session = session
         if config.tokenizer == BACKEND_TOKENIZER:
             h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
-        pool = UpstreamPool(config.connect_timeout, config.idle_timeout)
+        pool = UpstreamPool(config.connect_timeout, config.idle_timeout, max_body=config.max_response_bytes)
         h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
         app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
         await monitor.check_all_health()
@@ -360,7 +360,8 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
         )
         await runner.setup()
-        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes)
+        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
+                            config.client_read_timeout)
         addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
     except BaseException:
         if runner is not None:
