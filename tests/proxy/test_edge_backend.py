@@ -109,6 +109,8 @@ class FakeBackend:
                             await writer.drain()
                     else:
                         writer.write(self.answer)
+                        if b"connection: close" in self.answer[:4096].lower():  # framed by EOF
+                            break
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
