@@ -33,7 +33,18 @@ def check_name(name: str) -> str:
 
 
 def header_lines(headers: dict[str, str]) -> bytes:
-    """`Name: value\\r\\n` for each header, every name and value checked (`UnsafeField` otherwise)."""
+    """`Name: value\r\n` for each header, every name and value checked (`UnsafeField` otherwise).
+
+    One pass over the joined lines: exactly one CR and one LF per line, no NUL (names seen before skip
+    the token check)."""
     if not headers:
         return b""
-    return "".join([f"{check_name(k)}: {check_value(v)}\r\n" for k, v in headers.items()]).encode("latin-1", "replace")
+    if not _GOOD_NAMES.issuperset(headers):
+        for k in headers:
+            check_name(k)
+    text = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+    n = len(headers)
+    if text.count("\r") != n or text.count("\n") != n or "\x00" in text:
+        for v in headers.values():
+            check_value(v)
+    return text.encode("latin-1", "replace")
