@@ -51,6 +51,9 @@ MAX_HEADERS = 128
 # aiohttp closes idle keep-alive connections after 75 s; so does the front.
 KEEPALIVE_S = 75.0
 SWEEP_S = 5.0
+# After a rejection: how long, and how many bytes, the client's remaining input is read and dropped.
+LINGER_S = 2.0
+LINGER_BYTES = 1 << 20
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -205,6 +208,8 @@ class FrontProtocol(asyncio.Protocol):
         self._fed = 0
         self._head_started: float | None = None  # when the head being read began to arrive
         self._waiting: _Request | None = None  # a parsed head whose body is still arriving
+        self._linger: asyncio.TimerHandle | None = None
+        self._dropped = 0
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -217,12 +222,19 @@ class FrontProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._linger is not None:
+            self._linger.cancel()
         self.front.connections.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client left: drop its request (and the backend's)
         self._wake()
 
     def data_received(self, data: bytes) -> None:
+        if self.lost:  # rejected: lingering before the close
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
         self.buf += data
         self.last_read = self.loop.time()
         if self.task is None:
@@ -344,18 +356,31 @@ class FrontProtocol(asyncio.Protocol):
         return _Request(route[0], route[1], headers, fed, int(cl), not p.should_keep_alive())
 
     def reject(self, status: int, message: str) -> None:
-        """Answer a malformed or late request with an OpenAI-style error, then close (llhttp's state is lost)."""
+        """Answer a malformed or late request with an OpenAI-style error, then close (llhttp's state is lost).
+
+        The close lingers: our side is shut for writing and what the client still sends is read and
+        dropped (up to LINGER_BYTES, for LINGER_S), since closing with unread bytes would reset the
+        connection and the client, still sending its body, might never read the answer."""
         log.debug("front: %d %s", status, message)
         with contextlib.suppress(Exception):
             self.front.handlers.app[METRICS_KEY].errors.labels(str(status)).inc()
         body = orjson.dumps(error_body(status, message))
-        if not self.lost and self.transport is not None:
-            self.transport.write(
+        transport = self.transport
+        if not self.lost and transport is not None and not transport.is_closing():
+            transport.write(
                 _status_line(status) + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                 % len(body) + body
             )
-            self.transport.close()
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
+            if transport.can_write_eof():
+                transport.write_eof()
+                self._linger = self.loop.call_later(LINGER_S, transport.close)
+            else:
+                transport.close()
         self.lost = True
+        self._dropped = 0
         self.buf.clear()
 
     def check_timeouts(self, now: float) -> None:

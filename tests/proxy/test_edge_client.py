@@ -148,3 +148,14 @@ async def test_slowloris_head_gets_408_while_a_slow_but_steady_body_completes(ma
     assert status == 408 and "stalled" in json.loads(data)["error"]["message"]
     w2.close()
     await wait_for(lambda: not proxy.front.connections, what="connections closed")
+
+
+async def test_a_client_still_sending_when_rejected_reads_the_answer_not_a_reset(make_proxy):
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(POST + b"Host: x\r\nX-Big: " + b"v" * 70_000 + b"\r\nContent-Length: 600000\r\n\r\n" + b"x" * 600_000)
+    await writer.drain()  # the proxy reads (and drops) the rest after answering, so this completes
+    status, headers, body = await read_response(reader)
+    assert status == 431 and json.loads(body)["error"]["code"] == 431
+    assert await asyncio.wait_for(reader.read(), VERDICT_TIMEOUT) == b""
+    writer.close()
