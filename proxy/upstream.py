@@ -94,8 +94,9 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        if self._state == _DONE:  # bytes after a complete answer, or before any request
+        if self._state == _DONE:  # bytes after a complete answer, or before any request: not reusable
             self.keep_alive = False
+            self.close()
             return
         self._body_seen = False
         try:

@@ -137,3 +137,17 @@ async def test_chunks_split_anywhere_are_emitted_in_order_and_bad_sizes_fail_the
         conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         conn.data_received(bad)
         assert isinstance(conn.exc, UpstreamProtocolError) and conn.closed, bad
+
+
+async def test_bytes_after_a_complete_answer_retire_the_connection():
+    server, url, _, conns = await raw_server([LENGTH + b"HTTP/1.1 200 OK\r\n", LENGTH])
+    pool = UpstreamPool(2, 5)
+    r = await pool.post(url, "/x", b"{}", {})
+    assert await r.read() == b'{"ok": true}'
+    r.release()
+    r = await pool.post(url, "/x", b"{}", {})  # not the connection that carried junk
+    assert await r.read() == b'{"ok": true}'
+    r.release()
+    assert len(conns) == 2
+    pool.close()
+    server.close()
