@@ -117,9 +117,9 @@ async def test_pipelined_requests_are_answered_in_order_until_the_malformed_one(
 
 
 async def test_slowloris_head_gets_408_while_a_slow_but_steady_body_completes(make_proxy):
-    proxy = await make_proxy(client_read_timeout=0.4)
+    proxy = await make_proxy(client_read_timeout=1.0)
     proxy.front.keepalive_s = 0.2  # the idle sweep would cut anything it took for idle
-    # A head that never ends, one header every 0.1 s: cut after the read timeout, not served.
+    # A head that never ends, one header every 0.1 s: cut after the read timeout (the sweep runs every 0.5 s).
     r1, w1 = await asyncio.open_connection("127.0.0.1", proxy.port)
     w1.write(POST + b"Host: x\r\n")
 
@@ -133,12 +133,13 @@ async def test_slowloris_head_gets_408_while_a_slow_but_steady_body_completes(ma
     assert status == 408 and "head" in json.loads(body)["error"]["message"]
     dripper.cancel()
     w1.close()
-    # A body sent 40 bytes every 0.1 s: it takes several read timeouts in all, but keeps progressing.
-    body = json.dumps({"model": MODEL, "prompt": "w " * 150, "max_tokens": 2}).encode()
+    # A body sent 20 bytes every 0.1 s: it takes twice the read timeout in all, but keeps progressing.
+    body = json.dumps({"model": MODEL, "prompt": "w " * 180, "max_tokens": 2}).encode()
+    assert len(body) >= 400
     r2, w2 = await asyncio.open_connection("127.0.0.1", proxy.port)
     w2.write(POST + b"Host: x\r\nContent-Length: %d\r\n\r\n" % len(body))
-    for i in range(0, len(body), 40):
-        w2.write(body[i : i + 40])
+    for i in range(0, len(body), 20):
+        w2.write(body[i : i + 20])
         await asyncio.sleep(0.1)
     status, _, data = await read_response(r2)
     assert status == 200 and json.loads(data)["object"] == "text_completion"

@@ -114,6 +114,8 @@ def test_fuzzed_heads_get_aiohttps_verdict_or_stricter(servers):
         async def one():
             ref = await verdict(aio_port, raw, WAIT_TIMEOUT)
             got = await verdict(proxy.port, raw, ANSWER_TIMEOUT if ref is not None else WAIT_TIMEOUT)
+            if ref is None and got is not None and got < 400:  # aiohttp slow (a loaded machine) or truly waiting?
+                ref = await verdict(aio_port, raw, ANSWER_TIMEOUT)
             if ref is not None:
                 assert got is not None, ("proxy hangs where aiohttp answers", raw, ref)
             if ref is None or ref == 0 or ref >= 400:
