@@ -1,10 +1,11 @@
 """The proxy's front door: the two OpenAI POST routes served straight off the socket.
 
 aiohttp's server machinery (request objects, middleware, response classes) is skipped for the hot
-routes. `python -m proxy.bench edge`, two runs on the 2-core dev machine while other jobs loaded it
-(load 9-16): reading a request costs 7.7-8.0 us; the whole proxy, routing included, used 0.88-1.15x
-the CPU per request of a bare aiohttp pass-through relaying to the same 4 backends (non-streaming,
-32 clients), 0.91-1.02x streaming. The front reads every
+routes. `python -m proxy.bench edge` on the 2-core dev machine while other jobs loaded it (load
+6-16): reading a request costs 6.7-8.0 us (first line, five runs; the hand-written parser llhttp
+replaced took 9.2-9.6 us on the same input); in two full runs the whole proxy, routing included,
+used 0.88-1.15x the CPU per request of a bare aiohttp pass-through relaying to the same 4 backends
+(non-streaming, 32 clients), 0.91-1.02x streaming. The front reads every
 request head with llhttp (`httptools`, the parser of Node.js, uvicorn and aiohttp's C extension),
 so malformed heads get a battle-tested parser's verdict: whatever llhttp rejects, a missing or
 repeated Host, an over-long line or head is answered 4xx and the connection closed, at once. It
