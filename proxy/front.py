@@ -3,19 +3,19 @@
 aiohttp's server machinery (request objects, middleware, response classes) is skipped for the hot
 routes. `python -m proxy.bench edge` on the 2-core dev machine while other jobs loaded it (load
 6-16): reading a request costs 6.7-8.0 us (first line, five runs); in two full runs the whole
-proxy, routing included,
-used 0.88-1.15x the CPU per request of a bare aiohttp pass-through relaying to the same 4 backends
-(non-streaming, 32 clients), 0.91-1.02x streaming. The front reads every
-request head with llhttp (`httptools`, the parser of Node.js, uvicorn and aiohttp's C extension),
-so malformed heads get a battle-tested parser's verdict: whatever llhttp rejects, a missing or
-repeated Host, an over-long line or head is answered 4xx and the connection closed, at once. It
-serves the common case itself - `POST /v1/completions` or `/v1/chat/completions` over HTTP/1.1 with
-a Content-Length body within the limit - through the same handlers (`ProxyHandlers.serve`). Any
-other well-formed request (admin, metrics, models, health, chunked or `Expect` bodies, duplicate
-key headers, HTTP/1.0) hands the connection to aiohttp with the bytes buffered so far, between two
-requests. A client that disconnects cancels its request (the upstream request is dropped with it).
-A head must arrive within `read_timeout`; a body may take any time while it keeps arriving (no byte
-for `read_timeout`: 408).
+proxy, routing included, used 0.88-1.15x the CPU per request of a bare aiohttp pass-through
+relaying to the same 4 backends (non-streaming, 32 clients), 0.91-1.02x streaming.
+
+The front reads every request head with llhttp (`httptools`, the parser of Node.js, uvicorn and
+aiohttp's C extension), so malformed heads get a battle-tested parser's verdict: whatever llhttp
+rejects, a missing or repeated Host, an over-long line or head is answered 4xx and the connection
+closed, at once. It serves the common case itself - `POST /v1/completions` or
+`/v1/chat/completions` over HTTP/1.1 with a Content-Length body within the limit - through the same
+handlers (`ProxyHandlers.serve`). Any other well-formed request (admin, metrics, models, health,
+chunked or `Expect` bodies, duplicate key headers, HTTP/1.0) hands the connection to aiohttp with
+the bytes buffered so far, between two requests. A client that disconnects cancels its request
+(the upstream request is dropped with it). A head must arrive within `read_timeout`; a body may
+take any time while it keeps arriving (no byte for `read_timeout`: 408).
 """
 from __future__ import annotations
 
