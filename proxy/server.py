@@ -43,7 +43,7 @@ log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 MAX_REQUEST_ID = 128
 # No cl100k_base token spans more than 128 bytes (so as many characters at most): a text longer than
-# this many characters per token of the context length is too long before it is tokenized.
+# this many bytes per token of the context length is too long before it is tokenized.
 MAX_CHARS_PER_TOKEN = 128
 # Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
 LISTEN_BACKLOG = 4096
@@ -121,7 +121,7 @@ class ProxyHandlers:
         """vLLM's context-length rule, applied before a backend is bothered: prompt + max_tokens <= max_model_len.
 
         With no context yet: only what is certain before any tokenizing (ids counted; a text longer than
-        MAX_CHARS_PER_TOKEN characters per token of the limit). A lazily tokenized prompt estimated at
+        MAX_CHARS_PER_TOKEN UTF-8 bytes per token of the limit). A lazily tokenized prompt estimated at
         under half the room left is let through untokenized: the backend applies the same rule with its
         own tokenizer, which is the authoritative one anyway. Otherwise tokenizing stops once the prompt
         is known to be too long, so the cost is bounded by the limit, not by the body."""
@@ -131,8 +131,12 @@ class ProxyHandlers:
         if ctx is None:
             if parsed.token_ids is not None:
                 num_tokens = len(parsed.token_ids)
-            elif parsed.text is not None and self.router.chunked.enabled and len(parsed.text) > MAX_CHARS_PER_TOKEN * limit:
-                num_tokens, exact = len(parsed.text) // MAX_CHARS_PER_TOKEN, False
+            elif parsed.text is not None and self.router.chunked.enabled and 4 * len(parsed.text) > MAX_CHARS_PER_TOKEN * limit:
+                # A token spans at most MAX_CHARS_PER_TOKEN bytes: a lower bound on the count, with no tokenizing.
+                size = len(parsed.text)
+                if size <= MAX_CHARS_PER_TOKEN * limit:
+                    size = len(parsed.text.encode("utf-8", "surrogatepass"))
+                num_tokens, exact = size // MAX_CHARS_PER_TOKEN, False
             else:
                 return
         else:

@@ -23,6 +23,7 @@ BIG_TEXTS = {  # ~8 MB prompts of the shapes that used to be tokenized whole (or
     "words": "hello " * 1_300_000,
     "digits": "1 " * 3_900_000,
     "one run": "a" * 7_800_000,
+    "multi-byte": "é" * 300_000,  # under 128 chars per token of the limit, over 128 bytes
 }
 
 
