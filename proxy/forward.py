@@ -204,7 +204,7 @@ class Forwarder:
             if first is None:
                 await sink.send(status, out_headers, body, upstream.content_type)
             else:
-                ok = await self._stream(sink, upstream, first, out_headers, request_id, b.url)
+                ok = await self._stream(sink, upstream, first, out_headers, request_id)
             done = ok
             m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
@@ -231,8 +231,7 @@ class Forwarder:
             task.cancel()
 
     async def _stream(
-        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str,
-        backend: str,
+        self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str
     ) -> bool:
         """Pass the stream through; False when the backend failed it midway (the client got an error event)."""
         ok = True
@@ -249,7 +248,7 @@ class Forwarder:
                         ok = False
                         stalled = isinstance(e, TimeoutError)
                         if isinstance(e, UpstreamProtocolError):
-                            self.metrics.child(self.metrics.malformed, backend).inc()
+                            self.metrics.child(self.metrics.malformed, upstream.base_url).inc()
                         log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
                         msg = ("backend stream stalled (idle timeout)" if stalled else "backend stream malformed"
                                if isinstance(e, UpstreamProtocolError) else "backend stream failed (connection lost)")

@@ -269,8 +269,9 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """One backend answer; `release()` after a full read recycles the connection, `close()` drops it."""
 
-    def __init__(self, pool: UpstreamPool, conn: _Connection, idle_timeout: float | None) -> None:
+    def __init__(self, pool: UpstreamPool, conn: _Connection, idle_timeout: float | None, base_url: str = "") -> None:
         self._pool = pool
+        self.base_url = base_url  # the backend, as the caller named it
         self._conn = conn
         self._idle = idle_timeout
         self.status = conn.status
@@ -382,15 +383,15 @@ class UpstreamPool:
             if conn.closed:
                 continue
             try:
-                return await self._send(conn, head, body)
+                return await self._send(conn, head, body, base_url)
             except UpstreamError:
                 if conn.got_bytes:
                     raise
                 # A kept-alive connection the backend had just closed: try a fresh one.
         conn = await self._connect(origin)
-        return await self._send(conn, head, body)
+        return await self._send(conn, head, body, base_url)
 
-    async def _send(self, conn: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
+    async def _send(self, conn: _Connection, head: bytes, body: bytes, base_url: str) -> UpstreamResponse:
         conn.start()
         try:
             conn.transport.write(head + body if len(body) < 65536 else head)
@@ -400,7 +401,7 @@ class UpstreamPool:
         except BaseException:
             conn.close()
             raise
-        return UpstreamResponse(self, conn, self.idle_timeout)
+        return UpstreamResponse(self, conn, self.idle_timeout, base_url)
 
     def close_origin(self, base_url: str) -> None:
         """Drop the idle connections to one backend (it was removed)."""
