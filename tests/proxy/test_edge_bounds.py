@@ -83,11 +83,18 @@ async def test_the_backend_tokenizer_cache_keeps_to_its_byte_budget(emulators):
     try:
         tok = proxy.app[STATE_KEY]["backend_tokenizer"]
         tok.max_bytes = 200_000
-        url = emulators[0].url
-        for i in range(40):
-            await tok.encode(url, MODEL, f"prompt {i} " + "word " * 600)
-        assert 0 < tok.bytes <= tok.max_bytes and len(tok._cache) < 40
-        ids = await tok.encode(url, MODEL, "word " * 30_000)  # over a quarter of the budget: served, not kept
-        assert len(ids) >= 30_000 and tok.bytes <= tok.max_bytes
+
+        async def ask(session: aiohttp.ClientSession, prompt: str) -> None:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+            async with session.post(proxy.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+
+        async with aiohttp.ClientSession() as s:
+            for i in range(40):  # ~27 kB each by the cache's estimate
+                await ask(s, f"prompt {i} " + "word " * 600)
+            assert 0 < tok.bytes <= tok.max_bytes and len(tok._cache) < 40
+            entries = len(tok._cache)
+            await ask(s, "other " * 1500)  # over a quarter of the budget: answered, not kept
+            assert len(tok._cache) == entries and tok.bytes <= tok.max_bytes
     finally:
         await proxy.stop()
