@@ -52,7 +52,7 @@ class AdminHandlers:
         if self._key is None:
             return
         auth = request.headers.get("Authorization", "")
-        token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+        token = auth[7:].strip().encode("utf-8", "surrogateescape") if auth[:7].lower() == "bearer " else b""
         if not hmac.compare_digest(token, self._key):
             raise APIError(401, "admin key required (Authorization: Bearer ...)", type="AuthenticationError")
 

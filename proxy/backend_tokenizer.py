@@ -2,7 +2,8 @@
 
 With a real model the proxy's built-in tokenizer does not produce the backend's token ids, so its
 block hashes would never match. Asking the backend gives the exact ids (for chat, through the
-backend's own chat template); answers are cached per text so repeated prompts cost no round trip.
+backend's own chat template); answers are cached per text so repeated prompts cost no round trip,
+in a cache bounded in entries and in bytes.
 """
 from __future__ import annotations
 
@@ -18,15 +19,27 @@ from kvblocks import APIError
 from .backends import Backend
 
 CACHE_ENTRIES = 4096
+# The cache's byte budget, as estimated by `_entry_bytes` (a prompt can be megabytes: entries alone do not bound it).
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+def _entry_bytes(key: bytes, tokens: list[int]) -> int:
+    """About what an entry holds: the key, a list slot and an int object per token, and overhead."""
+    return len(key) + 40 * len(tokens) + 200
 
 
 class BackendTokenizer:
     """Encodes through `/tokenize` of whichever healthy backend the caller names; LRU-cached by input."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeout: float = 5.0, max_entries: int = CACHE_ENTRIES) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout: float = 5.0, max_entries: int = CACHE_ENTRIES,
+        max_bytes: int = CACHE_BYTES,
+    ) -> None:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # invariant: the sum of _entry_bytes over the cache, <= max_bytes
         self._cache: OrderedDict[bytes, list[int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -65,7 +78,14 @@ class BackendTokenizer:
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list):
             raise APIError(503, "tokenization failed: the backend's /tokenize answer has no token list")
-        self._cache[key] = tokens
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
+        size = _entry_bytes(key, tokens)
+        if size <= self.max_bytes // 4:  # one huge prompt does not flush the cache
+            old = self._cache.pop(key, None)  # two concurrent misses of one prompt
+            if old is not None:
+                self.bytes -= _entry_bytes(key, old)
+            self._cache[key] = tokens
+            self.bytes += size
+            while len(self._cache) > self.max_entries or self.bytes > self.max_bytes:
+                k, v = self._cache.popitem(last=False)
+                self.bytes -= _entry_bytes(k, v)
         return tokens

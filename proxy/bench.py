@@ -1,9 +1,10 @@
-"""Benchmarks (commands, not tests): `python -m proxy.bench overhead|decide|soak` (soak: see proxy.soak).
+"""Benchmarks (commands, not tests): `python -m proxy.bench overhead|decide|edge|soak` (soak: see proxy.soak).
 
 `overhead` measures the proxy's added latency, throughput and CPU per request against a direct
 connection to the same zero-delay emulator, both in one run; `decide` times one routing decision
-(tokenize + hash + match + policy) against a large index. Ratios are printed against baselines
-measured in the same run.
+(tokenize + hash + match + policy) against a large index; `edge` runs kvroute and a bare aiohttp
+pass-through on the same backends, interleaved, for the CPU and latency of the HTTP edge. Ratios
+are printed against baselines measured in the same run.
 """
 from __future__ import annotations
 
@@ -220,6 +221,177 @@ def bench_overhead(args: argparse.Namespace) -> None:
                 p.kill()
 
 
+# -- edge ------------------------------------------------------------------------------------------
+def _start_emulators(n: int) -> tuple[subprocess.Popen, list[str]]:
+    """One zero-latency emulator process serving `n` replicas (one port each)."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "--port", "0", "--replicas", str(n), "--profile", "zero",
+         "--max-num-seqs", "1024", "--no-log-requests"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    urls: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(urls) < n and time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        if line.startswith("EMULATOR_URL "):
+            urls.append(line.split()[1])
+    if len(urls) < n:
+        p.kill()
+        raise RuntimeError("the emulators did not start")
+    return p, urls
+
+
+async def _passthrough(backends: list[str]) -> None:
+    """The A/B baseline: aiohttp's server and client relaying POSTs round-robin, nothing else."""
+    import itertools
+
+    import aiohttp
+    from aiohttp import web
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+    targets = itertools.cycle(backends)
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with session.post(next(targets) + request.path, data=body, headers={"Content-Type": "application/json"}) as r:
+            if r.content_type != "text/event-stream":
+                return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+            resp = web.StreamResponse(status=r.status)
+            resp.content_type = r.content_type
+            await resp.prepare(request)
+            async for chunk in r.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    app = web.Application(client_max_size=8 << 20)
+    app.router.add_post("/v1/completions", relay)
+    app.router.add_post("/v1/chat/completions", relay)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+    await site.start()
+    print(f"passthrough listening on http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+def edge_parse_costs(n: int = 20000) -> dict[str, float]:
+    """CPU seconds per unit of the edge's parsing alone, in this process (no sockets, no other load):
+    a client request head + body through `FrontProtocol`, a Content-Length answer and an SSE chunk
+    through the upstream connection. The figures the front/upstream docstrings quote."""
+    import orjson
+
+    from . import front, upstream
+
+    class _Transport:
+        def write(self, data: bytes) -> None: ...
+        def close(self) -> None: ...
+        def get_extra_info(self, name: str) -> None: ...
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+
+    class _Loop:  # the request is parsed and handed to a task; the task itself is not run
+        def time(self) -> float:
+            return 0.0
+
+        def create_task(self, coro):
+            coro.close()
+
+    out: dict[str, float] = {}
+    body = orjson.dumps({"prompt": "hello " * 100, "max_tokens": 8})
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: Python/3.11 aiohttp/3.14\r\n"
+               b"Accept: */*\r\nAccept-Encoding: gzip, deflate\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    loop = asyncio.new_event_loop()
+    try:
+        server = front.FrontServer(None, None, 8 << 20, 8190)  # type: ignore[arg-type]
+        server.loop = _Loop()  # type: ignore[assignment]
+        conn = front.FrontProtocol(server)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        t0 = time.process_time()
+        for _ in range(n):
+            conn.data_received(request)
+            conn.task = None
+        out["front request"] = (time.process_time() - t0) / n
+        answer = (b"HTTP/1.1 200 OK\r\ndate: Sun, 29 Nov 2026 10:00:00 GMT\r\nserver: uvicorn\r\n"
+                  b"content-type: application/json\r\ncontent-length: 400\r\n\r\n" + b"x" * 400)
+        up = upstream._Connection(loop)
+        t0 = time.process_time()
+        for _ in range(n):
+            up.start()
+            up.data_received(answer)
+            up._chunks.clear()
+        out["upstream answer"] = (time.process_time() - t0) / n
+        event = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"text":" a","index":0}]}\n\n'
+        chunk = b"%x\r\n%b\r\n" % (len(event), event)
+        up.start()
+        up.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        t0 = time.process_time()
+        for _ in range(n):
+            up.data_received(chunk)
+            up._chunks.clear()
+        out["upstream SSE chunk"] = (time.process_time() - t0) / n
+    finally:
+        loop.close()
+    return out
+
+
+def bench_edge(args: argparse.Namespace) -> None:
+    """kvroute (front door, upstream client, routing) against a bare aiohttp pass-through, both
+    relaying to the same zero-latency backends in one run, interleaved round by round."""
+    import psutil
+
+    costs = edge_parse_costs()
+    print("parsing alone (llhttp + the edge's checks, in-process): "
+          + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in costs.items()))
+    emu, urls = _start_emulators(args.backends)
+    procs = [emu]
+    try:
+        backend_args = [a for u in urls for a in ("--backend", u)]
+        prox, prox_url = _start_proc(["-m", "proxy", "--port", "0", *backend_args, "--strategy", args.strategy,
+                                      "--log-level", "warning"], "listening on")
+        procs.append(prox)
+        aio, aio_url = _start_proc(["-m", "proxy.bench", "passthrough", *urls], "listening on")
+        procs.append(aio)
+        targets = {"kvroute": (prox_url, psutil.Process(prox.pid)), "aiohttp": (aio_url, psutil.Process(aio.pid))}
+        print(f"{args.backends} zero-latency backends; kvroute ({args.strategy}) vs a bare aiohttp pass-through; "
+              f"~{args.tokens}-token unique prompts, max_tokens {args.max_tokens}; {args.rounds} interleaved rounds")
+        modes = (("non-stream c=1", False, 1), ("non-stream c=32", False, 32), ("stream c=32", True, 32))
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        seed = 500
+        for _ in range(args.rounds):
+            for label, stream, c in modes:
+                n = args.requests if c > 1 else args.requests // 4
+                for name, (url, proc) in targets.items():
+                    seed += 1
+                    payloads = [{"prompt": t, "max_tokens": args.max_tokens, "stream": stream}
+                                for t in word_prompts(n + c, args.tokens, seed)]
+                    cpu0 = sum(proc.cpu_times()[:2])
+                    lat, _ = asyncio.run(_run_load(url, payloads, c, stream))
+                    cpu = (sum(proc.cpu_times()[:2]) - cpu0) / (n + c)
+                    results.setdefault((label, name), []).append((cpu, statistics.median(lat)))
+        print(f"{'mode':<18}{'kvroute CPU/req':>17}{'aiohttp CPU/req':>17}{'CPU ratio':>11}"
+              f"{'kvroute p50':>13}{'aiohttp p50':>13}{'p50 ratio':>11}")
+        for label, _, _ in modes:
+            k_cpu = statistics.median(r[0] for r in results[(label, "kvroute")])
+            a_cpu = statistics.median(r[0] for r in results[(label, "aiohttp")])
+            k_lat = statistics.median(r[1] for r in results[(label, "kvroute")])
+            a_lat = statistics.median(r[1] for r in results[(label, "aiohttp")])
+            print(f"{label:<18}{k_cpu * 1e6:>14.0f} us{a_cpu * 1e6:>14.0f} us{k_cpu / a_cpu:>10.2f}x"
+                  f"{k_lat * 1e3:>10.3f} ms{a_lat * 1e3:>10.3f} ms{k_lat / a_lat:>10.2f}x")
+        print("medians over rounds; CPU = server process user+sys per request; p50 = to the last byte "
+              "(stream: to the first body byte); kvroute's figure includes routing, the pass-through's does none")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from kvblocks.cli import ArgumentParser
 
@@ -238,12 +410,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     o.add_argument("--max-tokens", type=int, default=8, help="output tokens per request")
     o.add_argument("--requests", type=int, default=1000, help="requests at concurrency 1 (x4 at concurrency 32)")
     o.add_argument("--strategy", default="kv_aware", help="routing strategy")
+    e = sub.add_parser("edge", help="CPU and latency of kvroute's HTTP edge vs a bare aiohttp pass-through", formatter_class=fmt)
+    e.add_argument("--backends", type=int, default=4, help="zero-latency emulators behind both")
+    e.add_argument("--tokens", type=int, default=100, help="prompt length in tokens")
+    e.add_argument("--max-tokens", type=int, default=8, help="output tokens per request")
+    e.add_argument("--requests", type=int, default=1000, help="requests per round and mode")
+    e.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    e.add_argument("--strategy", default="kv_aware", help="routing strategy")
+    pt = sub.add_parser("passthrough", help=argparse.SUPPRESS)
+    pt.add_argument("backends", nargs="+")
     from . import soak
 
     soak.add_parser(sub)
     args = ap.parse_args(argv)
     if args.cmd == "decide":
         bench_decide(args)
+    elif args.cmd == "edge":
+        bench_edge(args)
+    elif args.cmd == "passthrough":
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(_passthrough(args.backends))
+        else:
+            uvloop.run(_passthrough(args.backends))
     elif args.cmd == "soak":
         soak.main(args)
     else:

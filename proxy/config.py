@@ -56,6 +56,10 @@ class ProxyConfig:
     max_concurrent_per_key: int = 0
     max_header_bytes: int = 8190
     max_model_len: int = 4096
+    # The edge's bounds: a client's head must arrive (and its body keep arriving) within
+    # client_read_timeout; a non-streamed backend answer larger than max_response_bytes is a 502.
+    client_read_timeout: float = 60.0
+    max_response_bytes: int = 64 * 1024 * 1024
     # Routing model: what the cost-based policies assume a backend's GPU costs (emulator.latency
     # profile, also the embedded emulators' profile) and how fast the backends' clock runs.
     profile: str = "a100-40gb-llama2-13b"
@@ -92,8 +96,10 @@ class ProxyConfig:
             raise ValueError("max_concurrent_per_key must be >= 0 (0 = unlimited)")
         if self.max_header_bytes < 1024 or self.max_model_len < 2:
             raise ValueError("max_header_bytes must be >= 1024 and max_model_len >= 2")
-        for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "time_scale", "health_interval",
-                     "metrics_interval", "kv_events_silence_timeout"):
+        if self.max_response_bytes < 1024:
+            raise ValueError("max_response_bytes must be >= 1024")
+        for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "client_read_timeout", "time_scale",
+                     "health_interval", "metrics_interval", "kv_events_silence_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
         if not 0 <= self.port <= 65535:
@@ -277,6 +283,8 @@ _HELP = {
     "max_concurrent_per_key": "requests one API key may have in flight (0 = unlimited); beyond: 429",
     "max_header_bytes": "longest request line / header field accepted; beyond: 431",
     "max_model_len": "context length assumed for a backend whose /v1/models does not say (prompt + max_tokens beyond: 400)",
+    "client_read_timeout": "seconds a client may take to send a request head, or pause mid-body, before 408",
+    "max_response_bytes": "largest non-streamed backend answer relayed; beyond: 502",
     "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
 }

@@ -25,7 +25,7 @@ from .metrics import ProxyMetrics
 from .policies import Decision, RequestContext
 from .response_sink import ResponseSink
 from .router import Router
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -194,6 +194,11 @@ class Forwarder:
                         first = await upstream.read_chunk()
             except TimeoutError:
                 raise _Failed("timeout") from None
+            except UpstreamProtocolError as e:
+                self.metrics.child(self.metrics.malformed, b.url).inc()
+                log.warning("backend %s: malformed answer: %s", b.url, e)
+                self.monitor.mark_failure(b, str(e), immediate=False)
+                raise _Failed("malformed") from None
             except UpstreamError as e:
                 self.monitor.mark_failure(b, str(e), immediate=False)
                 raise _Failed("disconnect") from None
@@ -305,8 +310,11 @@ class Forwarder:
                     except _UPSTREAM_ERRORS as e:
                         ok = False
                         stalled = isinstance(e, TimeoutError)
+                        if isinstance(e, UpstreamProtocolError):
+                            self.metrics.child(self.metrics.malformed, upstream.base_url).inc()
                         log.warning("request %s: upstream %s mid-stream: %s", request_id, "stalled" if stalled else "failed", e)
-                        msg = "backend stream stalled (idle timeout)" if stalled else "backend stream failed (connection lost)"
+                        msg = ("backend stream stalled (idle timeout)" if stalled else "backend stream malformed"
+                               if isinstance(e, UpstreamProtocolError) else "backend stream failed (connection lost)")
                         await sink.write(sse_error(504 if stalled else 502, msg))
                         break
                     if not chunk:

@@ -96,6 +96,10 @@ class ProxyMetrics:
             "kvroute_prompt_tokens_mismatch",
             "Responses whose usage.prompt_tokens differs from the proxy's own token count (its tokenizer does not match the backend's)",
             ["backend"], registry=r)
+        self.malformed = Counter(
+            "kvroute_upstream_malformed", "Backend answers dropped (connection closed) for broken HTTP framing or a bound",
+            ["backend"], registry=r,
+        )
         r.register(_BackendCollector(router, admission))
 
     def child(self, metric, *labels: str):

@@ -95,8 +95,9 @@ class PromptWalker:
             if len(cache) > PREFIX_HASH_ENTRIES:
                 cache.popitem(last=False)
 
-    def finish(self, st: PromptState) -> None:
-        while not st.done:
+    def finish(self, st: PromptState, stop_at: int | None = None) -> None:
+        """Tokenize to the end, or only until `stop_at` tokens are known (a prompt already too long)."""
+        while not st.done and (stop_at is None or len(st.ids) < stop_at):
             self.advance(st)
 
     def walk(self, st: PromptState) -> dict:

@@ -144,14 +144,18 @@ class Router:
             model, self.index, matches, tail=None if st.done else st, completer=self.complete,
         )
 
-    def complete(self, ctx: RequestContext) -> None:
-        """Tokenize and hash the rest of a lazy context (policies and checks that need the whole prompt)."""
+    def complete(self, ctx: RequestContext, stop_at: int | None = None) -> None:
+        """Tokenize and hash the rest of a lazy context (policies and checks that need the whole prompt).
+
+        With `stop_at`, stop once that many tokens are known: the prompt is then too long anyway,
+        `ctx.num_tokens` is a lower bound and the context stays incomplete (cost bounded by the limit)."""
         st = ctx.tail
         if st is None:
             return
-        self.walker.finish(st)  # extends st.hashes, the list ctx.hashes already is
+        self.walker.finish(st, stop_at)  # extends st.hashes, the list ctx.hashes already is
         ctx.num_tokens = len(st.ids)
-        ctx.tail = None
+        if st.done:
+            ctx.tail = None
 
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""

@@ -44,6 +44,9 @@ from .upstream import UpstreamPool
 log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 MAX_REQUEST_ID = 128
+# No cl100k_base token spans more than 128 bytes (so as many characters at most): a text longer than
+# this many bytes per token of the context length is too long before it is tokenized.
+MAX_CHARS_PER_TOKEN = 128
 # Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
 LISTEN_BACKLOG = 4096
 
@@ -117,24 +120,41 @@ class ProxyHandlers:
             return rid
         return f"{self._rid_prefix}{next(self._rid_counter):x}"
 
-    def _check_length(self, parsed: ParsedRequest, ctx: RequestContext) -> None:
+    def _check_length(self, parsed: ParsedRequest, ctx: RequestContext | None) -> None:
         """vLLM's context-length rule, applied before a backend is bothered: prompt + max_tokens <= max_model_len.
 
-        A lazily tokenized prompt estimated at under half the room left is let through untokenized: the
-        backend applies the same rule with its own tokenizer, which is the authoritative one anyway."""
+        With no context yet: only what is certain before any tokenizing (ids counted; a text longer than
+        MAX_CHARS_PER_TOKEN UTF-8 bytes per token of the limit). A lazily tokenized prompt estimated at
+        under half the room left is let through untokenized: the backend applies the same rule with its
+        own tokenizer, which is the authoritative one anyway. Otherwise tokenizing stops once the prompt
+        is known to be too long, so the cost is bounded by the limit, not by the body."""
         limit = self.router.max_model_len(parsed.model)
         max_tokens = parsed.max_tokens or 0
-        if not ctx.complete:
-            if 2 * ctx.num_tokens + max_tokens <= limit:
+        exact = True
+        if ctx is None:
+            if parsed.token_ids is not None:
+                num_tokens = len(parsed.token_ids)
+            elif parsed.text is not None and self.router.chunked.enabled and 4 * len(parsed.text) > MAX_CHARS_PER_TOKEN * limit:
+                # A token spans at most MAX_CHARS_PER_TOKEN bytes: a lower bound on the count, with no tokenizing.
+                size = len(parsed.text)
+                if size <= MAX_CHARS_PER_TOKEN * limit:
+                    size = len(parsed.text.encode("utf-8", "surrogatepass"))
+                num_tokens, exact = size // MAX_CHARS_PER_TOKEN, False
+            else:
                 return
-            self.router.complete(ctx)
-        num_tokens = ctx.num_tokens
+        else:
+            if not ctx.complete:
+                if 2 * ctx.num_tokens + max_tokens <= limit:
+                    return
+                self.router.complete(ctx, stop_at=limit + 1)
+            num_tokens, exact = ctx.num_tokens, ctx.complete
         if num_tokens >= limit or num_tokens + max_tokens > limit:
             param = "max_tokens" if num_tokens < limit else ("messages" if parsed.chat else "prompt")
+            some = "" if exact else "at least "
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_tokens + max_tokens} tokens ({num_tokens} in the messages, {max_tokens} in the completion). "
+                f"{some}{num_tokens + max_tokens} tokens ({some}{num_tokens} in the messages, {max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion.",
                 param,
             )
@@ -192,6 +212,7 @@ class ProxyHandlers:
             raw = await read_body()
             parsed = parse(raw)
             self._check_model(parsed)
+            self._check_length(parsed, None)
             router = self.router
             if parsed.token_ids is not None:
                 ctx = router.context(parsed.token_ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
@@ -271,7 +292,7 @@ def create_app(config: ProxyConfig) -> web.Application:
         h.session = session
         if config.tokenizer == BACKEND_TOKENIZER:
             h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
-        pool = UpstreamPool(config.connect_timeout, config.idle_timeout)
+        pool = UpstreamPool(config.connect_timeout, config.idle_timeout, max_body=config.max_response_bytes)
         h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
         app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
         await monitor.check_all_health()
@@ -369,7 +390,8 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
         )
         await runner.setup()
-        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes)
+        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
+                            config.client_read_timeout)
         addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
     except BaseException:
         if runner is not None:

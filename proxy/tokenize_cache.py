@@ -1,8 +1,8 @@
 """Tokenizing long prompts piecewise with a cache, exact for cl100k_base (RAG docs, chat history).
 
-cl100k's pre-tokenizer never lets a piece span the point just before a single space that follows a
-non-space character and precedes a letter (the space starts the next word's piece, and nothing to
-the left looks ahead past it), and BPE never merges across pieces. So cutting the text at such
+cl100k's pre-tokenizer never lets a piece span the point just before a space that follows a
+non-space character (the space starts the next piece, and nothing to the left looks ahead past
+it), and BPE never merges across pieces. So cutting the text at such
 points and encoding the chunks separately gives exactly the ids of encoding the whole text. Cut
 points are searched forward from fixed offsets, so two prompts sharing a long prefix cut it the
 same way and the shared chunks are encoded once. Chunks are cached per preceding prefix, which
@@ -42,15 +42,26 @@ class ChunkedTokenizer:
         return min(self.chunk_chars, self.first_chunk_chars << k)
 
     def cut_after(self, text: str, pos: int, step: int) -> int:
-        """The first safe cut at or after `pos + step`, or -1 when the rest is too short to cut."""
+        """The first safe cut in [pos + step, pos + 2 x step), or -1 when there is none (the rest is
+        then encoded whole). Safe: just before a space that follows a non-space character (no piece
+        spans it, and the pieces after it match from there alike); one that precedes a letter is
+        preferred, as it is where prompts sharing a prefix cut alike. The window bounds the scan and
+        the chunk (a text with no safe cut near the step, e.g. `1 1 1 ...`, is no longer scanned to its end)."""
         n = len(text)
         p = pos + step
         if p >= n - step // 4:
             return -1
-        p = text.find(" ", p)
-        while p != -1 and p + 1 < n and not (not text[p - 1].isspace() and text[p + 1].isalpha()):
-            p = text.find(" ", p + 1)
-        return -1 if p == -1 or p + 1 >= n else p
+        end = min(n - 1, p + step)
+        q = text.find(" ", p, end)
+        fallback = -1
+        while q != -1:
+            if not text[q - 1].isspace():
+                if text[q + 1].isalpha():
+                    return q
+                if fallback < 0:
+                    fallback = q
+            q = text.find(" ", q + 1, end)
+        return fallback
 
     def next_chunk(self, text: str, pos: int, chain: int, k: int) -> tuple[list[int], int, int | None]:
         """Encode chunk number `k`, from `pos` (whose prefix has cache id `chain`): (ids, end, prefix id).

@@ -122,18 +122,32 @@ async def test_large_body_pauses_reading_until_consumed():
     server.close()
 
 
-async def test_stream_reads_that_start_at_a_chunk_boundary_take_the_fast_path_exactly():
-    from proxy.upstream import _DONE, _Connection
+async def test_chunks_split_anywhere_are_emitted_in_order_and_bad_sizes_fail_the_exchange():
+    from proxy.upstream import _DONE, UpstreamProtocolError, _Connection
 
     conn = _Connection(asyncio.get_running_loop())
     conn.start()
-    conn._feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
     for piece in (b"7\r\ndata: 1\r\n8\r\ndata: 22\r\n", b"4;x=y\r\nda", b"ta\r\n", b"3\r\n333\r\n0\r\n\r\n"):
-        conn._feed(piece)
-    assert b"".join(conn._chunks) == b"data: 1data: 22data333" and conn._state == _DONE
-    assert len(conn._chunks) == 4  # the first read's two whole chunks were emitted as one piece
-    for bad in (b"-5\r\nhello\r\n", b"zz\r\n", b"3\r\nabcXY"):
+        conn.data_received(piece)
+    assert b"".join(conn._chunks) == b"data: 1data: 22data333" and conn._state == _DONE and conn.exc is None
+    for bad in (b"-5\r\nhello\r\n", b"zz\r\n", b"3\r\nabcXY", b"0x9\r\n", b"0_9\r\n"):
+        conn = _Connection(asyncio.get_running_loop())
         conn.start()
-        conn._feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        with pytest.raises(UpstreamError):
-            conn._feed(bad)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.data_received(bad)
+        assert isinstance(conn.exc, UpstreamProtocolError) and conn.closed, bad
+
+
+async def test_bytes_after_a_complete_answer_retire_the_connection():
+    server, url, _, conns = await raw_server([LENGTH + b"HTTP/1.1 200 OK\r\n", LENGTH])
+    pool = UpstreamPool(2, 5)
+    r = await pool.post(url, "/x", b"{}", {})
+    assert await r.read() == b'{"ok": true}'
+    r.release()
+    r = await pool.post(url, "/x", b"{}", {})  # not the connection that carried junk
+    assert await r.read() == b'{"ok": true}'
+    r.release()
+    assert len(conns) == 2
+    pool.close()
+    server.close()
