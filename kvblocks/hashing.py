@@ -38,10 +38,19 @@ def hash_fn(algo: str) -> Callable[[Any], bytes]:
 
 
 def none_hash(algo: str = "sha256", seed: str | None = None) -> bytes:
-    """Parent digest of block 0: the hash of PYTHONHASHSEED when set, else of "vllm-none-hash"."""
+    """Parent digest of block 0: the hash of PYTHONHASHSEED when set (even to "", as vLLM's
+    resolve_none_hash_seed reads it), else of "vllm-none-hash"."""
     if seed is None:
-        seed = os.environ.get("PYTHONHASHSEED") or NONE_HASH_SEED
+        seed = os.environ.get("PYTHONHASHSEED")
+        if seed is None:
+            seed = NONE_HASH_SEED
     return hash_fn(algo)(seed)
+
+
+def cache_salt_extra_keys(salt: str | None) -> tuple[Any, ...] | None:
+    """Block 0's extra keys for a request's cache_salt, tagged as vLLM hashes them
+    (kv_cache_utils.generate_block_hash_extra_keys: `(("cache_salt", salt),)`); None when unsalted."""
+    return (("cache_salt", salt),) if salt else None
 
 
 def hash_block(
