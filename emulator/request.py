@@ -22,6 +22,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     seed: int | None = None
+    logprobs: int | None = None  # top alternatives per sampled token (None: no logprobs)
+    prompt_logprobs: int | None = None  # vLLM skips the prefix cache for these requests
 
 
 class RequestStatus(enum.Enum):
@@ -117,6 +119,7 @@ class EngineRequest:
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    prefilling: bool = False  # scheduled and its prompt (or recompute) not yet fully computed
     counted_query: bool = False
     finish_reason: str | None = None
     stop_reason: str | int | None = None
