@@ -114,10 +114,15 @@ class Engine:
             if events:
                 self._kv_event_sink(events)
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached block (False while requests hold blocks). As in vLLM, the
-        AllBlocksCleared event is queued and published with the next step's batch."""
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Forget every cached block (False while requests hold blocks, unless they are preempted
+        first). As in vLLM, the AllBlocksCleared event is queued for the next step's batch."""
+        if reset_running_requests:
+            self._preempt_all()
         return self.kv_cache_manager.reset_prefix_cache()
+
+    def _preempt_all(self) -> None:
+        """Release every running request's blocks so they recompute (only the batched engine can)."""
 
     # --- requests --------------------------------------------------------------------------
     def make_request(
@@ -461,6 +466,10 @@ class BatchedEngine(Engine):
         self.waiting.appendleft(req)
         if self.metrics is not None:
             self.metrics.on_preemption()
+
+    def _preempt_all(self) -> None:
+        while self.running:  # newest first, so they return to the waiting queue in FIFO order
+            self._preempt(self.running.pop())
 
     def _reject_unschedulable(self) -> None:
         """Nothing fits although nothing runs: the head request can never run, so fail it."""

@@ -22,6 +22,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     seed: int | None = None
+    n: int = 1  # parallel samples; the engine sees one request per sample
     logprobs: int | None = None  # top alternatives per sampled token (None: no logprobs)
     prompt_logprobs: int | None = None  # vLLM skips the prefix cache for these requests
 
