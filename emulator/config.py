@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", help="address to bind (default 127.0.0.1)")
     a("--port", type=int, help="first port; replica i listens on port+i; 0 = OS-assigned (default 8001)")
     a("--replicas", type=int, help="number of emulated servers, one port each (default 1)")
-    a("--model", help="served model name and model spec (default meta-llama/Llama-2-13b-hf)")
+    a("--model", "--served-model-name", dest="model",
+      help="served model name and model spec (default meta-llama/Llama-2-13b-hf)")
     a("--gpu", choices=sorted(GPUS), help="GPU spec for capacity (default a100-40gb)")
     a("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (default 0.9)")
     a("--profile", choices=sorted(PROFILES), help=f"latency profile (default {DEFAULT_PROFILE})")

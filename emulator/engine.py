@@ -332,6 +332,22 @@ class BatchedEngine(Engine):
         self._clock = 0.0
         self._live = False
         self._task: asyncio.Task[None] | None = None
+        self._in_step = False
+        self._held_events: list[KVEvent] | None = None  # the running step's events, when a reset came mid-step
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        # vLLM resets between steps: a step already running publishes its own events, and the
+        # AllBlocksCleared opens the next step's batch.
+        if self._in_step and self._held_events is None:
+            self._held_events = self.block_pool.take_events()
+        return super().reset_prefix_cache(reset_running_requests)
+
+    def _flush_step_events(self) -> None:
+        held, self._held_events = self._held_events, None
+        if held is None:
+            self.flush_kv_events()
+        elif held and self._kv_event_sink is not None:
+            self._kv_event_sink(held)
 
     def add_request(self, req: EngineRequest) -> None:
         # A request that arrives while the loop runs behind its clock (starved of CPU) counts as
@@ -377,12 +393,16 @@ class BatchedEngine(Engine):
                 self.num_steps += 1
                 if self.metrics is not None:
                     self.metrics.on_step(step.num_tokens)
-                await self.sleep_until(self._clock)
+                self._in_step = True
+                try:
+                    await self.sleep_until(self._clock)
+                finally:
+                    self._in_step = False
                 if self.metrics is not None:
                     self.metrics.on_step_lateness(time.monotonic() - (self._wall0 + self._clock * self.time_scale))
                 self.complete(step, self._clock)
                 # vLLM publishes a step's events (with any queued between steps) after the step ran.
-                self.flush_kv_events()
+                self._flush_step_events()
             self.flush_kv_events()
         finally:
             self._live = False

@@ -183,6 +183,23 @@ async def test_reset_prefix_cache_is_published_with_the_next_step():
     assert not any(isinstance(e, BlockRemoved) for e in eng.batches[n])
 
 
+async def test_a_reset_during_a_step_opens_the_next_steps_batch():
+    eng = engine()
+    req = eng.make_request("a", prompt(40), SamplingParams(max_tokens=30, ignore_eos=True))
+    task = asyncio.create_task(run(eng, req))
+    while not eng._in_step:  # the prefill step, whose BlockStored is already queued, is running
+        await asyncio.sleep(0)
+    assert len(eng.steps) == 1 and eng.block_pool._events
+    assert eng.reset_prefix_cache(reset_running_requests=True)  # preempts a, which recomputes
+    outs = await task
+    assert outs[-1].num_output_tokens == 30 and req.num_preemptions == 1
+    cleared = [i for i, b in enumerate(eng.batches) for e in b if isinstance(e, AllBlocksCleared)]
+    assert len(cleared) == 1
+    assert [type(e) for e in eng.batches[0]] == [BlockStored], "the running step's batch ends before the reset"
+    assert isinstance(eng.batches[cleared[0]][0], AllBlocksCleared), "never appended to a running step's batch"
+    assert not any(isinstance(e, BlockRemoved) for b in eng.batches for e in b)
+
+
 def test_max_model_len_must_fit_the_kv_cache():
     with pytest.raises(ValueError, match="max_model_len 4096 does not fit the KV cache"):
         EmulatorConfig(num_gpu_blocks=128, block_size=32)  # 127 usable x 32 = 4064 tokens
