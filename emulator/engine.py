@@ -1,9 +1,10 @@
 """Engines that turn requests into timed token streams over the block pool.
 
-`BatchedEngine` mirrors vLLM v1's scheduler: an FCFS waiting queue, admission when the uncached
-prompt blocks can be allocated, whole-prompt prefill, one decode token per running request per step,
-preemption of the newest request when a decode needs a block, and a step time from the latency
-profile, paced on an absolute clock. `SimpleEngine` is the seed's independent per-request model.
+`BatchedEngine` mirrors vLLM v1's scheduler: a token budget per step, running requests first
+(decodes, then the rest of prefills in chunks), FCFS admission when the whole sequence's uncached
+blocks are free, preemption of the newest request when a running one needs a block, KV events
+published once per step, and a step time from the latency profile for what the step computed,
+paced on an absolute clock. `SimpleEngine` is the seed's independent per-request model.
 """
 from __future__ import annotations
 
