@@ -45,7 +45,7 @@ class EmulatorConfig:
     enable_prompt_tokens_details: bool = True
     log_format: str = "console"
     log_requests: bool = True
-    version: str = "0.33.0"
+    version: str = "0.32.0"  # the vLLM release the emulator answers as (real servers in our tests run 0.32)
     kv_events_config: dict[str, Any] | None = None
     # Fault injection (emulator.faults), all off by default; rates are per request, times wall seconds.
     fault_error_rate: float = 0.0

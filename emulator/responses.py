@@ -21,7 +21,7 @@ class ResponseBuilder:
     """Shapes one request's outputs; keeps per-choice token counts for usage."""
 
     def __init__(self, g: GenerateRequest, request_id: str, created: int, prompt_tokens_details: bool,
-                 logprobs: DummyLogprobs | None = None, block_size: int = 16) -> None:
+                 logprobs: DummyLogprobs | None = None, block_size: int = 16, fingerprint: str | None = None) -> None:
         self.g = g
         self.chat = g.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
@@ -29,6 +29,7 @@ class ResponseBuilder:
         self.details = prompt_tokens_details
         self.lp = logprobs
         self.block_size = block_size
+        self.fingerprint = fingerprint
         self.n = g.n
         k = g.num_choices
         self.prompt_tokens = [len(p) for p in g.prompts]
@@ -148,12 +149,17 @@ class ResponseBuilder:
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
         chunk: dict[str, Any] = {**self._head, "choices": [choice]}
+        if out.finish_reason is not None and not self.g.include_usage and self.fingerprint is not None:
+            chunk["system_fingerprint"] = self.fingerprint  # vLLM stamps the terminal chunk if no usage chunk follows
         if self.g.continuous_usage_stats:
             chunk["usage"] = self._continuous_usage(i)
         return prefix + b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def usage_chunk(self) -> bytes:
-        return b"data: " + orjson.dumps({**self._head, "choices": [], "usage": self.usage(streamed=True)}) + b"\n\n"
+        body: dict[str, Any] = {**self._head, "choices": [], "usage": self.usage(streamed=True)}
+        if self.fingerprint is not None:
+            body["system_fingerprint"] = self.fingerprint
+        return b"data: " + orjson.dumps(body) + b"\n\n"
 
     # --- whole responses ---------------------------------------------------------------------
     def full_response(self, results: list[list[TokenOutput]]) -> dict[str, Any]:
@@ -186,8 +192,13 @@ class ResponseBuilder:
             "created": self.created,
             "model": self.g.model,
             "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": self.fingerprint,
             "usage": self.usage(streamed=False),
         }
         if self.chat:
             body["prompt_logprobs"] = self._prompt_logprobs(0)
+            body["prompt_token_ids"] = None
+            body["prompt_text"] = None
+        body.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
         return body

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import time
 import uuid
@@ -50,6 +51,7 @@ class EmulatorState:
     faults: FaultInjector
     stopping: asyncio.Event
     logprobs: DummyLogprobs
+    fingerprint: str
     kv_events: EventPublisher | None = None
 
 
@@ -95,6 +97,7 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
         faults=make_injector(config),
         stopping=asyncio.Event(),
         logprobs=DummyLogprobs(tokenizer),
+        fingerprint=system_fingerprint(config),
     )
     if config.log_requests:
         engine.finish_listeners.append(lambda req: log.info("request finished", **request_log_fields(req)))
@@ -155,7 +158,7 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
         for i, prompt in enumerate(g.prompts) for j in range(g.n)
     ]
     rb = ResponseBuilder(g, rid, int(time.time()), st.config.enable_prompt_tokens_details, st.logprobs,
-                         st.engine.block_size)
+                         st.engine.block_size, st.fingerprint)
     headers = {"X-Request-ID": rid}
     if plan.cut_after is not None:
         return await _generate_and_cut(request, st, ereqs, rb, headers, g.stream, plan.cut_after, rid, g.include_usage)
@@ -183,6 +186,12 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     except ConnectionResetError:
         log.info("client disconnected", request_id=rid)
     return resp
+
+
+def system_fingerprint(config: EmulatorConfig) -> str:
+    """vLLM's default ("full") system_fingerprint: vllm-<version>-<8 hex of the config's hash>."""
+    digest = hashlib.sha256(orjson.dumps(config.to_dict(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"vllm-{config.version}-{digest[:8]}"
 
 
 def _sample_params(params: SamplingParams, j: int) -> SamplingParams:

@@ -102,7 +102,10 @@ async def test_responses_validate_against_vllms_pydantic_models():
     out = subprocess.run([py, str(CHECK)], input=json.dumps(items + canaries), capture_output=True, text=True,
                          timeout=300, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
     assert out.returncode == 0, out.stderr[-2000:]
-    problems = json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    problems = result["problems"]
+    for note in result["notes"]:
+        print("note:", json.dumps(note))
     real = [p for p in problems if not p["what"].startswith("canary")]
     assert real == [], json.dumps(real, indent=1)[:4000]
     assert [p["what"] for p in problems] == ["canary key", "canary type"]

@@ -1,6 +1,7 @@
 """Run by the vLLM venv's python: validate response bodies against vLLM's own pydantic models.
 
-stdin: a JSON list of {"what", "model", "body"}; stdout: a JSON list of problems (empty = all valid).
+stdin: a JSON list of {"what", "model", "body"}; stdout: {"problems": [...] (empty = all valid),
+"notes": [top-level keys vLLM would also write, for information]}.
 A problem is a validation error, or a key vLLM's model does not declare (its models allow extras,
 so a misnamed field such as `reasoning_content` would otherwise pass). Imports only vLLM.
 """
@@ -41,7 +42,7 @@ def extras(obj: object, path: str) -> list[str]:
 
 
 def main() -> int:
-    problems = []
+    problems, notes = [], []
     for item in json.load(sys.stdin):
         model = MODELS[item["model"]]
         try:
@@ -52,7 +53,11 @@ def main() -> int:
         unknown = extras(obj, item["model"])
         if unknown:
             problems.append({"what": item["what"], "unknown_keys": unknown})
-    json.dump(problems, sys.stdout)
+        if not item["model"].endswith("StreamResponse"):  # streams are dumped exclude_unset: keys vary
+            missing = sorted(set(obj.model_dump()) - set(item["body"]))
+            if missing:
+                notes.append({"what": item["what"], "keys vLLM's model_dump writes that the body lacks": missing})
+    json.dump({"problems": problems, "notes": notes}, sys.stdout)
     return 0
 
 
