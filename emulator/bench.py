@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
          "--max-num-seqs", str(max(levels)),
          # room for every stream's prompt (~1.5 tokens a word) and output: timing, not preemption, is measured
          "--num-gpu-blocks", str(max(levels) * (-(-(args.prompt_words * 3 // 2 + args.max_tokens) // 16) + 4) + 1024)]
-        + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []),
+        + (["--max-num-batched-tokens", str(args.max_num_batched_tokens or max(levels))]
+           if args.max_num_batched_tokens or max(levels) > 2048 else []),  # vLLM needs budget >= max_num_seqs
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:

@@ -88,7 +88,7 @@ class EmulatorConfig:
             raise ValueError("num_gpu_blocks must be >= 2 (block 0 is vLLM's null block)")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.resolved_max_num_batched_tokens < self.max_num_seqs:
+        if self.engine == "batched" and self.resolved_max_num_batched_tokens < self.max_num_seqs:  # vLLM's check
             raise ValueError(f"max_num_batched_tokens ({self.resolved_max_num_batched_tokens}) must be greater than "
                              f"or equal to max_num_seqs ({self.max_num_seqs}).")
         usable = self.resolved_num_gpu_blocks - 1

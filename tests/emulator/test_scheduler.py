@@ -73,6 +73,7 @@ def test_token_budget_defaults_follow_vllm_per_gpu():
     assert EmulatorConfig(max_num_batched_tokens=512).resolved_max_num_batched_tokens == 512
     with pytest.raises(ValueError, match="max_num_seqs"):
         EmulatorConfig(max_num_batched_tokens=100, max_num_seqs=256)
+    EmulatorConfig(engine="simple", max_num_seqs=100000)  # no step budget in the per-request model
 
 
 async def test_long_prompt_is_prefilled_in_chunks_with_a_block_stored_per_chunk():
