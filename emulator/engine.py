@@ -291,6 +291,7 @@ class SchedulerStep:
 
     prefills: list[ScheduledChunk] = field(default_factory=list)
     decodes: list[EngineRequest] = field(default_factory=list)
+    order: list[EngineRequest] = field(default_factory=list)  # every scheduled request, in scheduling order
     preempted: bool = False
 
     @property
@@ -435,6 +436,7 @@ class BatchedEngine(Engine):
                     step.prefills.append(ScheduledChunk(req, num_new, context))
                 else:
                     step.decodes.append(req)
+                step.order.append(req)
                 budget -= num_new
                 i += 1
                 continue
@@ -456,20 +458,17 @@ class BatchedEngine(Engine):
             req.prefilling = True
             self.running.append(req)
             step.prefills.append(ScheduledChunk(req, num_new, cached))
+            step.order.append(req)
             budget -= num_new
         return step
 
     def complete(self, step: SchedulerStep, t: float) -> None:
-        """End a step at emulated time `t`: requests whose prompt is now computed, and decodes, get a token."""
+        """End a step at emulated time `t`: requests whose prompt is now computed, and decodes, get a
+        token, in scheduling order (vLLM's update_from_output: the order finished requests free blocks)."""
         emitted = 0
-        for c in step.prefills:
-            req = c.req
+        for req in step.order:
             if req.status is RequestStatus.RUNNING and req.seq.num_computed_tokens >= req.seq.num_tokens:
                 req.prefilling = False
-                self._emit_token(req, t)
-                emitted += 1
-        for req in step.decodes:
-            if req.status is RequestStatus.RUNNING:
                 self._emit_token(req, t)
                 emitted += 1
         if self.metrics is not None:

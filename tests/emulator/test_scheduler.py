@@ -108,6 +108,22 @@ async def test_running_decodes_take_the_budget_first():
     assert all(s.num_tokens <= 64 for s in eng.steps)
 
 
+async def test_requests_finishing_in_one_step_free_their_blocks_in_scheduling_order():
+    """vLLM's update_from_output walks the step's requests in scheduling order, so a decode that ends
+    frees its blocks before a prefill scheduled after it in the same step: that sets eviction order."""
+    eng = engine(max_num_batched_tokens=32)
+    a_toks, b_toks = prompt(20), prompt(60, 5000)
+    a = eng.make_request("a", a_toks, SamplingParams(max_tokens=3, ignore_eos=True))
+    b = eng.make_request("b", b_toks, SamplingParams(max_tokens=1))
+    await asyncio.gather(run(eng, a), run(eng, b))
+    assert a.timings.finished == b.timings.finished  # both ended in one step: a decoding, b's last chunk
+    pool = eng.block_pool
+    hasher = BlockHasher(16)
+    a0 = pool.get_cached_block(hasher.hashes(a_toks)[0]).block_id
+    b_ids = [pool.get_cached_block(h).block_id for h in hasher.hashes(b_toks)]
+    assert pool.free_block_queue.block_ids()[-4:] == [a0, *reversed(b_ids)]
+
+
 async def test_admission_reserves_no_slot_for_the_first_output_token():
     eng = engine(num_gpu_blocks=6)  # 5 usable blocks
     b = eng.make_request("b", prompt(10), SamplingParams(max_tokens=5))  # 1 block

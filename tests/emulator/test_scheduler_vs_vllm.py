@@ -34,7 +34,7 @@ CONFIG = {"block_size": 16, "num_gpu_blocks": 48, "max_num_batched_tokens": 64, 
 TIGHT = {"block_size": 32, "num_gpu_blocks": 18, "max_num_batched_tokens": 128, "max_num_seqs": 6,
          "max_model_len": 512, "hash_algo": "sha256_cbor"}
 SCENARIOS = 10
-REQUESTS = 40
+REQUESTS = 200
 
 
 def sampled_token(rid: str, position: int) -> int:

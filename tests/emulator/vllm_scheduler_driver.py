@@ -65,6 +65,7 @@ def make_scheduler(cfg: dict, model_dir: str) -> tuple[Scheduler, list]:
 def run(s: Scheduler, batches: list, ops: list, cfg: dict) -> dict:
     hasher = get_request_block_hasher(cfg["block_size"], get_hash_fn_by_name(cfg["hash_algo"]))
     steps: list[dict] = []
+    free: list[list[int]] = []
     cached: dict[str, int] = {}
     step_batches: list = []
 
@@ -87,6 +88,8 @@ def run(s: Scheduler, batches: list, ops: list, cfg: dict) -> dict:
                 if o.prefill_stats is not None and o.request_id not in cached:
                     cached[o.request_id] = o.prefill_stats.num_cached_tokens
         steps.append(dict(so.num_scheduled_tokens))
+        if os.environ.get("KVROUTE_DUMP_FREE_QUEUE"):  # debugging a mismatch: the eviction order per step
+            free.append([b.block_id for b in s.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks()])
         step_batches.extend(batches[n0:])
         return True
 
@@ -105,7 +108,7 @@ def run(s: Scheduler, batches: list, ops: list, cfg: dict) -> dict:
                     break
         elif kind == "reset":
             s.reset_prefix_cache()
-    return {"steps": steps, "batches": step_batches, "cached": cached}
+    return {"steps": steps, "batches": step_batches, "cached": cached, "free": free}
 
 
 def main() -> int:
