@@ -36,6 +36,7 @@ class ResponseBuilder:
         self.completion_tokens = [0] * k
         self.cached_tokens = [0] * k
         self._started = [False] * k
+        self._roles_sent = False
         self._first: tuple[int, int] | None = None  # (choice, cached tokens) of the first output streamed
         self._pending: list[list[int]] = [[] for _ in range(k)]  # token ids not yet sent (held-back text)
         self._text_offset = [0] * k
@@ -121,33 +122,39 @@ class ResponseBuilder:
             self._first = (i, out.num_cached_tokens)
 
     def stream_chunk(self, i: int, out: TokenOutput) -> bytes | None:
-        """The SSE event(s) for one output; None when it carries nothing to send (held-back text)."""
+        """The SSE event(s) for one output. Like vLLM, every token gets a chunk, with "" as its text
+        while a possible stop string holds the text back; a chat stream opens with one role chunk
+        per choice. Keys follow vLLM's `exclude_unset` dumps (a chat chunk has stop_reason only
+        when it finishes)."""
         self._track(i, out)
         if out.token_id is not None:
             self._pending[i].append(out.token_id)
+        elif not out.text and out.finish_reason is None:
+            return None
         text = out.text
         first = not self._started[i]
-        if not text and out.finish_reason is None and not (first and self.chat):
-            return None
         self._started[i] = True
         prefix = b""
-        if self.chat:
-            if first:
-                role = {**self._head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}]}
-                prefix = b"data: " + orjson.dumps(role) + b"\n\n"
-                if not text and out.finish_reason is None:
-                    return prefix
+        if self.chat and not self._roles_sent:
+            self._roles_sent = True
+            for k in range(self.g.num_choices):
+                role = {**self._head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}],
+                        "prompt_token_ids": None, "prompt_text": None}
+                prefix += b"data: " + orjson.dumps(role) + b"\n\n"
         toks, self._pending[i] = self._pending[i], []
         logprobs = self._logprobs(i, toks, out.num_output_tokens - len(toks), echo_prompt=first and self.g.echo)
         if self.chat:
             choice: dict[str, Any] = {"index": i, "delta": {"content": text}, "logprobs": logprobs,
-                                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+                                      "finish_reason": out.finish_reason}
+            if out.finish_reason is not None:
+                choice["stop_reason"] = out.stop_reason
+            choice["token_ids"] = None
         else:
             if first and self.g.echo:
                 text = self.g.prompt_texts[i // self.n] + text
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
-                      "stop_reason": out.stop_reason}
+                      "stop_reason": out.stop_reason, "prompt_token_ids": None, "token_ids": None}
         chunk: dict[str, Any] = {**self._head, "choices": [choice]}
         if out.finish_reason is not None and not self.g.include_usage and self.fingerprint is not None:
             chunk["system_fingerprint"] = self.fingerprint  # vLLM stamps the terminal chunk if no usage chunk follows

@@ -132,3 +132,17 @@ async def test_reset_prefix_cache_answers_success_as_vllm(emu):
         assert rest[-1].choices[0].finish_reason == "length"  # the preempted request recomputed and finished
         async with s.post(emu.url + "/reset_prefix_cache?reset_running_requests=maybe") as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "reset_running_requests"
+
+
+async def test_every_token_gets_a_chunk_even_while_a_stop_string_holds_its_text(emu):
+    cl = client(emu)
+    first = (await cl.completions.create(model=MODEL, prompt=DOC, max_tokens=1)).choices[0].text
+    stream = await cl.completions.create(model=MODEL, prompt=DOC, max_tokens=5, stream=True, stop=[first + "\u2603"])
+    texts = [c.choices[0].text async for c in stream if c.choices]
+    assert len(texts) == 5, "one chunk per token, as vLLM streams them"
+    assert texts[0] == "" and texts[1].startswith(first), "the held-back text arrives with the next token"
+    chat = await cl.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, n=2, stream=True)
+    chunks = [c async for c in chat]
+    roles = [c.choices[0].index for c in chunks[:2]]
+    assert roles == [0, 1] and all(c.choices[0].delta.role == "assistant" for c in chunks[:2]), "role chunks first"
+    assert sum(1 for c in chunks[2:] if c.choices) == 6
