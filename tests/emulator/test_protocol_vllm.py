@@ -1,10 +1,7 @@
 """Protocol details where the emulator now answers as vLLM 0.32 does (real emulator, real openai SDK):
 logprobs, n > 1, best_of, multi-prompt cached tokens, chat message fields, created_cache_tokens,
-prompt_logprobs and /reset_prefix_cache."""
+prompt_logprobs, a chunk per token in streams and /reset_prefix_cache."""
 from __future__ import annotations
-
-import asyncio
-import json
 
 import aiohttp
 import openai
