@@ -44,6 +44,7 @@ async def serve(config: EmulatorConfig) -> None:
             num_gpu_blocks=pool.num_gpu_blocks,
             capacity_tokens=pool.num_usable_blocks * pool.block_size,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.resolved_max_num_batched_tokens,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -5,6 +5,10 @@ clients. For each level it compares what clients measured (TTFT, time per output
 the emulator's own step formula predicted for exactly those requests (its vLLM histograms, in
 emulated seconds x time scale). A ratio of 1.00 means the HTTP path added nothing; the report names
 the highest concurrency whose ratios stay within the tolerance.
+
+`--long-prompt-ttft` instead runs the batched engine on a virtual clock (no HTTP, no sleeping) and
+reports the emulated TTFT of one long prompt arriving while N streams decode, with vLLM's chunked
+prefill (the step token budget) and with the whole prompt in one step.
 """
 from __future__ import annotations
 
@@ -146,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.05, help="max |measured/predicted - 1| to pass")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop starting new levels after this")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="emulator step token budget (default: the emulator's, 2048); prompts beyond it are chunked")
+    p.add_argument("--long-prompt-ttft", action="store_true",
+                   help="report a long prompt's TTFT under decode load on a virtual clock (no HTTP)")
+    p.add_argument("--long-prompt-tokens", type=int, default=4000, help="with --long-prompt-ttft: its length")
+    p.add_argument("--load-levels", default="0,32,128,256", help="with --long-prompt-ttft: decoding streams")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
@@ -154,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.client:
         client_main(args)
         return 0
+    if args.long_prompt_ttft:
+        return long_prompt_main(args)
 
     levels = [int(x) for x in args.levels.split(",") if x]
     emu_cpu, client_cpu = _pick_cpus()
     emu = subprocess.Popen(
         [sys.executable, "-m", "emulator", "--port", "0", "--no-log-requests", "--time-scale", str(args.time_scale),
-         "--max-num-seqs", str(max(levels)), "--num-gpu-blocks", str(max(levels) * 64 + 1024)],
+         "--max-num-seqs", str(max(levels)),
+         # room for every stream's prompt (~1.5 tokens a word) and output: timing, not preemption, is measured
+         "--num-gpu-blocks", str(max(levels) * (-(-(args.prompt_words * 3 // 2 + args.max_tokens) // 16) + 4) + 1024)]
+        + (["--max-num-batched-tokens", str(args.max_num_batched_tokens or max(levels))]
+           if args.max_num_batched_tokens or max(levels) > 2048 else []),  # vLLM needs budget >= max_num_seqs
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
@@ -172,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         url = line.split()[1]
         print(f"emulator {url} pinned to cpu {emu_cpu}, clients on cpu {client_cpu} (host load avg "
               f"{os.getloadavg()[0]:.1f}); time_scale={args.time_scale}, "
-              f"{args.max_tokens} output tokens/request, {args.requests_per_client} requests per client")
+              f"{args.max_tokens} output tokens/request, {args.requests_per_client} requests per client, "
+              f"max_num_batched_tokens={args.max_num_batched_tokens or 'default (2048)'}")
         print(f"{'streams':>8} {'reqs':>6} {'TTFT ms meas/pred':>20} {'ratio':>6} {'TPOT ms meas/pred':>20} {'ratio':>6}"
               f" {'late ms':>8} {'emu CPU':>8} {'cli CPU':>8}  ok")
         proc = psutil.Process(emu.pid)
@@ -231,6 +248,71 @@ def _compare(res: list[dict], before: dict[str, float], after: dict[str, float],
         "ttft_meas": ttft_meas, "ttft_pred": ttft_pred, "ttft_ratio": ttft_meas / ttft_pred if ttft_pred else float("inf"),
         "tpot_meas": tpot_meas, "tpot_pred": tpot_pred, "tpot_ratio": tpot_meas / tpot_pred if tpot_pred else float("inf"),
     }
+
+
+# --- a long prompt under load, on a virtual clock --------------------------------------------------
+def _virtual_clock_engine(budget: int, max_num_seqs: int, num_gpu_blocks: int):
+    """The batched engine whose clock only moves by step durations: a deterministic simulation."""
+    from .config import EmulatorConfig
+    from .engine import BatchedEngine
+
+    class VirtualClockEngine(BatchedEngine):
+        def emu_now(self) -> float:
+            return self._clock
+
+        async def sleep_until(self, emu_t: float) -> None:
+            await asyncio.sleep(0)
+
+    cfg = EmulatorConfig(port=0, log_requests=False, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                         num_gpu_blocks=num_gpu_blocks)
+    return VirtualClockEngine(cfg)
+
+
+async def long_prompt_ttft(load: int, prompt_tokens: int, budget: int, seed: int = 0) -> dict[str, float]:
+    """Emulated TTFT of one `prompt_tokens` prompt arriving while `load` streams decode, and the
+    longest gap those streams saw while it was prefilled."""
+    import contextlib
+
+    from .request import SamplingParams
+
+    eng = _virtual_clock_engine(budget, max(256, load + 1), num_gpu_blocks=load * 64 + prompt_tokens // 16 + 256)
+    rng = random.Random(seed)
+    streams = [eng.make_request(f"s{i}", [rng.randrange(1000, 90000) for _ in range(200)],
+                                SamplingParams(max_tokens=600, ignore_eos=True)) for i in range(load)]
+
+    async def drain(req) -> None:
+        async with contextlib.aclosing(eng.generate(req)) as gen:
+            async for _ in gen:
+                pass
+
+    tasks = [asyncio.ensure_future(drain(r)) for r in streams]
+    while any(r.timings.first_token is None for r in streams):
+        await asyncio.sleep(0)
+    long = eng.make_request("long", [rng.randrange(1000, 90000) for _ in range(prompt_tokens)],
+                            SamplingParams(max_tokens=1))
+    await drain(long)
+    t0, t1 = long.timings.arrival, long.timings.first_token
+    gaps = [b - a for r in streams for a, b in zip(r.token_times, r.token_times[1:]) if a >= t0 - 1e-12 and b <= t1 + 0.1]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"ttft": long.timings.ttft, "max_gap": max(gaps, default=0.0), "steps": eng.num_steps}
+
+
+def long_prompt_main(args: argparse.Namespace) -> int:
+    budget = args.max_num_batched_tokens or 2048
+    one_step = max(budget, args.long_prompt_tokens + 1024)
+    print(f"emulated TTFT of one {args.long_prompt_tokens}-token prompt arriving while N streams decode "
+          f"(profile a100-40gb-llama2-13b, virtual clock; 'max stall' = the longest gap between two tokens "
+          f"of a decoding stream while the prompt was prefilled)")
+    print(f"{'decoding':>8} {'TTFT s, chunked ' + str(budget):>22} {'max stall s':>12} "
+          f"{'TTFT s, one step':>17} {'max stall s':>12}")
+    for load in [int(x) for x in args.load_levels.split(",") if x]:
+        chunked = asyncio.run(long_prompt_ttft(load, args.long_prompt_tokens, budget, args.seed))
+        whole = asyncio.run(long_prompt_ttft(load, args.long_prompt_tokens, one_step, args.seed))
+        print(f"{load:>8} {chunked['ttft']:>22.3f} {chunked['max_gap']:>12.3f} {whole['ttft']:>17.3f} "
+              f"{whole['max_gap']:>12.3f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -189,12 +189,18 @@ class BlockPool:
         num_cached_blocks: int,
         num_full_blocks: int,
         token_ids: list[int],
+        event_extra_keys_block0: tuple | None = None,
     ) -> None:
-        """Mark blocks[num_cached:num_full] as cached under their hashes; one BlockStored for them all."""
+        """Mark blocks[num_cached:num_full] as cached under their hashes; one BlockStored for them all.
+
+        The event's extra_keys has one entry per block as vLLM publishes it: the untagged extra keys
+        of block 0 (`(salt,)` for a salted prompt) when block 0 is among them, None for the others.
+        """
         if num_cached_blocks >= num_full_blocks:
             return
         bs = self.block_size
         new_hashes: list[bytes] = []
+        extra_keys: list[tuple | None] = []
         for i in range(num_cached_blocks, num_full_blocks):
             blk = blocks[i]
             if blk.is_null:
@@ -204,6 +210,7 @@ class BlockPool:
             blk.block_hash = h
             self.cached_block_hash_to_block.setdefault(h, {})[blk.block_id] = blk
             new_hashes.append(h)
+            extra_keys.append(event_extra_keys_block0 if i == 0 else None)
         if self.enable_kv_events and new_hashes:
             parent = block_hashes[num_cached_blocks - 1] if num_cached_blocks > 0 else None
             self._events.append(
@@ -212,6 +219,8 @@ class BlockPool:
                     parent_block_hash=None if parent is None else wire_hash(parent, self.use_int_hashes),
                     token_ids=list(token_ids[num_cached_blocks * bs : num_full_blocks * bs]),
                     block_size=bs,
+                    # None encodes as [None] * n on the wire (kvblocks.kv_events), vLLM's unsalted shape.
+                    extra_keys=extra_keys if any(k is not None for k in extra_keys) else None,
                 )
             )
 

@@ -37,6 +37,7 @@ class EmulatorConfig:
     num_gpu_blocks: int | None = None
     block_size: int = 16
     max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
     max_model_len: int = 4096
     seed: int = 0
     eos_probability: float = 0.0
@@ -44,7 +45,7 @@ class EmulatorConfig:
     enable_prompt_tokens_details: bool = True
     log_format: str = "console"
     log_requests: bool = True
-    version: str = "0.33.0"
+    version: str = "0.32.0"  # the vLLM release the emulator answers as (real servers in our tests run 0.32)
     kv_events_config: dict[str, Any] | None = None
     # Fault injection (emulator.faults), all off by default; rates are per request, times wall seconds.
     fault_error_rate: float = 0.0
@@ -85,6 +86,18 @@ class EmulatorConfig:
                 raise ValueError(f"unknown gpu {self.gpu!r}; choose one of {', '.join(GPUS)}")
         elif self.num_gpu_blocks < 2:
             raise ValueError("num_gpu_blocks must be >= 2 (block 0 is vLLM's null block)")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.engine == "batched" and self.resolved_max_num_batched_tokens < self.max_num_seqs:  # vLLM's check
+            raise ValueError(f"max_num_batched_tokens ({self.resolved_max_num_batched_tokens}) must be greater than "
+                             f"or equal to max_num_seqs ({self.max_num_seqs}).")
+        usable = self.resolved_num_gpu_blocks - 1
+        if -(-self.max_model_len // self.block_size) > usable:
+            # vLLM refuses to start when one request of max_model_len tokens cannot fit the cache.
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit the KV cache: {usable} usable blocks of "
+                f"{self.block_size} tokens hold {usable * self.block_size} tokens; lower --max-model-len "
+                f"to at most {usable * self.block_size} or raise --num-gpu-blocks")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within 0..65535")
         if self.kv_events_config is not None:
@@ -101,6 +114,17 @@ class EmulatorConfig:
         if self.num_gpu_blocks is not None:
             return self.num_gpu_blocks
         return num_gpu_blocks(MODELS[self.model], GPUS[self.gpu], self.block_size, self.gpu_memory_utilization)
+
+    @property
+    def resolved_max_num_batched_tokens(self) -> int:
+        """Token budget of one engine step: explicit, or vLLM's API-server default for the GPU
+        (8192 on cards with >= 70 GiB that are not A100s, else 2048; vllm/engine/arg_utils.py)."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        gpu = GPUS.get(self.gpu)
+        if gpu is not None and gpu.memory_bytes >= 70 * 1024**3 and "a100" not in gpu.name:
+            return 8192
+        return 2048
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +153,8 @@ _JSON_FIELDS = {"kv_events_config"}
 def _field_type(name: str) -> type:
     default = {f.name: f for f in fields(EmulatorConfig)}[name].default
     if default is MISSING or default is None:
-        return {"num_gpu_blocks": int, "fault_cut_after": int, "fault_crash_after": int}.get(name, str)
+        return {"num_gpu_blocks": int, "max_num_batched_tokens": int, "fault_cut_after": int,
+                "fault_crash_after": int}.get(name, str)
     return type(default)
 
 
@@ -152,16 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", help="address to bind (default 127.0.0.1)")
     a("--port", type=int, help="first port; replica i listens on port+i; 0 = OS-assigned (default 8001)")
     a("--replicas", type=int, help="number of emulated servers, one port each (default 1)")
-    a("--model", help=f"served model name and model spec for capacity: {', '.join(MODELS)} (default {DEFAULT_MODEL}; "
+    a("--model", "--served-model-name", dest="model",
+      help=f"served model name and model spec for capacity: {', '.join(MODELS)} (default {DEFAULT_MODEL}; "
       "another name needs --num-gpu-blocks)")
     a("--gpu", choices=sorted(GPUS), help=f"GPU spec for capacity: {', '.join(sorted(GPUS))} (default {DEFAULT_GPU})")
     a("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (default 0.9)")
     a("--profile", choices=sorted(PROFILES), help=f"latency profile: {', '.join(sorted(PROFILES))} (default {DEFAULT_PROFILE})")
     a("--engine", choices=ENGINES, help="batched = continuous batching; simple = independent per request (default batched)")
     a("--time-scale", type=float, help="wall seconds per emulated second (default 1.0; 0.1 = 10x faster)")
-    a("--num-gpu-blocks", type=int, help="KV blocks incl. vLLM's null block (default: derived, 924)")
+    a("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks", type=int,
+      help="KV blocks incl. vLLM's null block, like vLLM's --num-gpu-blocks-override (default: derived, 924)")
     a("--block-size", type=int, help="tokens per KV block (default 16)")
     a("--max-num-seqs", type=int, help="max running requests per step (default 256)")
+    a("--max-num-batched-tokens", type=int,
+      help="token budget of one engine step; longer prompts are prefilled in chunks (default 2048; 8192 for h100-80gb)")
     a("--max-model-len", type=int, help="max prompt + output tokens (default 4096)")
     a("--seed", type=int, help="seed of the dummy token generator (default 0)")
     a("--eos-probability", type=float, help="chance per token of a natural EOS after min_tokens (default 0)")

@@ -1,9 +1,10 @@
 """Engines that turn requests into timed token streams over the block pool.
 
-`BatchedEngine` mirrors vLLM v1's scheduler: an FCFS waiting queue, admission when the uncached
-prompt blocks can be allocated, whole-prompt prefill, one decode token per running request per step,
-preemption of the newest request when a decode needs a block, and a step time from the latency
-profile, paced on an absolute clock. `SimpleEngine` is the seed's independent per-request model.
+`BatchedEngine` mirrors vLLM v1's scheduler: a token budget per step, running requests first
+(decodes, then the rest of prefills in chunks), FCFS admission when the whole sequence's uncached
+blocks are free, preemption of the newest request when a running one needs a block, KV events
+published once per step, and a step time from the latency profile for what the step computed,
+paced on an absolute clock. `SimpleEngine` is the seed's independent per-request model.
 """
 from __future__ import annotations
 
@@ -113,10 +114,15 @@ class Engine:
             if events:
                 self._kv_event_sink(events)
 
-    def reset_prefix_cache(self) -> bool:
-        ok = self.kv_cache_manager.reset_prefix_cache()
-        self.flush_kv_events()
-        return ok
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Forget every cached block (False while requests hold blocks, unless they are preempted
+        first). As in vLLM, the AllBlocksCleared event is queued for the next step's batch."""
+        if reset_running_requests:
+            self._preempt_all()
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def _preempt_all(self) -> None:
+        """Release every running request's blocks so they recompute (only the batched engine can)."""
 
     # --- requests --------------------------------------------------------------------------
     def make_request(
@@ -129,22 +135,28 @@ class Engine:
     ) -> EngineRequest:
         """Build a request, rejecting (APIError 400) one that could never fit the KV cache."""
         prompt = list(prompt_token_ids)
-        need = cdiv(len(prompt) + params.max_tokens, self.block_size)
-        if need > self.block_pool.num_usable_blocks:
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            # The API layer refuses these first; the start-up check guarantees max_model_len fits the cache.
             raise APIError(
                 400,
-                f"This request needs {need} KV-cache blocks for {len(prompt)} prompt and {params.max_tokens} "
-                f"output tokens but the cache holds only {self.block_pool.num_usable_blocks} blocks.",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the messages, {params.max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion.",
                 param="max_tokens",
             )
         if request_id in self.requests:
             raise APIError(400, f"request id {request_id!r} is already in flight", param="request_id")
-        extra = salt_extra_keys(cache_salt)
+        seq = KVSequence(
+            request_id, list(prompt),
+            extra_keys_block0=salt_extra_keys(cache_salt),
+            event_extra_keys_block0=(cache_salt,) if cache_salt else None,
+            skip_prefix_cache=params.prompt_logprobs is not None,
+        )
         return EngineRequest(
             request_id=request_id,
             prompt_token_ids=prompt,
             params=params,
-            seq=KVSequence(request_id, list(prompt), extra_keys_block0=extra),
+            seq=seq,
             generator=self.generator.for_prompt(prompt, params.seed),
             text=OutputText(params.stop, params.include_stop_str_in_output),
             client_request_id=client_request_id or request_id,
@@ -171,12 +183,13 @@ class Engine:
 
     # --- token emission shared by both engines ---------------------------------------------
     def _admit_head(self) -> tuple[EngineRequest, int] | None:
-        """Allocate the head waiting request's uncached prompt blocks if they fit with one spare slot
-        (FCFS: nobody overtakes it); returns it with its cached-token count, or None."""
+        """Allocate the head waiting request's uncached prompt blocks if they fit (FCFS: nobody
+        overtakes it; like vLLM, no slot is reserved for the first output token); returns it with
+        its cached-token count, or None."""
         mgr = self.kv_cache_manager
         req = self.waiting[0]
         hits, cached = mgr.get_computed_blocks(req.seq)
-        if not mgr.can_allocate(req.seq, req.seq.num_tokens - cached, hits, num_lookahead_tokens=1):
+        if not mgr.can_admit(req.seq, hits):
             return None
         mgr.allocate_slots(req.seq, req.seq.num_tokens - cached, hits)
         self.waiting.popleft()
@@ -188,9 +201,11 @@ class Engine:
         if not req.counted_query:
             req.counted_query = True
             req.num_cached_tokens = num_cached_tokens
-            self.kv_cache_manager.record_query(req.num_prompt_tokens, num_cached_tokens)
+            looked_up = not req.seq.skip_prefix_cache  # vLLM leaves requests that skip the cache out of its stats
+            if looked_up:
+                self.kv_cache_manager.record_query(req.num_prompt_tokens, num_cached_tokens)
             if self.metrics is not None:
-                self.metrics.on_admitted(req)
+                self.metrics.on_admitted(req, looked_up)
 
     def _emit_token(self, req: EngineRequest, t: float) -> TokenOutput:
         """Sample the next token at emulated time `t`, apply stop rules, deliver it, finish if due."""
@@ -261,30 +276,79 @@ class Engine:
 
 
 @dataclass
-class SchedulerStep:
-    """What one engine step computes: whole prompts to prefill and requests decoding one token."""
+class ScheduledChunk:
+    """Prompt (or recomputed) tokens one request computes in a step, after `context` computed ones."""
 
-    prefills: list[tuple[EngineRequest, int]] = field(default_factory=list)
+    req: EngineRequest
+    num_tokens: int
+    context: int
+
+
+@dataclass
+class SchedulerStep:
+    """What one engine step computes: prefill chunks within the token budget, and one-token decodes."""
+
+    prefills: list[ScheduledChunk] = field(default_factory=list)
     decodes: list[EngineRequest] = field(default_factory=list)
-    prefill_blocks: int = 0
+    order: list[EngineRequest] = field(default_factory=list)  # every scheduled request, in scheduling order
     preempted: bool = False
 
     @property
     def empty(self) -> bool:
         return not self.prefills and not self.decodes
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefills) + len(self.decodes)
+
+    def cost(self, block_size: int) -> tuple[int, int]:
+        """(prefill blocks, chunk-to-context block pairs) the latency profile charges."""
+        blocks = pairs = 0
+        for c in self.prefills:
+            b = cdiv(c.num_tokens, block_size)
+            blocks += b
+            pairs += b * (c.context // block_size)
+        return blocks, pairs
+
 
 class BatchedEngine(Engine):
-    """Continuous batching like vLLM's scheduler; runs a step loop only while there is work."""
+    """Continuous batching like vLLM v1's scheduler; runs a step loop only while there is work.
+
+    Each step has a token budget (max_num_batched_tokens). Running requests are served first, in
+    order: a decode takes one token, a request still prefilling takes the rest of its prompt up to
+    what is left of the budget (chunked prefill); a running request that needs a block when none is
+    free preempts the newest running request (recompute). Then, if nobody was preempted, waiting
+    requests are admitted FCFS while the budget lasts and fewer than max_num_seqs run; admission
+    needs the whole sequence's uncached blocks free (vLLM's scheduler_reserve_full_isl), with no
+    slot reserved for the first output token. A request's token is sampled only at the end of the
+    step that completes its prompt.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_num_seqs = self.config.max_num_seqs
+        self.max_num_batched_tokens = self.config.resolved_max_num_batched_tokens
         self.running: list[EngineRequest] = []
         self.num_steps = 0
         self._clock = 0.0
         self._live = False
         self._task: asyncio.Task[None] | None = None
+        self._in_step = False
+        self._held_events: list[KVEvent] | None = None  # the running step's events, when a reset came mid-step
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        # vLLM resets between steps: a step already running publishes its own events, and the
+        # AllBlocksCleared opens the next step's batch.
+        if self._in_step and self._held_events is None:
+            self._held_events = self.block_pool.take_events()
+        return super().reset_prefix_cache(reset_running_requests)
+
+    def _flush_step_events(self) -> None:
+        held, self._held_events = self._held_events, None
+        if held is None:
+            self.flush_kv_events()
+        elif held and self._kv_event_sink is not None:
+            self._kv_event_sink(held)
 
     def add_request(self, req: EngineRequest) -> None:
         # A request that arrives while the loop runs behind its clock (starved of CPU) counts as
@@ -305,7 +369,6 @@ class BatchedEngine(Engine):
         else:
             self.waiting.remove(req)
         self._abort_request(req, self.emu_now())
-        self.flush_kv_events()
         return True
 
     async def _run(self) -> None:
@@ -319,71 +382,92 @@ class BatchedEngine(Engine):
             self._live = True
             while self.waiting or self.running:
                 step = self.schedule()
-                self.flush_kv_events()
                 if step.empty:
+                    self.flush_kv_events()
                     if not step.preempted:
                         self._reject_unschedulable()
                     await asyncio.sleep(0)
                     continue
-                duration = self.profile.step_time(step.prefill_blocks, bool(step.prefills), len(step.decodes))
+                blocks, pairs = step.cost(self.block_size)
+                duration = self.profile.step_time(blocks, bool(step.prefills), len(step.decodes), pairs)
                 self._clock += duration
                 self.num_steps += 1
                 if self.metrics is not None:
-                    self.metrics.on_step(sum(n for _, n in step.prefills) + len(step.decodes))
-                await self.sleep_until(self._clock)
+                    self.metrics.on_step(step.num_tokens)
+                self._in_step = True
+                try:
+                    await self.sleep_until(self._clock)
+                finally:
+                    self._in_step = False
                 if self.metrics is not None:
                     self.metrics.on_step_lateness(time.monotonic() - (self._wall0 + self._clock * self.time_scale))
                 self.complete(step, self._clock)
+                # vLLM publishes a step's events (with any queued between steps) after the step ran.
+                self._flush_step_events()
             self.flush_kv_events()
         finally:
             self._live = False
             self._task = None
 
     def schedule(self) -> SchedulerStep:
-        """Pick this step's work: decodes for running requests first, then admissions (FCFS)."""
+        """Pick this step's work (vLLM's Scheduler.schedule for one full-attention group, FCFS)."""
         mgr = self.kv_cache_manager
         step = SchedulerStep()
-        preempted = False
+        budget = self.max_num_batched_tokens
         i = 0
-        while i < len(self.running):
+        while i < len(self.running) and budget > 0:
             req = self.running[i]
-            while not mgr.allocate_slots(req.seq, 1):
+            seq = req.seq
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget,
+                          self.max_model_len - seq.num_computed_tokens - 1)
+            if num_new <= 0:
+                i += 1
+                continue
+            context = seq.num_computed_tokens
+            while not mgr.allocate_slots(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted = True
+                step.preempted = True
                 if victim is req:
                     break
             else:
-                step.decodes.append(req)
+                if req.prefilling:
+                    step.prefills.append(ScheduledChunk(req, num_new, context))
+                else:
+                    step.decodes.append(req)
+                step.order.append(req)
+                budget -= num_new
                 i += 1
                 continue
             break
-        if preempted:
-            step.preempted = True
+        if step.preempted:
             return step
-        bs = self.block_size
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            admitted = self._admit_head()
-            if admitted is None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            seq = req.seq
+            hits, cached = mgr.get_computed_blocks(seq)
+            if not mgr.can_admit(seq, hits):
                 break
-            req, cached = admitted
-            num_new = req.seq.num_tokens - cached
+            num_new = min(seq.num_tokens - cached, budget)
+            if not mgr.allocate_slots(seq, num_new, hits):
+                break
+            self.waiting.popleft()
             self._record_admission(req, cached, self._clock)
             req.status = RequestStatus.RUNNING
+            req.prefilling = True
             self.running.append(req)
-            step.prefills.append((req, num_new))
-            step.prefill_blocks += cdiv(num_new, bs)
+            step.prefills.append(ScheduledChunk(req, num_new, cached))
+            step.order.append(req)
+            budget -= num_new
         return step
 
     def complete(self, step: SchedulerStep, t: float) -> None:
-        """End a step at emulated time `t`: every scheduled, still-running request gets a token."""
+        """End a step at emulated time `t`: requests whose prompt is now computed, and decodes, get a
+        token, in scheduling order (vLLM's update_from_output: the order finished requests free blocks)."""
         emitted = 0
-        for req, _ in step.prefills:
-            if req.status is RequestStatus.RUNNING:
-                self._emit_token(req, t)
-                emitted += 1
-        for req in step.decodes:
-            if req.status is RequestStatus.RUNNING:
+        for req in step.order:
+            if req.status is RequestStatus.RUNNING and req.seq.num_computed_tokens >= req.seq.num_tokens:
+                req.prefilling = False
                 self._emit_token(req, t)
                 emitted += 1
         if self.metrics is not None:
@@ -395,11 +479,16 @@ class BatchedEngine(Engine):
         """Free a running request's blocks and requeue it at the front to recompute later."""
         self.kv_cache_manager.free(req.seq)
         req.status = RequestStatus.PREEMPTED
+        req.prefilling = False
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         if self.metrics is not None:
             self.metrics.on_preemption()
+
+    def _preempt_all(self) -> None:
+        while self.running:  # newest first, so they return to the waiting queue in FIFO order
+            self._preempt(self.running.pop())
 
     def _reject_unschedulable(self) -> None:
         """Nothing fits although nothing runs: the head request can never run, so fail it."""

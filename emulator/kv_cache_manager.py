@@ -21,6 +21,8 @@ class KVSequence:
     request_id: str
     token_ids: list[int]
     extra_keys_block0: tuple[Any, ...] | None = None
+    event_extra_keys_block0: tuple[Any, ...] | None = None  # what KV events publish for block 0 (untagged)
+    skip_prefix_cache: bool = False  # vLLM's skip_reading_prefix_cache (prompt_logprobs): no lookup, no stats
     block_hashes: list[bytes] = field(default_factory=list)
     blocks: list[KVBlock] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -66,6 +68,8 @@ class KVCacheManager:
     def get_computed_blocks(self, seq: KVSequence) -> tuple[list[KVBlock], int]:
         """Cached leading blocks of `seq` and the tokens they cover, leaving the last token to compute."""
         self.update_block_hashes(seq)
+        if seq.skip_prefix_cache:
+            return [], 0
         max_hit_blocks = (seq.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
         for h in seq.block_hashes[:max_hit_blocks]:
@@ -88,6 +92,12 @@ class KVCacheManager:
         required = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
         new_blocks = max(0, required - len(seq.blocks) - len(new_computed_blocks))
         return new_blocks + sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+
+    def can_admit(self, seq: KVSequence, new_computed_blocks: list[KVBlock] = ()) -> bool:
+        """vLLM's admission gate (scheduler_reserve_full_isl, on by default): the whole sequence so far
+        must fit the free blocks, not just its first chunk; no slot is reserved for the output token."""
+        return self.num_blocks_needed(seq, seq.num_tokens - len(new_computed_blocks) * self.block_size,
+                                      new_computed_blocks) <= self.pool.num_free_blocks
 
     def can_allocate(
         self, seq: KVSequence, num_new_tokens: int, new_computed_blocks: list[KVBlock] = (), num_lookahead_tokens: int = 0
@@ -132,7 +142,8 @@ class KVCacheManager:
         if num_full <= seq.num_cached_blocks:
             return
         self.update_block_hashes(seq)
-        self.pool.cache_full_blocks(seq.blocks, seq.block_hashes, seq.num_cached_blocks, num_full, seq.token_ids)
+        self.pool.cache_full_blocks(seq.blocks, seq.block_hashes, seq.num_cached_blocks, num_full, seq.token_ids,
+                                    seq.event_extra_keys_block0)
         seq.num_cached_blocks = num_full
 
     def free(self, seq: KVSequence) -> None:

@@ -160,9 +160,10 @@ class EngineMetrics:
         self._waiting.labels(**self.labels).set_function(lambda: engine.num_waiting)
         self._usage.labels(**self.labels).set_function(engine.kv_cache_usage)
 
-    def on_admitted(self, req: EngineRequest) -> None:
-        self.prefix_queries.inc(req.num_prompt_tokens)
-        self.prefix_hits.inc(req.num_cached_tokens)
+    def on_admitted(self, req: EngineRequest, looked_up: bool = True) -> None:
+        if looked_up:
+            self.prefix_queries.inc(req.num_prompt_tokens)
+            self.prefix_hits.inc(req.num_cached_tokens)
         self.prompt_tokens.inc(req.num_prompt_tokens)
 
     def on_generated(self, num_tokens: int) -> None:

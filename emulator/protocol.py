@@ -23,14 +23,14 @@ _COMMON_FIELDS = {
     "allowed_token_ids", "prompt_logprobs", "bad_words", "add_special_tokens", "response_format",
     "structured_outputs", "priority", "request_id", "return_tokens_as_token_ids", "return_token_ids",
     "cache_salt", "kv_transfer_params", "vllm_xargs", "session_id", "stream_interval", "thinking_token_budget",
-    "best_of", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
 }
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "prompt_embeds"}
 CHAT_FIELDS = _COMMON_FIELDS | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
     "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "documents",
     "mm_processor_kwargs", "echo", "reasoning_effort", "metadata", "store", "modalities", "audio", "prediction",
-    "service_tier", "function_call", "functions",
+    "service_tier", "function_call", "functions", "best_of",
 }
 
 
@@ -50,6 +50,15 @@ class GenerateRequest:
     cache_salt: str | None = None
     request_id: str | None = None
     unknown_fields: list[str] = field(default_factory=list)
+    n: int = 1  # parallel samples per prompt; choice index = prompt index x n + sample index
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_N = 16384  # vLLM's VLLM_MAX_N_SEQUENCES
 
 
 @dataclass
@@ -125,6 +134,36 @@ def _is_int_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
+def _logprobs_count(body: Mapping[str, Any], name: str) -> int | None:
+    """An int logprobs count as vLLM validates it: >= 0 (or -1, all, which exceeds the maximum) and <= 20."""
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(name, f"`{name}` must be an integer.")
+    if v < -1:
+        raise _bad(name, f"`{name}` must be a positive value or -1.")
+    if v == -1 or v > MAX_LOGPROBS:
+        raise _bad(name, f"Requested sample logprobs of {v}, which is greater than max allowed: {MAX_LOGPROBS}")
+    return v
+
+
+def _prompt_logprobs(body: Mapping[str, Any]) -> int | None:
+    v = body.get("prompt_logprobs")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad("prompt_logprobs", "`prompt_logprobs` must be an integer.")
+    if body.get("stream") and (v > 0 or v == -1):
+        raise _bad("prompt_logprobs", "`prompt_logprobs` are not available when `stream=True`.")
+    if v < -1:
+        raise _bad("prompt_logprobs", "`prompt_logprobs` must be a positive value or -1.")
+    if v == -1 or v > MAX_LOGPROBS:
+        raise _bad("prompt_logprobs",
+                   f"Requested prompt logprobs of {v}, which is greater than max allowed: {MAX_LOGPROBS}")
+    return v
+
+
 class RequestParser:
     """Validates bodies against one served model, its tokenizer and its context length."""
 
@@ -179,13 +218,14 @@ class RequestParser:
             ids.append(toks)
         return ids, texts
 
-    def _sampling(self, body: Mapping[str, Any], max_tokens: int | None, prompt_lens: list[int]) -> SamplingParams:
-        n = _opt_int(body, "n", lo=1)
-        if n is not None and n > 1:
-            raise _bad("n", "n > 1 is not supported by this emulated server")
-        best_of = _opt_int(body, "best_of", lo=1)
-        if best_of is not None and best_of > 1:
-            raise _bad("best_of", "best_of > 1 is not supported by this emulated server")
+    def _sampling(self, body: Mapping[str, Any], max_tokens: int | None, prompt_lens: list[int],
+                  logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+        n = _opt_int(body, "n", lo=1) or 1
+        if n > MAX_N:
+            raise _bad("n", f"n must be at most {MAX_N}, got {n}. To increase this limit, set the "
+                            "VLLM_MAX_N_SEQUENCES environment variable.")
+        # best_of: vLLM 0.32 has no such sampling parameter; a completion ignores it as an unknown field,
+        # chat accepts it and does nothing with it.
         if _opt_bool(body, "use_beam_search"):
             raise _bad("use_beam_search", "beam search is not supported by this emulated server")
         _opt_float(body, "temperature", lo=0.0)
@@ -236,6 +276,9 @@ class RequestParser:
             stop_token_ids=tuple(stop_ids or ()),
             include_stop_str_in_output=_opt_bool(body, "include_stop_str_in_output"),
             seed=seed,
+            n=n,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _stream_flags(self, body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
@@ -257,10 +300,12 @@ class RequestParser:
         prompts: list[list[int]],
         texts: list[str | None],
         max_tokens: int | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerateRequest:
         """The fields completions and chat share, validated once."""
         model = self.check_model(body)
-        params = self._sampling(body, max_tokens, [len(p) for p in prompts])
+        params = self._sampling(body, max_tokens, [len(p) for p in prompts], logprobs, prompt_logprobs)
         stream, include_usage, continuous = self._stream_flags(body)
         request_id = _opt_str(body, "request_id")
         return GenerateRequest(
@@ -276,6 +321,7 @@ class RequestParser:
             cache_salt=_opt_str(body, "cache_salt"),
             request_id=request_id,
             unknown_fields=sorted(set(body) - known),
+            n=params.n,
         )
 
     def completion(self, body: Mapping[str, Any]) -> GenerateRequest:
@@ -286,9 +332,11 @@ class RequestParser:
         max_tokens = _opt_int(body, "max_tokens", lo=1)
         if max_tokens is None:
             max_tokens = 16
-        if body.get("logprobs") is not None:
-            _opt_int(body, "logprobs", lo=0)
-        return self._common(body, "completion", COMPLETION_FIELDS, prompts, texts, max_tokens)
+        logprobs = _logprobs_count(body, "logprobs")
+        prompt_logprobs = _prompt_logprobs(body)
+        if prompt_logprobs is None and _opt_bool(body, "echo"):
+            prompt_logprobs = logprobs  # vLLM: echo with logprobs returns the prompt's logprobs too
+        return self._common(body, "completion", COMPLETION_FIELDS, prompts, texts, max_tokens, logprobs, prompt_logprobs)
 
     def chat(self, body: Mapping[str, Any]) -> GenerateRequest:
         self.check_model(body)
@@ -302,9 +350,15 @@ class RequestParser:
         max_tokens = _opt_int(body, "max_completion_tokens", lo=1)
         if max_tokens is None:
             max_tokens = _opt_int(body, "max_tokens", lo=1)
-        if body.get("logprobs") is not None:
-            _opt_bool(body, "logprobs")
-        return self._common(body, "chat", CHAT_FIELDS, [prompt], [text], max_tokens)
+        want = _opt_bool(body, "logprobs")
+        top = _logprobs_count(body, "top_logprobs")
+        if top is not None and top != 0 and not want:
+            raise _bad("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true.")
+        prompt_logprobs = _prompt_logprobs(body)
+        if prompt_logprobs is None and _opt_bool(body, "echo"):
+            prompt_logprobs = top or 0  # vLLM: echo asks for prompt logprobs (top_logprobs defaults to 0)
+        return self._common(body, "chat", CHAT_FIELDS, [prompt], [text], max_tokens,
+                            (top or 0) if want else None, prompt_logprobs)
 
     def tokenize(self, body: Mapping[str, Any]) -> TokenizeRequest:
         model = self.check_model(body)

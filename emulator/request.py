@@ -22,6 +22,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     seed: int | None = None
+    n: int = 1  # parallel samples; the engine sees one request per sample
+    logprobs: int | None = None  # top alternatives per sampled token (None: no logprobs)
+    prompt_logprobs: int | None = None  # vLLM skips the prefix cache for these requests
 
 
 class RequestStatus(enum.Enum):
@@ -117,6 +120,7 @@ class EngineRequest:
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    prefilling: bool = False  # scheduled and its prompt (or recompute) not yet fully computed
     counted_query: bool = False
     finish_reason: str | None = None
     stop_reason: str | int | None = None

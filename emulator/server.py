@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import time
 import uuid
@@ -27,7 +28,8 @@ from .kv_events import EventPublisher, attach_publisher, replica_kv_events_confi
 from .logs import request_log_fields
 from .metrics import CONTENT_TYPE, EngineMetrics
 from .protocol import GenerateRequest, RequestParser, parse_json_object
-from .request import EngineRequest, TokenOutput
+from .logprobs import DummyLogprobs
+from .request import EngineRequest, SamplingParams, TokenOutput
 from .responses import ResponseBuilder
 
 log = get_logger("emulator")
@@ -49,6 +51,8 @@ class EmulatorState:
     ids: itertools.count
     faults: FaultInjector
     stopping: asyncio.Event
+    logprobs: DummyLogprobs
+    fingerprint: str
     kv_events: EventPublisher | None = None
 
 
@@ -93,6 +97,8 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
         ids=itertools.count(),
         faults=make_injector(config),
         stopping=asyncio.Event(),
+        logprobs=DummyLogprobs(tokenizer),
+        fingerprint=system_fingerprint(config),
     )
     if config.log_requests:
         engine.finish_listeners.append(lambda req: log.info("request finished", **request_log_fields(req)))
@@ -146,12 +152,14 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
         early = await _fault_before_first_byte(request, st, plan, rid)
         if early is not None:
             return early
-    n = next(st.ids)
+    k = next(st.ids)
     ereqs = [
-        st.engine.make_request(f"{rid}-{i}-{n}", prompt, g.params, g.cache_salt, client_request_id=rid)
-        for i, prompt in enumerate(g.prompts)
+        st.engine.make_request(f"{rid}-{i * g.n + j}-{k}", prompt, _sample_params(g.params, j), g.cache_salt,
+                               client_request_id=rid)
+        for i, prompt in enumerate(g.prompts) for j in range(g.n)
     ]
-    rb = ResponseBuilder(g, rid, int(time.time()), st.config.enable_prompt_tokens_details)
+    rb = ResponseBuilder(g, rid, int(time.time()), st.config.enable_prompt_tokens_details, st.logprobs,
+                         st.engine.block_size, st.fingerprint)
     headers = {"X-Request-ID": rid}
     if plan.cut_after is not None:
         return await _generate_and_cut(request, st, ereqs, rb, headers, g.stream, plan.cut_after, rid, g.include_usage)
@@ -179,6 +187,20 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
     except ConnectionResetError:
         log.info("client disconnected", request_id=rid)
     return resp
+
+
+def system_fingerprint(config: EmulatorConfig) -> str:
+    """vLLM's default ("full") system_fingerprint: vllm-<version>-<8 hex of the config's hash>."""
+    digest = hashlib.sha256(orjson.dumps(config.to_dict(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"vllm-{config.version}-{digest[:8]}"
+
+
+def _sample_params(params: SamplingParams, j: int) -> SamplingParams:
+    """Sample j of n > 1 (vLLM's ParentRequest): its own seed (seed + j), so samples differ; all are
+    added in one tick, so the first to be scheduled caches the prompt and the others hit it."""
+    if j == 0:
+        return params
+    return replace(params, seed=(params.seed + j) if params.seed is not None else -j)
 
 
 def _plain_id(rid: str | None) -> str | None:
@@ -340,12 +362,26 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:
-    """Like vLLM: forget every cached block; refused (409) while requests hold blocks."""
+    """Like vLLM 0.32 (dev API): 200 {"success": bool}; the reset fails while requests hold blocks
+    unless ?reset_running_requests=true, which preempts them first (they recompute)."""
     st = request.app[STATE]
-    if not st.engine.reset_prefix_cache():
-        raise APIError(409, "Cannot reset the prefix cache while requests are running.")
-    log.info("prefix cache reset")
-    return web.Response(status=200)
+    reset_running = _query_bool(request, "reset_running_requests")
+    _query_bool(request, "reset_external")  # no connector: nothing external to reset
+    log.info("Resetting prefix cache...")
+    ok = st.engine.reset_prefix_cache(reset_running_requests=reset_running)
+    return _json({"success": bool(ok)})
+
+
+def _query_bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on", "t", "y"):
+        return True
+    if v in ("0", "false", "no", "off", "f", "n"):
+        return False
+    raise APIError(400, f"{name} must be a boolean, got {raw!r}", param=name)
 
 
 # --- running emulators in-process ----------------------------------------------------------

@@ -24,7 +24,8 @@ def test_defaults_reproduce_a100_llama2_13b():
 def test_cli_beats_env_beats_file(tmp_path):
     f = tmp_path / "emu.json"
     f.write_text(json.dumps({"port": 7000, "max_num_seqs": 8, "time_scale": 0.5}))
-    env = {"KVROUTE_EMU_PORT": "7100", "KVROUTE_EMU_NUM_GPU_BLOCKS": "50", "KVROUTE_EMU_LOG_REQUESTS": "false"}
+    env = {"KVROUTE_EMU_PORT": "7100", "KVROUTE_EMU_NUM_GPU_BLOCKS": "50", "KVROUTE_EMU_LOG_REQUESTS": "false",
+           "KVROUTE_EMU_MAX_MODEL_LEN": "784"}
     c = EmulatorConfig.from_cli(["--config", str(f), "--port", "7200", "--engine", "simple",
                                  "--no-enable-prompt-tokens-details"], env=env)
     assert c.port == 7200 and c.max_num_seqs == 8 and c.time_scale == 0.5
@@ -39,7 +40,7 @@ def test_invalid_settings_are_rejected():
         EmulatorConfig(engine="turbo")
     with pytest.raises(ValueError):
         EmulatorConfig(model="unknown/model")
-    assert EmulatorConfig(model="unknown/model", num_gpu_blocks=100).resolved_num_gpu_blocks == 100
+    assert EmulatorConfig(model="unknown/model", num_gpu_blocks=300).resolved_num_gpu_blocks == 300
 
 
 def test_generator_is_deterministic_and_emits_decodable_ordinary_tokens():

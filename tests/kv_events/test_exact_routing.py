@@ -48,8 +48,9 @@ class Cluster:
         self.clients: list[AsyncOpenAI] = []
 
     async def emulator(self, **kw) -> RunningEmulator:
+        blocks = kw.get("num_gpu_blocks", NUM_GPU_BLOCKS)  # max_model_len must fit the cache, as vLLM checks
         cfg = EmulatorConfig(**{"port": 0, "time_scale": TIME_SCALE, "log_requests": False, "num_gpu_blocks": NUM_GPU_BLOCKS,
-                                "kv_events_config": kv_config(), **kw})
+                                "max_model_len": (blocks - 1) * BLOCK, "kv_events_config": kv_config(), **kw})
         em = await start_emulator(cfg)
         self.emulators.append(em)
         return em
