@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .vllm_server import VLLMServer, VLLMUnavailable, required, start_servers, tiny_model, vllm_python
+from .vllm_server import DIFF_BUDGET, VLLMServer, VLLMUnavailable, required, start_servers, tiny_model, vllm_python
 
 API_KEY_A = "vllm-key-a"
 
@@ -64,8 +64,10 @@ def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMPair]:
     except VLLMUnavailable as e:
         _unavailable(str(e))
     log_dir = tmp_path_factory.mktemp("vllm")
-    a = VLLMServer("a", py, model, api_key=API_KEY_A, cpu=0)
-    b = VLLMServer("b", py, model, cpu=1)
+    # a runs at most 4 sequences, so a burst leaves some waiting (vllm:num_requests_waiting)
+    a = VLLMServer("a", py, model, api_key=API_KEY_A, cpu=0, extra_args=["--max-num-seqs", "4"])
+    # b prefills at most 256 tokens a step: the emulator differential needs chunked prefill to compare
+    b = VLLMServer("b", py, model, cpu=1, extra_args=["--max-num-batched-tokens", str(DIFF_BUDGET)])
     try:
         start_servers([a, b], log_dir)
     except VLLMUnavailable as e:

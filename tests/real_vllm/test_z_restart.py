@@ -19,7 +19,8 @@ pytestmark = pytest.mark.timeout(1800)
 
 async def test_vllm_restart_desync_fallback_resync_no_request_lost(vllm: VLLMPair, tmp_path):
     b = vllm.b
-    async with proxy_for(vllm, tmp_path, exact=True, retries=2) as p:
+    # round robin, so both servers see traffic whatever their load; the index is what is under test
+    async with proxy_for(vllm, tmp_path, exact=True, retries=2, strategy="round_robin") as p:
         follower = p.router.kv_events
         sub = follower.subscribers[b.url]
         c = client(p)

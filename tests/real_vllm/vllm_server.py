@@ -29,6 +29,7 @@ MODEL_NAME = "tiny-llama"
 BLOCK_SIZE = 32  # CPU attention needs a multiple of 32
 NUM_BLOCKS = 128
 MAX_MODEL_LEN = 2048
+DIFF_BUDGET = 256  # server b's --max-num-batched-tokens: long prompts prefill in chunks (the differential test)
 START_TIMEOUT_S = float(os.environ.get("KVROUTE_VLLM_START_TIMEOUT", "600"))
 
 
