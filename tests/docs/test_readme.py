@@ -149,6 +149,12 @@ def test_shell_command(block: Block, line: int, command: str, request):
             pytest.skip(f"README line {line}: no .venv here (tests run from another environment)")
     elif tool == "python":
         check_python_module(argv, env)
+    elif tool == ".venv/bin/python" and argv[1:3] == ["-m", "pytest"]:
+        # a test command: its test files must exist (running them is the suite's own job)
+        paths = [a.split("::")[0] for a in argv[3:] if not a.startswith("-")]
+        assert paths and all((ROOT / x).exists() for x in paths), paths
+    elif tool == ".venv/bin/python":
+        check_python_module(["python", *argv[1:]], env)
     elif tool == "curl":
         url = request.getfixturevalue("live_url")
         argv = [a.replace(README_URL, url) for a in argv]

@@ -227,7 +227,7 @@ def test_cli_refuses_to_start_when_max_model_len_does_not_fit():
     out = subprocess.run([sys.executable, "-m", "emulator", "--port", "0", "--num-gpu-blocks-override", "128",
                           "--block-size", "32"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "max_model_len 4096 does not fit the KV cache" in out.stderr
+    assert "--max-model-len: 4096 does not fit the KV cache" in out.stderr and len(out.stderr.splitlines()) == 1
     assert "Traceback" not in out.stderr
 
 
