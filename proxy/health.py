@@ -153,11 +153,8 @@ class BackendMonitor:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
             return
         vals = parse_vllm_metrics(text)
+        b.note_scrape(vals.get("running"), vals.get("waiting"), vals.get("kv_usage"), now())
         s = b.scraped
-        s.running = vals.get("running")
-        s.waiting = vals.get("waiting")
-        s.kv_usage = vals.get("kv_usage")
-        s.at = now()
         if "block_size" in vals or "hash_algo" in vals:
             if "block_size" in vals:
                 s.block_size = int(vals["block_size"])

@@ -202,8 +202,10 @@ class Router:
         rec = InFlight(
             self.registry.new_request_id(), b, ctx.num_tokens / self.env.block_size, uncached, ctx.max_tokens,
             prefill_s, expected, t,
+            decode_wall=max(0.0, ctx.max_tokens * prof.decode_per_token * self.env.time_scale),
+            held_blocks=(ctx.num_tokens + ctx.max_tokens) / self.env.block_size,
         )
-        b.requests[rec.id] = rec
+        b.add(rec)
         b.processed += 1
         if self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
             self.kv_events.routed(rec.id, b.url, ctx.hashes)
@@ -219,8 +221,8 @@ class Router:
     @staticmethod
     def first_byte(rec: InFlight) -> None:
         if rec.first_byte_at is None:
-            rec.first_byte_at = now()
+            rec.backend.started(rec, now())
 
     def end(self, rec: InFlight) -> None:
-        rec.backend.requests.pop(rec.id, None)
+        rec.backend.remove(rec)
         self.kv_events.finished(rec.id)

@@ -65,6 +65,11 @@ class KvAwarePolicy(Policy):
     interference_weight = 0.25
     stall_weight = 1.0
     eviction_weight = 0.25
+    # KV memory pinned by running requests (ours in flight, or the scraped vllm:kv_cache_usage_perc
+    # when higher): a request needing more blocks than are left waits until the soonest running
+    # request ends, or preempts one that must recompute; the blocks short are charged as prefill,
+    # twice (the waiting request and the preempted one), on top of that wait.
+    memory_weight = 2.0
     tie_blocks = 1.0
 
     # A chat turn (its prompt continues a routed prompt exactly through that one's end, and at least
@@ -94,6 +99,7 @@ class KvAwarePolicy(Policy):
         prompt_blocks = n_tok / bs
         full_blocks = ctx.num_blocks(bs)
         max_hit = max(0, (n_tok - 1) // bs)
+        out_blocks = ctx.max_tokens / bs
         matches = ctx.matches
         out = []
         for b in candidates:
@@ -109,24 +115,23 @@ class KvAwarePolicy(Policy):
                 in_flight = len(b.requests)
                 cost += pending_s + prof.decode_step(in_flight - n_pending) + self.stall_weight * in_flight * own + interference * tokens_left
             s = b.scraped
-            if s.waiting and t - s.at < SCRAPE_FRESH_S:
-                unseen = s.waiting - self._ours_waiting_at(b, s.at)
+            fresh = t - s.at < SCRAPE_FRESH_S
+            if s.waiting and fresh:
+                unseen = s.waiting - s.ours_waiting
                 if unseen > 0:
                     cost += unseen * self._mean_prefill
-            overflow = index.num_blocks(b.url) + (full_blocks - m) - index.capacity(b.url)
+            cap = index.capacity(b.url)
+            pinned = b.held_blocks
+            if fresh and s.kv_usage is not None and s.kv_usage * cap > pinned:
+                pinned = s.kv_usage * cap
+            short = pinned + (full_blocks - m) + out_blocks - cap
+            if short > 0:  # it waits for a running request to end, or preempts one that recomputes
+                cost += self.memory_weight * short * ppb + (b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0)
+            overflow = index.num_blocks(b.url) + (full_blocks - m) - cap
             if overflow > 0:
                 cost += self.eviction_weight * overflow * ppb
             out.append(cost)
         return out
-
-    @staticmethod
-    def _ours_waiting_at(b: Backend, at: float) -> int:
-        """Our requests that had been routed to `b` but had no first token yet when it was scraped."""
-        n = 0
-        for r in b.requests.values():
-            if r.routed_at <= at and (r.first_byte_at is None or r.first_byte_at > at):
-                n += 1
-        return n
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
         m = ctx.matched(backend)
