@@ -143,8 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     command = "python -m loadgen " + shlex.join(argv)
-    runner = _run if ns.command == "run" else _compare
-    return asyncio.run(runner(ns, cfg, command))
+    from .peer import ModelUnknown
+
+    runner = {"run": _run, "compare": _compare}[ns.command]
+    try:
+        return asyncio.run(runner(ns, cfg, command))
+    except ModelUnknown as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
