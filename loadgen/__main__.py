@@ -36,6 +36,13 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tenants", type=int, default=d.tenants, help="tenants: number of tenants")
     g.add_argument("--tenant-tokens", type=int, default=d.tenant_tokens, help="tenants: shared context tokens")
     g.add_argument("--users-per-tenant", type=int, default=d.users_per_tenant, help="tenants: users per tenant")
+    g.add_argument("--burst", type=int, default=d.burst,
+                   help="with --rate: requests arriving together per burst (0 = 8 for the burst workload, else 1)")
+    g.add_argument("--burst-prefixes", type=int, default=d.burst_prefixes, help="burst: shared prefixes")
+    g.add_argument("--burst-prefix-tokens", type=int, default=d.burst_prefix_tokens, help="burst: tokens per prefix")
+    g.add_argument("--burst-suffix-tokens", type=int, default=d.burst_suffix_tokens, help="burst: unique tokens per request")
+    g.add_argument("--mixed-rag", type=float, default=d.mixed_rag, help="mixed: share of rag requests")
+    g.add_argument("--mixed-chat", type=float, default=d.mixed_chat, help="mixed: share of chat turns (rest: unique prompts)")
     g.add_argument("--trace-path", default=d.trace_path, help="trace: Mooncake JSONL file")
     g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay")
     g.add_argument("--trace-speedup", type=float, default=d.trace_speedup, help="trace: timestamp speed-up factor")

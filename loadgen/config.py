@@ -14,7 +14,7 @@ from typing import Any
 
 ENV_PREFIX = "KVROUTE_LOADGEN_"
 DEFAULT_TRACE = "/work/shared/traces/mooncake_fast25_conversation_trace.jsonl"
-WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace")
+WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace", "burst", "mixed")
 
 
 @dataclass
@@ -47,6 +47,14 @@ class WorkloadConfig:
     tenants: int = 12
     tenant_tokens: int = 2500
     users_per_tenant: int = 4
+    # burst: short shared prefixes that fit every cache, same-prefix requests arriving together
+    burst: int = 0  # requests per burst under --rate (0: 8 for the burst workload, 1 = plain Poisson otherwise)
+    burst_prefixes: int = 10
+    burst_prefix_tokens: int = 1000
+    burst_suffix_tokens: int = 128
+    # mixed: shares of rag / chat / unique requests (the rest is unique prompts)
+    mixed_rag: float = 0.4
+    mixed_chat: float = 0.3
     # trace
     trace_path: str = DEFAULT_TRACE
     trace_offset: int = 0
@@ -60,6 +68,15 @@ class WorkloadConfig:
             raise ValueError("requests must be positive")
         if self.doc_tokens_min > self.doc_tokens_max:
             raise ValueError("doc_tokens_min must not exceed doc_tokens_max")
+        if self.burst < 0:
+            raise ValueError("burst must not be negative")
+        if not (0 <= self.mixed_rag and 0 <= self.mixed_chat and self.mixed_rag + self.mixed_chat <= 1):
+            raise ValueError("mixed_rag and mixed_chat must be shares summing to at most 1")
+
+    @property
+    def burst_size(self) -> int:
+        """Requests per burst of arrivals."""
+        return self.burst or (8 if self.name == "burst" else 1)
 
 
 @dataclass

@@ -101,7 +101,8 @@ class Runner:
         except BaseException:
             await client.close()
             raise
-        arrivals = make_arrivals(self.workload.name, cfg.rate, cfg.concurrency, cfg.workload.seed)
+        arrivals = make_arrivals(self.workload.name, cfg.rate, cfg.concurrency, cfg.workload.seed,
+                                 cfg.workload.burst_size)
         result = RunResult(self.label, self.workload, cfg, arrivals.describe(), model)
         self.records_so_far = result.records
         result.metrics_before = await scrape_all(self.backends) if self.backends else {}
