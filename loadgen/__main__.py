@@ -87,6 +87,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmp_.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given")
     cmp_.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
                       help="without --target: run the started proxy in its own process (default) or in this one")
+    sw = sub.add_parser("sweep", help="every strategy at every offered load: latency vs load, goodput within an SLO")
+    _add_workload_args(sw)
+    _add_run_args(sw, target_required=False)
+    sw.add_argument("--strategies", default="default,sglang,round_robin,least_loaded",
+                    help="comma-separated; the first is the one whose regret is reported ('default' = the proxy's)")
+    sw.add_argument("--rates", required=True,
+                    help="comma-separated offered loads, req/s emulated (trace: speed-ups); replaces --rate")
+    sw.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s")
+    sw.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s")
+    sw.add_argument("--seeds", default="", help="comma-separated seeds to repeat every point with (default: --seed)")
+    sw.add_argument("--keep-records", action="store_true", help="also write every point's per-request records")
+    sw.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given")
+    sw.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
+                    help="without --target: run the started proxy in its own process (default) or in this one")
     return parser.parse_args(argv)
 
 
@@ -137,6 +151,22 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     return 130 if any(r.interrupted for r in res.results.values()) else 0
 
 
+async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    from .sweep import SLO, sweep
+
+    strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
+    rates = [float(x) for x in ns.rates.split(",") if x.strip()]
+    seeds = [int(x) for x in ns.seeds.split(",") if x.strip()] or None
+    if not rates or min(rates) <= 0:
+        print("error: --rates needs positive values", file=sys.stderr)
+        return 2
+    res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
+                      SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records)
+    print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
+    print(f"report: {res.report}")
+    return 0
+
+
 def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -152,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m loadgen " + shlex.join(argv)
     from .peer import ModelUnknown
 
-    runner = {"run": _run, "compare": _compare}[ns.command]
+    runner = {"run": _run, "compare": _compare, "sweep": _sweep}[ns.command]
     try:
         return asyncio.run(runner(ns, cfg, command))
     except ModelUnknown as e:
