@@ -65,6 +65,8 @@ class ProxyConfig:
     # KV events: `--kv-events` pairs with `--backend` by position ("none" skips one); see kv_event_sources().
     kv_events: list[str] = field(default_factory=list)
     kv_events_silence_timeout: float = 10.0
+    # Policy tunables, POLICY.NAME=VALUE (e.g. kv_aware.decode_weight=0.5); see each policy's class attributes.
+    policy_param: list[str] = field(default_factory=list)
     # On SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
     shutdown_grace: float = 30.0
 
@@ -100,6 +102,9 @@ class ProxyConfig:
         for value in self.kv_events:
             if value.strip().lower() not in ("", "none"):
                 KVEventSource.parse(value)
+        from .policies import parse_policy_params
+
+        parse_policy_params(self.policy_param)
 
     def all_backends(self) -> list[str]:
         """Backends from the flag list plus the backends file."""
@@ -213,6 +218,7 @@ _HELP = {
     "max_header_bytes": "longest request line / header field accepted; beyond: 431",
     "max_model_len": "context length assumed for a backend whose /v1/models does not say (prompt + max_tokens beyond: 400)",
     "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
+    "policy_param": "a routing policy's tunable, POLICY.NAME=VALUE (repeatable), e.g. kv_aware.decode_weight=0.5",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
 }
 

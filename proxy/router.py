@@ -50,7 +50,7 @@ class Router:
         self.index = PrefixIndex(config.default_capacity_blocks)
         self.kv_events = KVEventsFollower(self.index, config.kv_events_silence_timeout)
         self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
-        self.policies: dict[str, Policy] = create_policies(self.env)
+        self.policies: dict[str, Policy] = create_policies(self.env, config.policy_param)
         self.strategy = self.policy(config.strategy).name
 
     # -- configuration --------------------------------------------------------------------------

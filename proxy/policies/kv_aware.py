@@ -71,6 +71,11 @@ class KvAwarePolicy(Policy):
     # twice (the waiting request and the preempted one), on top of that wait.
     memory_weight = 2.0
     tie_blocks = 1.0
+    # This request's own decode slows by batch_coef x decode_per_token per token for every request
+    # decoding beside it: concentration costs TPOT and E2E, not only TTFT.
+    decode_weight = 0.0
+    # Share of a hot prefix's second prefill charge waived when copying it to a backend with room.
+    replicate_weight = 0.0
 
     # A chat turn (its prompt continues a routed prompt exactly through that one's end, and at least
     # this share of it is cached at home) stays home unless home costs move_valve_s more; a prefix
@@ -101,6 +106,14 @@ class KvAwarePolicy(Policy):
         max_hit = max(0, (n_tok - 1) // bs)
         out_blocks = ctx.max_tokens / bs
         matches = ctx.matches
+        own_decode = self.decode_weight * prof.batch_coef * dpt * ctx.max_tokens
+        # A hot shared prefix (matched by `shared_after` requests) is worth copying to a backend with
+        # room for it: the copy is paid once and serves every later request, so its prefill is
+        # charged once, not `overlap_weight` times.
+        deepest = max(matches.values()) if matches else 0
+        if deepest > max_hit:
+            deepest = max_hit
+        hot = deepest >= 2 and self.replicate_weight > 0 and self._reuse.get(ctx.hashes[deepest - 1], 0) >= self.shared_after
         out = []
         for b in candidates:
             m = matches.get(b.url, 0)
@@ -108,12 +121,15 @@ class KvAwarePolicy(Policy):
                 m = max_hit
             own = (prompt_blocks - m) * ppb
             cost = self.overlap_weight * own
+            if hot and m < deepest and index.num_blocks(b.url) + (full_blocks - m) <= index.capacity(b.url):
+                cost -= self.replicate_weight * (self.overlap_weight - 1) * (deepest - m) * ppb
             if b.requests:
                 pending_s, n_pending, tokens_left = b.queue_state(t, dpt, env.time_scale)
                 if n_pending > 1:  # one step prefills every waiting prompt: its base is paid once
                     pending_s -= (n_pending - 1) * prof.prefill_base
                 in_flight = len(b.requests)
                 cost += pending_s + prof.decode_step(in_flight - n_pending) + self.stall_weight * in_flight * own + interference * tokens_left
+                cost += own_decode * (in_flight - n_pending)  # its own decode in a bigger batch
             s = b.scraped
             fresh = t - s.at < SCRAPE_FRESH_S
             if s.waiting and fresh:
