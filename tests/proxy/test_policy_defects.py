@@ -99,3 +99,53 @@ def test_sglang_sends_each_new_group_to_the_first_idle_worker():
     assert (a.backend.url, b.backend.url) == (BACKENDS[0], BACKENDS[1])
     r.end(a)
     r.end(b)
+
+
+def test_a_hot_shared_prefix_is_copied_to_a_backend_with_room_when_its_home_queues():
+    """Bursts of one prefix queue on its one home unless a copy is made: a copy is paid once and
+    serves every later request, so its prefill is charged once. With no room for it (the copy would
+    evict), the doubled charge stands and the request queues at home."""
+    for room in (True, False):
+        r = setup_router()
+        doc = doc_tokens(300, 1000)
+
+        def ask(i: int) -> list[int]:
+            return doc + doc_tokens(400 + i, 40)
+
+        home = route(r, ask(0))[0].backend
+        for i in range(1, 4):  # matched by three requests: a shared, hot prefix
+            assert route(r, ask(i))[0].backend is home
+        if not room:
+            for b in r.candidates():
+                if b is not home:
+                    r.index.set_capacity(b.url, 40)
+        queue = []
+        while len(queue) < 2:  # two 600-token prompts prefilling at home
+            _, rec = route(r, doc_tokens(500 + 7 * len(queue), 600), strategy="round_robin", keep=True)
+            (queue.append(rec) if rec.backend is home else r.end(rec))
+        d = r.decide(r.context(ask(50), 64))
+        assert (d.backend is not home) is room, (room, d)
+        for rec in queue:
+            r.end(rec)
+
+
+def test_concentration_costs_the_decode_of_the_request_itself():
+    """Equal prefill everywhere (nothing cached): a backend with more requests decoding is dearer by
+    this request's decode slowdown there, not only by the stall it imposes."""
+    r = setup_router()
+    pol = r.policies["kv_aware"]
+    recs = []
+    for i in range(8):
+        _, rec = route(r, doc_tokens(600 + i, 64), strategy="round_robin", keep=True)
+        r.first_byte(rec)
+        recs.append(rec)
+    ctx = r.context(doc_tokens(700, 64), 256)
+    pol.decode_weight = 0.0
+    before = pol.costs(ctx, r.candidates())
+    pol.decode_weight = 1.0
+    after = pol.costs(ctx, r.candidates())
+    prof = r.env.profile
+    for b, x, y in zip(r.candidates(), before, after):
+        assert abs((y - x) - prof.batch_coef * prof.decode_per_token * 256 * b.in_flight) < 1e-4  # decode tokens left shrink between the two calls
+    for rec in recs:
+        r.end(rec)
