@@ -97,6 +97,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sw.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s")
     sw.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s")
     sw.add_argument("--seeds", default="", help="comma-separated seeds to repeat every point with (default: --seed)")
+    sw.add_argument("--max-lateness", type=float, default=0.0,
+                    help="rerun once a point whose emulator steps ran later than this on average (emulated s; 0 = never)")
     sw.add_argument("--keep-records", action="store_true", help="also write every point's per-request records")
     sw.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given")
     sw.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
@@ -161,7 +163,7 @@ async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
         print("error: --rates needs positive values", file=sys.stderr)
         return 2
     res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
-                      SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records)
+                      SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records, ns.max_lateness)
     print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
     print(f"report: {res.report}")
     return 0

@@ -13,7 +13,7 @@ from .conftest import FAST
 def _p(ttft99, tpot=0.02, errors=0, hit=0.5, ttft50=0.1, e2e=1.0):
     return [{"seed": 0, "planned": 10, "ok": 10 - errors, "errors": errors, "hit_rate": hit, "ttft_p50": ttft50,
              "ttft_p99": ttft99, "tpot_p50": tpot, "e2e_p50": e2e, "e2e_p99": e2e, "throughput": 1.0,
-             "busiest_share": 0.3, "prediction_accuracy": 1.0, "preemptions": 0.0}]
+             "busiest_share": 0.3, "prediction_accuracy": 1.0, "preemptions": 0.0, "lateness": 0.001}]
 
 
 def test_goodput_is_the_highest_rate_met_at_it_and_below():
@@ -49,3 +49,12 @@ async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_p
     text = (tmp_path / "report.md").read_text()
     assert "## Goodput" in text and "## Regret of `kv_aware`" in text and "## Run-to-run noise" in text
     assert (tmp_path / "round_robin" / "rate-8" / "seed-1" / "summary.json").exists()
+
+
+async def test_a_starved_point_is_run_again(tmp_path: Path):
+    wl = WorkloadConfig(name="burst", requests=8, output_tokens=4, burst=4, burst_prefixes=1,
+                        burst_prefix_tokens=64, burst_suffix_tokens=16)
+    cfg = RunConfig(time_scale=FAST, progress=False, metrics_interval=0.05, out=str(tmp_path), workload=wl)
+    await sweep(cfg, ["round_robin"], [8.0], spawn="inprocess", backends=2, max_lateness=1e-12)
+    s = read_json(tmp_path / "round_robin" / "rate-8" / "summary.json")
+    assert s["reruns"] == 1 and s["ok"] == 8
