@@ -103,6 +103,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sw.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given")
     sw.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
                     help="without --target: run the started proxy in its own process (default) or in this one")
+    tab = sub.add_parser("sweep-table", help="markdown table of goodput and regret from sweep folders")
+    tab.add_argument("folders", nargs="+", help="folders holding a sweep.json")
     return parser.parse_args(argv)
 
 
@@ -176,6 +178,11 @@ def _s(v: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = parse_args(argv)
+    if ns.command == "sweep-table":
+        from .sweep import sweep_table
+
+        print("\n".join(sweep_table([Path(f) for f in ns.folders])))
+        return 0
     try:
         cfg = configs(ns)
     except ValueError as e:

@@ -31,6 +31,8 @@ from .summary import summarize
 from .workloads import build_workload
 
 SWEEP_JSON = "sweep.json"
+# The no-regret bar of issue #13: no worse than the best of the load-only baselines.
+BASELINES = ("round_robin", "least_loaded")
 # (key, label, lower is better) of the metrics a sweep plots, tabulates and computes regret on.
 METRICS = (
     ("ttft_p50", "TTFT p50 (s)", True),
@@ -57,6 +59,7 @@ class SweepResult:
     points: dict[str, dict[float, list[dict[str, Any]]]] = field(default_factory=dict)
     goodput: dict[str, float] = field(default_factory=dict)
     regret: dict[str, Any] = field(default_factory=dict)
+    regret_baselines: dict[str, Any] = field(default_factory=dict)
     noise: dict[str, Any] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     report: Path | None = None
@@ -105,11 +108,13 @@ def goodput(points: dict[float, list[dict[str, Any]]], slo: SLO) -> float:
     return best
 
 
-def regret(points: dict[str, dict[float, list[dict[str, Any]]]], subject: str) -> dict[str, Any]:
-    """Per rate and metric: the subject's value, the best other strategy and value, and the gap
-    (latencies: subject / best - 1; hit rate: best - subject); 0 when the subject is best."""
+def regret(points: dict[str, dict[float, list[dict[str, Any]]]], subject: str,
+           against: list[str] | None = None) -> dict[str, Any]:
+    """Per rate and metric: the subject's value, the best other strategy (of `against`, default all)
+    and its value, and the gap (latencies: subject / best - 1; hit rate: best - subject); 0 when the
+    subject is best."""
     out: dict[str, Any] = {}
-    others = [n for n in points if n != subject]
+    others = [n for n in points if n != subject and (against is None or n in against)]
     if subject not in points or not others:
         return out
     for rate in sorted(points[subject]):
@@ -207,12 +212,13 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
     res.goodput = {n: goodput(p, slo) for n, p in res.points.items()}
     subject = names[0]
     res.regret = regret(res.points, subject)
+    res.regret_baselines = regret(res.points, subject, list(BASELINES))
     res.noise = noise(res.points)
     write_json(out / SWEEP_JSON, {
         "workload": config.workload.name, "strategies": names, "rates": rates, "seeds": seeds,
         "rate_kind": "trace speed-up" if is_trace else "req/s (emulated)",
         "slo": {"ttft_p99": slo.ttft_p99, "tpot_p50": slo.tpot_p50}, "goodput": res.goodput,
-        "subject": subject, "regret": res.regret, "noise": res.noise,
+        "subject": subject, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
         "points": {n: {f"{r:g}": ps for r, ps in p.items()} for n, p in res.points.items()},
     })
     if res.points:
@@ -278,10 +284,26 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
                 f"{_pct(a['busiest_share'])} | {_pct(a['prediction_accuracy'])} | "
                 f"{_f(a['preemptions'], 0) if a['preemptions'] is not None else '–'} | "
                 f"{_f(a['lateness'] * 1000, 1) if a['lateness'] is not None else '–'} | {'yes' if slo.met(a) else 'no'} |")
-    lines += ["", f"## Regret of `{subject}` (gap to the best other strategy; 0 = best or tied)", "",
-              "| load | " + " | ".join(label for _, label, _ in METRICS) + " |",
-              "|---|" + "---|" * len(METRICS)]
-    for r, row in res.regret.items():
+    for title, table in ((f"## Regret of `{subject}` against the best other strategy (0 = best or tied)", res.regret),
+                         (f"## Regret of `{subject}` against the best of {' and '.join(BASELINES)} (the no-regret bar)",
+                          res.regret_baselines)):
+        if table:
+            lines += ["", title, "", *regret_table(table, unit)]
+    if res.noise:
+        lines += ["", "## Run-to-run noise (same strategy and load, different seeds)", "",
+                  "| metric | worst spread (max - min) / mean |", "|---|---|",
+                  *[f"| {k} | {v * 100:.0f}% |" for k, v in res.noise.items()]]
+    lines += ["", "## Plots", "",
+              *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in res.plots], "",
+              "Per-point summaries: `<strategy>/rate-<load>/summary.json`.", "", TIME_NOTE, ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def regret_table(table: dict[str, Any], unit: str) -> list[str]:
+    lines = ["| load | " + " | ".join(label for _, label, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for r, row in table.items():
         cells = []
         for key, _, lower in METRICS:
             c = row.get(key)
@@ -293,13 +315,49 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
             else:
                 cells.append(f"-{c['regret'] * 100:.1f} pts vs {c['best_strategy']}" if c["regret"] > 0 else "0")
         lines.append(f"| {r}{unit} | " + " | ".join(cells) + " |")
-    if res.noise:
-        lines += ["", "## Run-to-run noise (same strategy and load, different seeds)", "",
-                  "| metric | worst spread (max - min) / mean |", "|---|---|",
-                  *[f"| {k} | {v * 100:.0f}% |" for k, v in res.noise.items()]]
-    lines += ["", "## Plots", "",
-              *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in res.plots], "",
-              "Per-point summaries: `<strategy>/rate-<load>/summary.json`.", "", TIME_NOTE, ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return lines
+
+
+def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> list[str]:
+    """The README's table from sweep folders: goodput per strategy and workload, and the subject's
+    worst regret over the load levels per metric (`python -m loadgen sweep-table docs/results/*-sweep`)."""
+    from .results import read_json
+
+    rows = []
+    strategies: list[str] = []
+    for folder in folders:
+        path = Path(folder) / SWEEP_JSON
+        if not path.exists():
+            continue
+        data = read_json(path)
+        for n in data["strategies"]:
+            if n not in strategies:
+                strategies.append(n)
+        rows.append(data)
+    unit = {True: "x", False: ""}
+    against = "the best of " + " and ".join(BASELINES) if table_key == "regret_baselines" else "the best other"
+    lines = ["| workload | loads | " + " | ".join(strategies) + " | worst regret of " +
+             (rows[0]["subject"] if rows else "") + f" against {against}: TTFT p50 / TTFT p99 / E2E p50 / hit rate |",
+             "|---|---|" + "---|" * len(strategies) + "---|"]
+    for d in rows:
+        is_trace = d["rate_kind"].startswith("trace")
+        best = max(d["goodput"].values()) if d["goodput"] else 0
+        cells = []
+        for n in strategies:
+            g = d["goodput"].get(n)
+            cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**" if g == best else f"{g:g}{unit[is_trace]}"))
+        worst = {}
+        for row in d.get(table_key, d["regret"]).values():
+            for key, c in row.items():
+                if c["regret"] > worst.get(key, (-1, ""))[0]:
+                    worst[key] = (c["regret"], row[key]["best_strategy"] if c["regret"] > 0 else "")
+        parts = []
+        for key, _, lower in METRICS:
+            r, who = worst.get(key, (0.0, ""))
+            if r <= 0:
+                parts.append("0")
+            else:
+                parts.append(f"+{r * 100:.0f}% ({who})" if lower else f"-{r * 100:.1f} pts ({who})")
+        loads = ",".join(f"{float(x):g}" for x in d["rates"]) + (" (speed-up)" if is_trace else " req/s")
+        lines.append(f"| `{d['workload']}` | {loads} | " + " | ".join(cells) + " | " + " / ".join(parts) + " |")
+    return lines

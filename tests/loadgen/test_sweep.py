@@ -5,7 +5,7 @@ from pathlib import Path
 
 from loadgen.config import RunConfig, WorkloadConfig
 from loadgen.results import read_json
-from loadgen.sweep import SLO, goodput, regret, sweep
+from loadgen.sweep import SLO, goodput, regret, sweep, sweep_table
 
 from .conftest import FAST
 
@@ -49,6 +49,8 @@ async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_p
     text = (tmp_path / "report.md").read_text()
     assert "## Goodput" in text and "## Regret of `kv_aware`" in text and "## Run-to-run noise" in text
     assert (tmp_path / "round_robin" / "rate-8" / "seed-1" / "summary.json").exists()
+    table = sweep_table([tmp_path])
+    assert table[2].startswith("| `burst` | 4,8 req/s | **8** | **8** |"), table
 
 
 async def test_a_starved_point_is_run_again(tmp_path: Path):
