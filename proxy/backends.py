@@ -32,7 +32,7 @@ class InFlight:
     first_byte_at: float | None = None
     # Wall seconds its whole decode takes at batch 1 (max_tokens x decode_per_token x time_scale).
     decode_wall: float = 0.0
-    held_blocks: float = 0.0  # KV blocks it pins while running: prompt + output
+    held_blocks: float = 0.0  # KV blocks it adds to the pinned ones while running: uncached prompt + output
     phase: int = 0  # one of the PHASE_* constants below: which running totals it is counted in
     decode_end: float = 0.0
 

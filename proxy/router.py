@@ -203,7 +203,9 @@ class Router:
             self.registry.new_request_id(), b, ctx.num_tokens / self.env.block_size, uncached, ctx.max_tokens,
             prefill_s, expected, t,
             decode_wall=max(0.0, ctx.max_tokens * prof.decode_per_token * self.env.time_scale),
-            held_blocks=(ctx.num_tokens + ctx.max_tokens) / self.env.block_size,
+            # Blocks it adds to what is pinned: cached prefix blocks are shared with whoever else uses
+            # them (five requests on one document pin it once), so only its own prompt and output count.
+            held_blocks=uncached + ctx.max_tokens / self.env.block_size,
         )
         b.add(rec)
         b.processed += 1
