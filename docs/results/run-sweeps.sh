@@ -18,7 +18,7 @@ run sysprompt --workload sysprompt --rates 8,16,24 --requests 96
 run multiturn --workload multiturn --turns 4 --think-time 1 --rates 2,4,6 --requests 80
 run tenants --workload tenants --tenants 24 --tenant-tokens 2000 --rates 3,6,9 --requests 72
 run mixed --workload mixed --turns 4 --rates 4,8,12 --requests 96
-run trace --workload trace --trace-max-output 128 --rates 2,4,6 --requests 100
+run trace --workload trace --trace-max-output 128 --rates 1,1.5,2 --requests 60
 # Run-to-run noise: the burst point at 16 req/s repeated over three seeds.
 run noise --workload burst --burst-prefixes 4 --rates 16 --requests 96 --seeds 0,1,2
 $PY -m loadgen sweep-table docs/results/{burst,rag,sysprompt,multiturn,tenants,mixed,trace}-sweep
