@@ -149,3 +149,19 @@ def test_concentration_costs_the_decode_of_the_request_itself():
         assert abs((y - x) - prof.batch_coef * prof.decode_per_token * 256 * b.in_flight) < 1e-4  # decode tokens left shrink between the two calls
     for rec in recs:
         r.end(rec)
+
+
+def test_policy_params_set_tunables_and_reject_unknown_ones():
+    import pytest
+
+    from proxy.config import ProxyConfig
+    from proxy.router import Router
+
+    r = Router(ProxyConfig(backends=BACKENDS, policy_param=["kv_aware.decode_weight=0.7", "sglang.cache_threshold=0.5"]))
+    assert r.policies["kv_aware"].decode_weight == 0.7 and r.policies["sglang"].cache_threshold == 0.5
+    assert type(r.policies["kv_aware"]).decode_weight != 0.7  # the instance, not the class
+    for bad in ("kv_aware.nope=1", "nope.decode_weight=1", "kv_aware.decode_weight=x", "decode_weight=1",
+                "kv_aware.name=1"):
+        with pytest.raises(ValueError):
+            ProxyConfig(backends=BACKENDS, policy_param=[bad])
+    assert ProxyConfig.from_cli(["--policy-param", "kv_aware.replicate_weight=2"]).policy_param == ["kv_aware.replicate_weight=2"]
