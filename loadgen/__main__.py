@@ -61,6 +61,13 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tenants", type=int, default=d.tenants, help="tenants: number of tenants (default %(default)s)")
     g.add_argument("--tenant-tokens", type=int, default=d.tenant_tokens, help="tenants: shared context tokens (default %(default)s)")
     g.add_argument("--users-per-tenant", type=int, default=d.users_per_tenant, help="tenants: users per tenant (default %(default)s)")
+    g.add_argument("--burst", type=int, default=d.burst,
+                   help="with --rate: requests arriving together per burst (0 = 8 for the burst workload, else 1) (default %(default)s)")
+    g.add_argument("--burst-prefixes", type=int, default=d.burst_prefixes, help="burst: shared prefixes (default %(default)s)")
+    g.add_argument("--burst-prefix-tokens", type=int, default=d.burst_prefix_tokens, help="burst: tokens per prefix (default %(default)s)")
+    g.add_argument("--burst-suffix-tokens", type=int, default=d.burst_suffix_tokens, help="burst: unique tokens per request (default %(default)s)")
+    g.add_argument("--mixed-rag", type=float, default=d.mixed_rag, help="mixed: share of rag requests (default %(default)s)")
+    g.add_argument("--mixed-chat", type=float, default=d.mixed_chat, help="mixed: share of chat turns, the rest unique prompts (default %(default)s)")
     g.add_argument("--trace-path", default=d.trace_path,
                    help="trace: Mooncake JSONL file (default: the conversation trace shipped in loadgen/data/)")
     g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay (default %(default)s)")
@@ -128,6 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--reset-target", action="store_true",
                       help="allow resetting the prefix index and the backends' prefix caches of a --target this run "
                            "did not start (compare resets them between strategies; default: refuse)")
+    sw = sub.add_parser("sweep", help="every strategy at every offered load: latency vs load, goodput within an SLO")
+    _add_workload_args(sw)
+    _add_run_args(sw, target_required=False)
+    sw.add_argument("--strategies", default="default,sglang,round_robin,least_loaded",
+                    help="comma-separated; the first is the one whose regret is reported ('default' = the proxy's) (default %(default)s)")
+    sw.add_argument("--rates", required=True,
+                    help="comma-separated offered loads, req/s emulated (trace: speed-ups); replaces --rate")
+    sw.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
+    sw.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
+    sw.add_argument("--seeds", default="", help="comma-separated seeds to repeat every point with (default: --seed)")
+    sw.add_argument("--max-lateness", type=float, default=0.0,
+                    help="rerun once a point whose emulator steps ran later than this on average (emulated s; 0 = never) (default %(default)s)")
+    sw.add_argument("--keep-records", action="store_true", help="also write every point's per-request records")
+    sw.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given (default %(default)s)")
+    sw.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
+                    help="without --target: run the started proxy in its own process or in this one (default %(default)s)")
+    sw.add_argument("--reset-target", action="store_true",
+                    help="allow resetting the prefix index and the backends' prefix caches of a --target this run "
+                         "did not start (the sweep resets them between points; default: refuse)")
+    tab = sub.add_parser("sweep-table", help="markdown table of goodput and regret from sweep folders")
+    tab.add_argument("folders", nargs="+", help="folders holding a sweep.json")
     return parser
 
 
@@ -238,6 +266,22 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     return _error_exit(res.summaries, cfg.max_error_share)
 
 
+async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    from .sweep import SLO, sweep
+
+    strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
+    rates = [float(x) for x in ns.rates.split(",") if x.strip()]
+    seeds = [int(x) for x in ns.seeds.split(",") if x.strip()] or None
+    if not rates or min(rates) <= 0:
+        print("error: --rates needs positive values", file=sys.stderr)
+        return 2
+    res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
+                      SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records, ns.max_lateness)
+    print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
+    print(f"report: {res.report}")
+    return 0
+
+
 def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -246,26 +290,39 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     """Everything that can be checked without a network: flags, values, files, strategy names (UsageError)."""
     ns = parse_args(argv)
     cfg = configs(ns)
-    if ns.command == "compare":
+    if ns.command in ("compare", "sweep"):
         strategy_names(ns.strategies)
         if ns.backends < 1:
             raise UsageError("--backends", f"must be >= 1 (got {ns.backends})")
         if ns.target and not ns.reset_target:
-            raise UsageError("--target", f"compare resets the prefix index of {cfg.target} and its backends' "
-                             "prefix caches between strategies; pass --reset-target to allow that on a proxy "
+            raise UsageError("--target", f"{ns.command} resets the prefix index of {cfg.target} and its backends' "
+                             "prefix caches between runs; pass --reset-target to allow that on a proxy "
                              "this run did not start")
     return ns, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep-table"]:
+        from .sweep import sweep_table
+
+        with exit_on_usage_error(PROG):
+            ns = parse_args(argv)
+        print("\n".join(sweep_table([Path(f) for f in ns.folders])))
+        return 0
+    from .peer import ModelUnknown
+
     with exit_on_usage_error(PROG):
         ns, cfg = check_args(argv)
         # Results go to stdout and the report; warnings (ours, aiohttp's) through the shared log stack.
         configure_logging(cfg.log_format, "warning")
         command = "python -m loadgen " + shlex.join(argv)
-        runner = _run if ns.command == "run" else _compare
-        return asyncio.run(runner(ns, cfg, command))
+        runner = {"run": _run, "compare": _compare, "sweep": _sweep}[ns.command]
+        try:
+            return asyncio.run(runner(ns, cfg, command))
+        except ModelUnknown as e:
+            print(f"python -m loadgen: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -32,6 +32,29 @@ class PoissonArrivals:
 
 
 @dataclass(frozen=True)
+class BurstArrivals:
+    """Bursts of `burst` consecutive chains starting together (a few ms apart), bursts Poisson at
+    rate / burst, so the mean rate is `rate`; workloads order chains so a burst shares a prefix."""
+
+    rate: float
+    burst: int
+    seed: int = 0
+    spread: float = 0.002  # emulated seconds between the requests of one burst
+
+    def start_times(self, chains: list[list[RequestSpec]]) -> list[float]:
+        rng = random.Random(repr((self.seed, "burst")))
+        t, out = 0.0, []
+        for i in range(len(chains)):
+            if i and i % self.burst == 0:
+                t += rng.expovariate(self.rate / self.burst)
+            out.append(t + (i % self.burst) * self.spread)
+        return out
+
+    def describe(self) -> str:
+        return f"bursts of {self.burst}, Poisson {self.rate:g} req/s on average"
+
+
+@dataclass(frozen=True)
 class TraceArrivals:
     """Chains start at their first request's `arrival` offset (set by the trace workload)."""
 
@@ -52,13 +75,14 @@ class ConcurrencyArrivals:
         return f"concurrency {self.concurrency}"
 
 
-Arrivals = PoissonArrivals | TraceArrivals | ConcurrencyArrivals
+Arrivals = PoissonArrivals | BurstArrivals | TraceArrivals | ConcurrencyArrivals
 
 
-def make_arrivals(workload_name: str, rate: float, concurrency: int, seed: int) -> Arrivals:
-    """A rate gives Poisson, a concurrency a closed loop; otherwise the trace's own times, or concurrency 1."""
+def make_arrivals(workload_name: str, rate: float, concurrency: int, seed: int, burst: int = 1) -> Arrivals:
+    """A rate gives Poisson (in bursts when `burst` > 1), a concurrency a closed loop; otherwise the
+    trace's own times, or concurrency 1."""
     if workload_name == "trace" and not concurrency and not rate:
         return TraceArrivals()
     if rate > 0:
-        return PoissonArrivals(rate, seed)
+        return BurstArrivals(rate, burst, seed) if burst > 1 else PoissonArrivals(rate, seed)
     return ConcurrencyArrivals(max(1, concurrency))

@@ -19,6 +19,8 @@ GAUGES = {
     "vllm:kv_cache_usage_perc": "kv_usage",
     "vllm:prefix_cache_hits": "prefix_hits",
     "vllm:prefix_cache_queries": "prefix_queries",
+    "vllm:request_success": "requests",
+    "vllm:num_preemptions": "preemptions",
     # The emulator's own fidelity check (absent on real vLLM): how late its engine steps ran, in wall s.
     "kvroute:emulator_step_lateness_seconds_sum": "lateness_sum",
     "kvroute:emulator_step_lateness_seconds_count": "lateness_steps",
@@ -38,6 +40,8 @@ class MetricsSample:
     kv_usage: float = 0.0
     prefix_hits: float = 0.0
     prefix_queries: float = 0.0
+    requests: float = 0.0
+    preemptions: float = 0.0
     lateness_sum: float = 0.0
     lateness_steps: float = 0.0
 

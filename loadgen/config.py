@@ -19,7 +19,7 @@ ENV_PREFIX = "KVROUTE_LOADGEN_"
 TRACE_FILE = "mooncake_fast25_conversation_trace.jsonl"
 # Shipped inside the package (Apache-2.0, source and licence in loadgen/data/), so `trace` runs from a clone.
 DEFAULT_TRACE = str(files("loadgen").joinpath("data", TRACE_FILE))
-WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace")
+WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace", "burst", "mixed")
 
 
 @dataclass
@@ -52,6 +52,14 @@ class WorkloadConfig:
     tenants: int = 12
     tenant_tokens: int = 2500
     users_per_tenant: int = 4
+    # burst: short shared prefixes that fit every cache, same-prefix requests arriving together
+    burst: int = 0  # requests per burst under --rate (0: 8 for the burst workload, 1 = plain Poisson otherwise)
+    burst_prefixes: int = 10
+    burst_prefix_tokens: int = 1000
+    burst_suffix_tokens: int = 128
+    # mixed: shares of rag / chat / unique requests (the rest is unique prompts)
+    mixed_rag: float = 0.4
+    mixed_chat: float = 0.3
     # trace
     trace_path: str = DEFAULT_TRACE
     trace_offset: int = 0
@@ -78,6 +86,15 @@ class WorkloadConfig:
             raise ValueError("doc_tokens_min must not exceed doc_tokens_max")
         if self.name == "trace" and not os.path.isfile(self.trace_path):
             raise ValueError(f"trace_path {self.trace_path}: no such file")
+        if self.burst < 0:
+            raise ValueError("burst must not be negative")
+        if not (0 <= self.mixed_rag and 0 <= self.mixed_chat and self.mixed_rag + self.mixed_chat <= 1):
+            raise ValueError("mixed_rag and mixed_chat must be shares summing to at most 1")
+
+    @property
+    def burst_size(self) -> int:
+        """Requests per burst of arrivals."""
+        return self.burst or (8 if self.name == "burst" else 1)
 
 
 @dataclass

@@ -118,13 +118,24 @@ def run_report(s: dict[str, Any], command: str, target: str, plots: list[Path], 
     return path
 
 
+def prediction_line(s: dict[str, Any]) -> list[str]:
+    """The router's matched-block prediction against what the backends reported cached."""
+    p = s.get("prediction")
+    if not p:
+        return ["Prediction accuracy: – (the router sent no `x-kvroute-matched-blocks`).", ""]
+    return [f"Prediction accuracy: {_pct(p['accuracy'])} of the {p['predicted_blocks']} blocks the router predicted "
+            f"cached (`x-kvroute-matched-blocks`) were cached; per request {p['exact_requests']} exact, "
+            f"{p['over_requests']} over-predicted, {p['under_requests']} under-predicted "
+            f"(of {p['requests']}).", ""]
+
+
 def _consistency(s: dict[str, Any]) -> list[str]:
     bm = s.get("backend_metrics", {})
     if "prefix_hits_delta_total" not in bm:
-        return []
-    lines = [f"Cached tokens: {s['cached_tokens']} counted from usage by the load generator; "
+        return prediction_line(s)
+    lines = [*prediction_line(s), f"Cached tokens: {s['cached_tokens']} counted from usage by the load generator; "
              f"{bm['prefix_hits_delta_total']:.0f} added to the backends' `vllm:prefix_cache_hits_total` "
-             "during the run.", ""]
+             f"during the run. Preemptions: {bm.get('preemptions_delta_total', 0):.0f}.", ""]
     if "step_lateness_mean_s" in bm:
         late = bm["step_lateness_mean_s"]
         lines += [f"Emulation fidelity: engine steps ended on average {late * 1000:.2f} ms (wall) after their "

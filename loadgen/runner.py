@@ -18,6 +18,7 @@ from .arrivals import ConcurrencyArrivals, make_arrivals
 from .backend_metrics import MetricsSample, MetricsSampler, scrape_all
 from .client import RequestRecord, make_client, send_request
 from .config import RunConfig
+from .peer import resolve_model
 from .workloads import RequestSpec, Workload
 
 
@@ -95,8 +96,13 @@ class Runner:
     async def run(self) -> RunResult:
         cfg = self.cfg
         client = make_client(cfg.target, cfg.api_key, cfg.request_timeout)
-        model = cfg.model or await discover_model(client) or "default"
-        arrivals = make_arrivals(self.workload.name, cfg.rate, cfg.concurrency, cfg.workload.seed)
+        try:
+            model = cfg.model or await resolve_model(await discover_model(client), self.backends) or "default"
+        except BaseException:
+            await client.close()
+            raise
+        arrivals = make_arrivals(self.workload.name, cfg.rate, cfg.concurrency, cfg.workload.seed,
+                                 cfg.workload.burst_size)
         result = RunResult(self.label, self.workload, cfg, arrivals.describe(), model)
         self.records_so_far = result.records
         result.metrics_before = await scrape_all(self.backends) if self.backends else {}

@@ -72,6 +72,7 @@ def backend_load(result: RunResult) -> dict[str, Any]:
         entry = per.setdefault(b, {})
         entry["prefix_hits_delta"] = after.get("prefix_hits", 0.0) - before.get("prefix_hits", 0.0)
         entry["prefix_queries_delta"] = after.get("prefix_queries", 0.0) - before.get("prefix_queries", 0.0)
+        entry["preemptions_delta"] = after.get("preemptions", 0.0) - before.get("preemptions", 0.0)
         steps = after.get("lateness_steps", 0.0) - before.get("lateness_steps", 0.0)
         if steps > 0:
             entry["engine_steps"] = steps
@@ -89,10 +90,56 @@ def backend_load(result: RunResult) -> dict[str, Any]:
     if result.metrics_before or result.metrics_after:
         out["prefix_hits_delta_total"] = sum(v.get("prefix_hits_delta", 0.0) for v in per.values())
         out["prefix_queries_delta_total"] = sum(v.get("prefix_queries_delta", 0.0) for v in per.values())
+        out["preemptions_delta_total"] = sum(v.get("preemptions_delta", 0.0) for v in per.values())
         steps = sum(v.get("engine_steps", 0.0) for v in per.values())
         if steps:
             out["step_lateness_mean_s"] = sum(v.get("engine_steps", 0.0) * v["step_lateness_mean_s"]
                                               for v in per.values() if "engine_steps" in v) / steps
+    return out
+
+
+def prediction(records: list[RequestRecord], block_size: int = 16) -> dict[str, Any] | None:
+    """How well the router's matched-block prediction (`x-kvroute-matched-blocks`) matched the cache.
+
+    Per request, predicted = matched blocks (capped so the last prompt token is computed, as the
+    backend caps hits) and cached = cached tokens / block size. `accuracy` = predicted blocks that
+    were cached / predicted blocks; over / under = requests predicting more / fewer than cached.
+    """
+    pairs = []
+    for r in records:
+        if r.ok and r.matched_blocks is not None:
+            cap = max(0, (r.prompt_tokens - 1) // block_size)
+            pairs.append((min(r.matched_blocks, cap), r.cached_tokens // block_size))
+    if not pairs:
+        return None
+    predicted = sum(p for p, _ in pairs)
+    confirmed = sum(min(p, c) for p, c in pairs)
+    return {
+        "requests": len(pairs),
+        "predicted_blocks": predicted,
+        "cached_blocks": sum(c for _, c in pairs),
+        "confirmed_blocks": confirmed,
+        "accuracy": confirmed / predicted if predicted else 1.0,
+        "exact_requests": sum(p == c for p, c in pairs),
+        "over_requests": sum(p > c for p, c in pairs),
+        "under_requests": sum(p < c for p, c in pairs),
+    }
+
+
+def per_backend_from_metrics(result: RunResult) -> dict[str, Any]:
+    """Requests and hit rate per backend from the backends' own counters (vllm:request_success,
+    vllm:prefix_cache_*), for a router that does not name the backend in a header (a peer router)."""
+    out: dict[str, Any] = {}
+    deltas = {}
+    for b in sorted(set(result.metrics_before) | set(result.metrics_after)):
+        before, after = result.metrics_before.get(b, {}), result.metrics_after.get(b, {})
+        deltas[b] = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("requests", "prefix_hits", "prefix_queries")}
+    total = sum(d["requests"] for d in deltas.values())
+    for b, d in deltas.items():
+        q = d["prefix_queries"]
+        out[b] = {"requests": int(d["requests"]), "share": d["requests"] / total if total else 0.0,
+                  "prompt_tokens": int(q), "cached_tokens": int(d["prefix_hits"]),
+                  "hit_rate": d["prefix_hits"] / q if q else 0.0, "source": "backend metrics"}
     return out
 
 
@@ -113,6 +160,11 @@ def summarize(result: RunResult) -> dict[str, Any]:
         rs = [r for r in ok if (r.backend or "(none)") == b]
         per_backend[b] = {"requests": n, "share": n / len(ok), "prompt_tokens": sum(r.prompt_tokens for r in rs),
                           "cached_tokens": sum(r.cached_tokens for r in rs), "hit_rate": hit_rate(rs)}
+    if set(backends) == {"(none)"} and (result.metrics_before or result.metrics_after):
+        from_metrics = per_backend_from_metrics(result)
+        if sum(d["requests"] for d in from_metrics.values()):
+            per_backend = from_metrics
+            backends = Counter({b: d["requests"] for b, d in from_metrics.items()})
     counts = list(backends.values())
     matched = [r.matched_blocks for r in ok if r.matched_blocks is not None]
     cached_blocks = [r.cached_tokens // 16 for r in ok]
@@ -155,6 +207,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "load_imbalance": (max(counts) / (sum(counts) / len(counts))) if counts else None,
         "matched_blocks": stats([float(m) for m in matched]) if matched else None,
         "cached_blocks": stats([float(c) for c in cached_blocks]),
+        "prediction": prediction(ok),
         "backend_metrics": backend_load(result),
         "workload_params": result.workload.params,
         "notes": result.workload.notes,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvblocks import render_chat
@@ -223,6 +223,61 @@ def trace(cfg: WorkloadConfig) -> Workload:
     }, notes)
 
 
+def burst(cfg: WorkloadConfig) -> Workload:
+    """A few short shared prefixes (all of them fit every backend's cache) and a unique suffix per
+    request; consecutive groups of `burst_size` requests share a prefix, so under `--rate` each burst
+    of arrivals is one prefix (the shape of a public prefix-sharing benchmark: once every backend has
+    every prefix, the cache is in effect replicated and what matters is spreading the bursts)."""
+    rng = random.Random(repr((cfg.seed, "burst")))
+    size = min(cfg.burst_prefix_tokens, _prompt_budget(cfg) - cfg.burst_suffix_tokens)
+    prefixes = [seeded_words(size, cfg.seed, "burst-prefix", p) for p in range(cfg.burst_prefixes)]
+    group = cfg.burst_size
+    reqs = []
+    p = 0
+    for i in range(cfg.requests):
+        if i % group == 0:
+            p = rng.randrange(cfg.burst_prefixes)
+        prompt = prefixes[p] + words(rng, cfg.burst_suffix_tokens)
+        reqs.append(RequestSpec(i, "completions", cfg.output_tokens, prompt=prompt, chain=i,
+                                prompt_tokens=size + cfg.burst_suffix_tokens, tags={"prefix": p}))
+    return Workload("burst", reqs, {
+        "prefixes": cfg.burst_prefixes, "prefix_tokens": size, "suffix_tokens": cfg.burst_suffix_tokens,
+        "burst": group, "output_tokens": cfg.output_tokens,
+    })
+
+
+def mixed(cfg: WorkloadConfig) -> Workload:
+    """RAG questions, chat sessions and unique prompts at once, interleaved in a seeded order (a chat
+    session is one chain: its turns follow each other with think time)."""
+    rng = random.Random(repr((cfg.seed, "mixed")))
+    n_rag = round(cfg.requests * cfg.mixed_rag)
+    n_chat = round(cfg.requests * cfg.mixed_chat)
+    n_unique = cfg.requests - n_rag - n_chat
+    parts: list[list[RequestSpec]] = []
+    if n_rag:
+        parts += [[r] for r in rag(replace(cfg, name="rag", requests=n_rag)).requests]
+    if n_chat:
+        parts += multiturn(replace(cfg, name="multiturn", requests=n_chat)).chains()
+    for i in range(n_unique):
+        n = rng.randint(cfg.doc_tokens_min // 2, cfg.doc_tokens_max // 2)
+        prompt = words(rng, n)
+        parts.append([RequestSpec(0, "completions", cfg.output_tokens, prompt=prompt, prompt_tokens=count_tokens(prompt))])
+    for chain in parts:
+        kind = "chat" if chain[0].api == "chat" else ("rag" if "doc" in chain[0].tags else "unique")
+        for r in chain:
+            r.tags["kind"] = kind
+    rng.shuffle(parts)
+    reqs = []
+    for c, chain in enumerate(parts):
+        for r in chain:
+            r.index, r.chain = len(reqs), c
+            reqs.append(r)
+    return Workload("mixed", reqs, {
+        "rag_requests": n_rag, "chat_requests": n_chat, "unique_requests": n_unique, "documents": cfg.documents,
+        "turns": cfg.turns, "output_tokens": cfg.output_tokens,
+    }, ["arrivals (--rate) start chains: a chat session is one arrival, its turns follow with think time"])
+
+
 WORKLOADS = {
     "rag": rag,
     "multiturn": multiturn,
@@ -230,6 +285,8 @@ WORKLOADS = {
     "prefix-sweep": prefix_sweep,
     "tenants": tenants,
     "trace": trace,
+    "burst": burst,
+    "mixed": mixed,
 }
 
 

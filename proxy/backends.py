@@ -6,6 +6,7 @@ profile of `emulator.latency` in emulated seconds; `time_scale` converts wall ti
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,18 @@ class InFlight:
     expected_first_token: float  # wall-clock monotonic time the prefill is expected to be done
     routed_at: float
     first_byte_at: float | None = None
+    # Wall seconds its whole decode takes at batch 1 (max_tokens x decode_per_token x time_scale).
+    decode_wall: float = 0.0
+    held_blocks: float = 0.0  # KV blocks it adds to the pinned ones while running: uncached prompt + output
+    phase: int = 0  # one of the PHASE_* constants below: which running totals it is counted in
+    decode_end: float = 0.0
+
+
+# Where an in-flight request sits in its backend's running totals.
+PHASE_PREFILL = 0  # no first byte, before its expected first token: counted as queued prefill
+PHASE_LATE = 1  # no first byte, past it (a non-streamed answer): decode tokens only
+PHASE_DECODE = 2  # first byte seen, decode expected to be running
+PHASE_DONE = 3  # first byte seen, decode expected to be over (or it ended)
 
 
 @dataclass
@@ -42,6 +55,9 @@ class ScrapedLoad:
     block_size: int | None = None
     hash_algo: str | None = None
     at: float = 0.0
+    # Our requests routed there with no first byte yet when the scrape came back: the part of
+    # `waiting` we know about. Snapshotted then, so a request that ends later is still ours.
+    ours_waiting: int = 0
 
 
 @dataclass(eq=False)
@@ -61,6 +77,20 @@ class Backend:
     processed: int = 0
     requests: dict[int, InFlight] = field(default_factory=dict)
 
+    # Running totals, updated on route (`add`), first byte (`started`) and end (`remove`); what a
+    # routing decision reads is O(1) amortised however many requests are in flight (issue #14).
+    # Time-dependent parts (a prefill past its expected first token, a decode past its expected
+    # end) leave the totals through heaps, each entry popped once.
+    n_unstarted: int = 0
+    pending_s: float = 0.0
+    n_pending: int = 0
+    unstarted_tokens: float = 0.0
+    n_decoding: int = 0
+    decode_end_sum: float = 0.0
+    held_blocks: float = 0.0
+    _pending_heap: list = field(default_factory=list, repr=False)
+    _decode_heap: list = field(default_factory=list, repr=False)
+
     @property
     def in_flight(self) -> int:
         return len(self.requests)
@@ -73,19 +103,105 @@ class Backend:
     def serves(self, model: str | None) -> bool:
         return model is None or self.models is None or model in self.models
 
+    # -- running totals -------------------------------------------------------------------------
+    def add(self, r: InFlight) -> None:
+        """`r` was routed here: queued prefill, decode tokens to come, blocks it will pin."""
+        self.requests[r.id] = r
+        self.n_unstarted += 1
+        self.unstarted_tokens += r.max_tokens
+        self.held_blocks += r.held_blocks
+        if r.routed_at < r.expected_first_token:
+            r.phase = PHASE_PREFILL
+            self.pending_s += r.prefill_s
+            self.n_pending += 1
+            heapq.heappush(self._pending_heap, (r.expected_first_token, r.id, r))
+        else:
+            r.phase = PHASE_LATE
+
+    def started(self, r: InFlight, t: float) -> None:
+        """`r`'s first byte arrived at `t`: its prefill is done, its decode runs until about decode_end."""
+        if r.first_byte_at is not None or r.id not in self.requests:
+            return
+        r.first_byte_at = t
+        self._leave_unstarted(r)
+        r.decode_end = t + r.decode_wall
+        if r.decode_end > t:
+            r.phase = PHASE_DECODE
+            self.n_decoding += 1
+            self.decode_end_sum += r.decode_end
+            heapq.heappush(self._decode_heap, (r.decode_end, r.id, r))
+        else:
+            r.phase = PHASE_DONE
+
+    def remove(self, r: InFlight) -> None:
+        if self.requests.pop(r.id, None) is None:
+            return
+        if r.first_byte_at is None:
+            self._leave_unstarted(r)
+        elif r.phase == PHASE_DECODE:
+            self.n_decoding -= 1
+            self.decode_end_sum -= r.decode_end
+        r.phase = PHASE_DONE
+        self.held_blocks -= r.held_blocks
+        if not self.requests:  # exact zeros: no float drift survives an idle moment
+            self.pending_s = self.unstarted_tokens = self.decode_end_sum = self.held_blocks = 0.0
+            self.n_pending = self.n_decoding = self.n_unstarted = 0
+            self._pending_heap.clear()
+            self._decode_heap.clear()
+
+    def _leave_unstarted(self, r: InFlight) -> None:
+        self.n_unstarted -= 1
+        self.unstarted_tokens -= r.max_tokens
+        if r.phase == PHASE_PREFILL:
+            self.pending_s -= r.prefill_s
+            self.n_pending -= 1
+        r.phase = PHASE_LATE
+
+    def _advance(self, now: float) -> None:
+        """Retire prefills past their expected first token and decodes past their expected end."""
+        h = self._pending_heap
+        while h and h[0][0] <= now:
+            _, _, r = heapq.heappop(h)
+            if r.phase == PHASE_PREFILL:
+                r.phase = PHASE_LATE
+                self.pending_s -= r.prefill_s
+                self.n_pending -= 1
+        h = self._decode_heap
+        while h and h[0][0] <= now:
+            _, _, r = heapq.heappop(h)
+            if r.phase == PHASE_DECODE:
+                r.phase = PHASE_DONE
+                self.n_decoding -= 1
+                self.decode_end_sum -= r.decode_end
+
     # -- load estimates (emulated seconds) -------------------------------------------------------
     def pending_prefill(self, now: float) -> tuple[float, int]:
         """Prefill seconds of in-flight requests not yet past their first token, and how many."""
-        total = 0.0
-        n = 0
-        for r in self.requests.values():
-            if r.first_byte_at is None and now < r.expected_first_token:
-                total += r.prefill_s
-                n += 1
-        return total, n
+        self._advance(now)
+        return max(0.0, self.pending_s), self.n_pending
 
     def queue_state(self, now: float, decode_per_token: float, time_scale: float) -> tuple[float, int, float]:
         """(pending prefill seconds, requests still prefilling, decode tokens left across in-flight requests)."""
+        self._advance(now)
+        tokens = self.unstarted_tokens
+        wall_per_token = decode_per_token * time_scale
+        if self.n_decoding and wall_per_token > 0:
+            tokens += max(0.0, (self.decode_end_sum - self.n_decoding * now) / wall_per_token)
+        return max(0.0, self.pending_s), self.n_pending, tokens
+
+    def soonest_end(self, now: float) -> float:
+        """Wall seconds until the first decoding request is expected to end (0 when none decodes)."""
+        self._advance(now)
+        return self._decode_heap[0][0] - now if self.n_decoding and self._decode_heap else 0.0
+
+    def note_scrape(self, running: float | None, waiting: float | None, kv_usage: float | None, at: float) -> None:
+        """A /metrics scrape came back at `at`; snapshot which of its waiting requests are ours."""
+        s = self.scraped
+        s.running, s.waiting, s.kv_usage, s.at = running, waiting, kv_usage, at
+        s.ours_waiting = self.n_unstarted
+
+    def queue_state_scan(self, now: float, decode_per_token: float, time_scale: float) -> tuple[float, int, float]:
+        """`queue_state` by walking every in-flight request: the reference the running totals are tested against."""
         total = 0.0
         n = 0
         tokens = 0.0

@@ -78,6 +78,8 @@ class ProxyConfig:
     # KV events: `--kv-events` pairs with `--backend` by position ("none" skips one); see kv_event_sources().
     kv_events: list[str] = field(default_factory=list)
     kv_events_silence_timeout: float = 10.0
+    # Policy tunables, POLICY.NAME=VALUE (e.g. kv_aware.decode_weight=0.5); see each policy's class attributes.
+    policy_param: list[str] = field(default_factory=list)
     # On SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
     shutdown_grace: float = 30.0
 
@@ -136,6 +138,9 @@ class ProxyConfig:
         for value in self.kv_events:
             if value.strip().lower() not in ("", "none"):
                 KVEventSource.parse(value)
+        from .policies import parse_policy_params
+
+        parse_policy_params(self.policy_param)
 
     def all_backends(self) -> list[str]:
         """Backends from the flag list plus the backends file."""
@@ -286,6 +291,7 @@ _HELP = {
     "client_read_timeout": "seconds a client may take to send a request head, or pause mid-body, before 408",
     "max_response_bytes": "largest non-streamed backend answer relayed; beyond: 502",
     "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
+    "policy_param": "a routing policy's tunable, POLICY.NAME=VALUE (repeatable), e.g. kv_aware.decode_weight=0.5",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
 }
 

@@ -182,11 +182,8 @@ class BackendMonitor:
             self._no_metrics_logged.add(b.url)  # once per backend
             log.warning("backend %s: /metrics has no vllm:num_requests_* / vllm:cache_config_info series (a vLLM "
                         "started with --disable-log-stats?): load and block size are not read from it", b.url)
+        b.note_scrape(vals.get("running"), vals.get("waiting"), vals.get("kv_usage"), now())
         s = b.scraped
-        s.running = vals.get("running")
-        s.waiting = vals.get("waiting")
-        s.kv_usage = vals.get("kv_usage")
-        s.at = now()
         if "block_size" in vals or "hash_algo" in vals:
             if "block_size" in vals:
                 s.block_size = int(vals["block_size"])

@@ -50,7 +50,7 @@ class Router:
         self.index = PrefixIndex(config.default_capacity_blocks)
         self.kv_events = KVEventsFollower(self.index, config.kv_events_silence_timeout)
         self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
-        self.policies: dict[str, Policy] = create_policies(self.env)
+        self.policies: dict[str, Policy] = create_policies(self.env, config.policy_param)
         self.strategy = self.policy(config.strategy).name
 
     # -- configuration --------------------------------------------------------------------------
@@ -211,8 +211,12 @@ class Router:
         rec = InFlight(
             self.registry.new_request_id(), b, ctx.num_tokens / self.env.block_size, uncached, ctx.max_tokens,
             prefill_s, expected, t,
+            decode_wall=max(0.0, ctx.max_tokens * prof.decode_per_token * self.env.time_scale),
+            # Blocks it adds to what is pinned: cached prefix blocks are shared with whoever else uses
+            # them (five requests on one document pin it once), so only its own prompt and output count.
+            held_blocks=uncached + ctx.max_tokens / self.env.block_size,
         )
-        b.requests[rec.id] = rec
+        b.add(rec)
         b.processed += 1
         if self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
             self.kv_events.routed(rec.id, b.url, ctx.hashes)
@@ -228,8 +232,8 @@ class Router:
     @staticmethod
     def first_byte(rec: InFlight) -> None:
         if rec.first_byte_at is None:
-            rec.first_byte_at = now()
+            rec.backend.started(rec, now())
 
     def end(self, rec: InFlight) -> None:
-        rec.backend.requests.pop(rec.id, None)
+        rec.backend.remove(rec)
         self.kv_events.finished(rec.id)

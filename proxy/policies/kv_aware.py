@@ -3,15 +3,32 @@
     P(b)    = (prompt blocks - blocks b holds) x prefill_per_block      # prefill b would have to do
     cost(b) = overlap_weight x P(b)                                    # 2: this request's TTFT, and again the
                                                                        #    requests that come to b while it runs
+            - replicate_weight x (overlap_weight - 1) x prefill(hot prefix blocks b lacks)   # a copy of a hot
+                                                                       #    shared prefix, where b has room
             + [b has pending prefills] x prefill_base                  # the queue it waits behind: vLLM (and the
               + pending uncached blocks x prefill_per_block            #   emulator) prefill all waiting prompts
               + decode_step(decoding requests on b)                    #   in one step, so the base is paid once
             + in_flight(b) x P(b)                                      # its prefill stalls everyone running on b
             + interference_weight x batch_coef x decode_per_token x decode tokens left on b  # decode slowdown
+            + decode_weight x batch_coef x decode_per_token x max_tokens x decoding(b)       # ...and its own
             + unseen waiting requests x mean prefill                   # load other clients put on b: scraped
                                                                        #   waiting minus OUR requests that were
-                                                                       #   pending when the scrape was taken
+                                                                       #   waiting when the scrape came back
+            + [short > 0] x (memory_weight x short x prefill_per_block + time to b's next request end)
+                  short = pinned blocks + blocks it needs - capacity   # KV memory running requests pin (ours,
+                                                                       #   or scraped kv_cache_usage_perc)
             + eviction_weight x prefill(blocks b must evict)           # cache it would destroy there
+
+Load terms read per-backend running totals (updated on route, first byte and end), so a decision
+costs the same with thousands of requests in flight (`python -m proxy.bench_inflight`).
+
+Why copies and the decode term (issue #13, measured in `docs/results/*-sweep/`): once round robin
+has warmed every backend with every hot prefix the cache is in effect replicated, while kv_aware,
+charging a copy's prefill twice, never made one; bursts of one prefix then queued on its one home
+and the concentration slowed the decode there (sysprompt: busiest backend 34% of requests, E2E
+p50 1.50 s against 1.42 s for round robin). A copy of a prefix that `shared_after` requests have
+matched now costs its prefill once, where it fits without evicting (so scarce caches, RAG, keep
+their affinity), and a request pays for decoding in a bigger batch.
 
 Times come from the backends' latency profile; in-flight requests count from the moment they are
 routed. Every term compares like with like: seconds of waiting against seconds of prefill saved.
@@ -25,9 +42,11 @@ other backend's wave and made it bigger (one backend grew from 6 to 12 of 24 ses
 suffered. Weight 2 halves the moves while a hot RAG document still spreads under load. And the
 queue counts prefill_base once per step instead of once per pending request, so a home whose
 sessions just arrived together is not over-charged. Scraped `waiting` (up to a scrape interval
-old) is compared with our requests pending at the scrape's time, not now: otherwise a scrape taken
-during a burst charged a phantom queue to a backend that had long since admitted it, and sessions
-fled their home (multiturn: 63 -> 47 moves in 400 turns). Measured in `docs/results/multiturn-compare/`.
+old) is compared with our requests waiting when the scrape came back (a snapshot), not now: a scrape
+taken during a burst otherwise charged a phantom queue to a backend that had long since admitted
+it, and sessions fled their home (multiturn: 63 -> 47 moves in 400 turns); and a request waiting
+at the scrape that has finished since still counts as ours (walking the live requests instead
+charged ~0.17 s to the busiest backend on a bursty workload). Measured in `docs/results/multiturn-compare/`.
 
 Chat sessions stay home. A prompt that continues an earlier routed prompt exactly through that
 prompt's last block (a chat's next turn), with at least 30% of it cached on that backend, goes there
@@ -65,7 +84,17 @@ class KvAwarePolicy(Policy):
     interference_weight = 0.25
     stall_weight = 1.0
     eviction_weight = 0.25
+    # KV memory pinned by running requests (ours in flight, or the scraped vllm:kv_cache_usage_perc
+    # when higher): a request needing more blocks than are left waits until the soonest running
+    # request ends, or preempts one that must recompute; the blocks short are charged as prefill,
+    # twice (the waiting request and the preempted one), on top of that wait.
+    memory_weight = 2.0
     tie_blocks = 1.0
+    # This request's own decode slows by batch_coef x decode_per_token per token for every request
+    # decoding beside it: concentration costs TPOT and E2E, not only TTFT.
+    decode_weight = 0.5
+    # Share of a hot prefix's second prefill charge waived when copying it to a backend with room.
+    replicate_weight = 1.0
 
     # A chat turn (its prompt continues a routed prompt exactly through that one's end, and at least
     # this share of it is cached at home) stays home unless home costs move_valve_s more; a prefix
@@ -94,7 +123,16 @@ class KvAwarePolicy(Policy):
         prompt_blocks = n_tok / bs
         full_blocks = ctx.num_blocks(bs)
         max_hit = max(0, (n_tok - 1) // bs)
+        out_blocks = ctx.max_tokens / bs
         matches = ctx.matches
+        own_decode = self.decode_weight * prof.batch_coef * dpt * ctx.max_tokens
+        # A hot shared prefix (matched by `shared_after` requests) is worth copying to a backend with
+        # room for it: the copy is paid once and serves every later request, so its prefill is
+        # charged once, not `overlap_weight` times.
+        deepest = max(matches.values()) if matches else 0
+        if deepest > max_hit:
+            deepest = max_hit
+        hot = deepest >= 2 and self.replicate_weight > 0 and self._reuse.get(ctx.hashes[deepest - 1], 0) >= self.shared_after
         out = []
         for b in candidates:
             m = matches.get(b.url, 0)
@@ -102,31 +140,33 @@ class KvAwarePolicy(Policy):
                 m = max_hit
             own = (prompt_blocks - m) * ppb
             cost = self.overlap_weight * own
+            if hot and m < deepest and index.num_blocks(b.url) + (full_blocks - m) <= index.capacity(b.url):
+                cost -= self.replicate_weight * (self.overlap_weight - 1) * (deepest - m) * ppb
             if b.requests:
                 pending_s, n_pending, tokens_left = b.queue_state(t, dpt, env.time_scale)
                 if n_pending > 1:  # one step prefills every waiting prompt: its base is paid once
                     pending_s -= (n_pending - 1) * prof.prefill_base
                 in_flight = len(b.requests)
                 cost += pending_s + prof.decode_step(in_flight - n_pending) + self.stall_weight * in_flight * own + interference * tokens_left
+                cost += own_decode * (in_flight - n_pending)  # its own decode in a bigger batch
             s = b.scraped
-            if s.waiting and t - s.at < SCRAPE_FRESH_S:
-                unseen = s.waiting - self._ours_waiting_at(b, s.at)
+            fresh = t - s.at < SCRAPE_FRESH_S
+            if s.waiting and fresh:
+                unseen = s.waiting - s.ours_waiting
                 if unseen > 0:
                     cost += unseen * self._mean_prefill
-            overflow = index.num_blocks(b.url) + (full_blocks - m) - index.capacity(b.url)
+            cap = index.capacity(b.url)
+            pinned = b.held_blocks
+            if fresh and s.kv_usage is not None and s.kv_usage * cap > pinned:
+                pinned = s.kv_usage * cap
+            short = pinned + (full_blocks - m) + out_blocks - cap
+            if short > 0:  # it waits for a running request to end, or preempts one that recomputes
+                cost += self.memory_weight * short * ppb + (b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0)
+            overflow = index.num_blocks(b.url) + (full_blocks - m) - cap
             if overflow > 0:
                 cost += self.eviction_weight * overflow * ppb
             out.append(cost)
         return out
-
-    @staticmethod
-    def _ours_waiting_at(b: Backend, at: float) -> int:
-        """Our requests that had been routed to `b` but had no first token yet when it was scraped."""
-        n = 0
-        for r in b.requests.values():
-            if r.routed_at <= at and (r.first_byte_at is None or r.first_byte_at > at):
-                n += 1
-        return n
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
         m = ctx.matched(backend)

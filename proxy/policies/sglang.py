@@ -1,10 +1,14 @@
-"""SGLang router / SMG `cache_aware`, with its Rust CLI defaults (peer-routers.md section 1).
+"""sglang-router 0.3.2's `cache_aware` (the package on PyPI), with its defaults (peer-routers.md section 1).
 
 1. load = in-flight requests the router dispatched. Imbalanced iff max-min > balance_abs (64) AND
-   max > min * balance_rel (1.5): then the least loaded worker, ties by (load, processed, index).
+   max > min * balance_rel (1.5): then the least loaded worker, ties to the first in worker order
+   (`min_by_key(load)`; SMG later added `processed` to the key, which 0.3.2 does not have).
 2. Otherwise match_rate = matched tokens / prompt tokens in the router's own approximate tree; if
    it is > cache_threshold (0.3) the worker owning the deepest match (the one that last inserted
-   it); else the least loaded worker (SMG HEAD).
+   it); else the least loaded worker, again the first in order: each new prefix group goes to the
+   first idle worker, so on bursts of new groups the first workers take them all (measured against
+   the real sglang-router 0.3.2 on the same emulators: 0/0/160/160 where a `processed` tie-break
+   spread 96/96/64/64).
 3. The chosen worker's tree gets the whole prompt. The tree is the router's own, bounded only by
    max_tree_size (2^26 chars per worker, about 2^24 tokens): it does not mirror backend eviction.
 Match rate is counted over 16-token blocks instead of characters.
@@ -54,7 +58,7 @@ class SGLangCacheAwarePolicy(Policy):
 
     @staticmethod
     def _min_load(candidates: Sequence[Backend]) -> Backend:
-        return min(enumerate(candidates), key=lambda ib: (ib[1].in_flight, ib[1].processed, ib[0]))[1]
+        return min(enumerate(candidates), key=lambda ib: (ib[1].in_flight, ib[0]))[1]
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
         self._tree.record_routed(backend.url, ctx.full_hashes())

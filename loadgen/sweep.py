@@ -1,0 +1,363 @@
+"""Goodput sweep: every strategy at every offered load on the same seeded workload, against ONE proxy.
+
+    python -m loadgen sweep --workload burst --strategies kv_aware,round_robin --rates 4,8,12
+
+At each rate every strategy runs the same requests (strategy switched and caches reset through the
+admin API in between; strategies interleaved per rate so a machine slowing down mid-sweep hits them
+alike). Goodput is the highest rate a strategy sustains within the SLO (TTFT p99 and TPOT p50 in
+emulated seconds, no failed request) at that rate and every lower one, the measure serving papers
+and llm-d's benchmarks report. Regret is the subject strategy's gap to the best of the others per
+metric and rate. For `trace` the "rates" are trace speed-ups. `--seeds` repeats every point per
+seed: the spread between seeds is the run-to-run noise the regret must be read against.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import aiohttp
+
+from .compare import DEFAULT_ALIAS, _safe
+from .config import RunConfig
+from .proxy_admin import AdminError, ProxyAdmin
+from .report import TIME_NOTE, _f, _header, _pct
+from .results import SUMMARY_JSON, write_json, write_records
+from .runner import run_workload
+from .stack import managed_proxy
+from .summary import summarize
+from .workloads import build_workload
+
+SWEEP_JSON = "sweep.json"
+# The no-regret bar of issue #13: no worse than the best of the load-only baselines.
+BASELINES = ("round_robin", "least_loaded")
+# (key, label, lower is better) of the metrics a sweep plots, tabulates and computes regret on.
+METRICS = (
+    ("ttft_p50", "TTFT p50 (s)", True),
+    ("ttft_p99", "TTFT p99 (s)", True),
+    ("e2e_p50", "E2E p50 (s)", True),
+    ("hit_rate", "hit rate", False),
+)
+
+
+@dataclass
+class SLO:
+    ttft_p99: float = 2.0
+    tpot_p50: float = 0.05
+
+    def met(self, p: dict[str, Any]) -> bool:
+        return (p["errors"] == 0 and p["ok"] == p["planned"] and p["ttft_p99"] is not None
+                and p["ttft_p99"] <= self.ttft_p99 and p["tpot_p50"] is not None and p["tpot_p50"] <= self.tpot_p50)
+
+
+@dataclass
+class SweepResult:
+    target: str = ""
+    # strategy -> rate -> per-seed points (compact metrics of one run)
+    points: dict[str, dict[float, list[dict[str, Any]]]] = field(default_factory=dict)
+    goodput: dict[str, float] = field(default_factory=dict)
+    regret: dict[str, Any] = field(default_factory=dict)
+    regret_baselines: dict[str, Any] = field(default_factory=dict)
+    noise: dict[str, Any] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+    report: Path | None = None
+
+
+def point(s: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one run a sweep keeps (latencies in emulated seconds)."""
+    le = s["latency_emulated"]
+    shares = [d["share"] for d in s["per_backend"].values()]
+    pred = s.get("prediction") or {}
+    return {
+        "seed": s["workload_params"].get("seed"), "planned": s["requests_planned"], "ok": s["ok"],
+        "errors": s["errors"] + s["cancelled"], "hit_rate": s["hit_rate"],
+        "ttft_p50": le["ttft"]["p50"], "ttft_p99": le["ttft"]["p99"], "tpot_p50": le["tpot"]["p50"],
+        "e2e_p50": le["e2e"]["p50"], "e2e_p99": le["e2e"]["p99"], "throughput": s["throughput_rps_emulated"],
+        "busiest_share": max(shares) if shares else None, "prediction_accuracy": pred.get("accuracy"),
+        "preemptions": s.get("backend_metrics", {}).get("preemptions_delta_total"),
+        "lateness": lateness(s),
+    }
+
+
+def lateness(s: dict[str, Any]) -> float | None:
+    """Mean emulated seconds the emulators' engine steps ran late: a CPU-starved run reads high."""
+    late = s.get("backend_metrics", {}).get("step_lateness_mean_s")
+    return None if late is None else late / s["time_scale"]
+
+
+def averaged(ps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every numeric figure (None stays None when any seed lacks it)."""
+    out: dict[str, Any] = {}
+    for k in ps[0]:
+        vals = [p[k] for p in ps]
+        out[k] = None if any(v is None for v in vals) else (mean(vals) if k != "seed" else vals)
+    out["errors"] = sum(p["errors"] for p in ps)
+    out["ok"], out["planned"] = sum(p["ok"] for p in ps), sum(p["planned"] for p in ps)
+    return out
+
+
+def goodput(points: dict[float, list[dict[str, Any]]], slo: SLO) -> float:
+    """Highest rate met within the SLO at it and every lower rate (0 when the lowest misses)."""
+    best = 0.0
+    for rate in sorted(points):
+        if not slo.met(averaged(points[rate])):
+            break
+        best = rate
+    return best
+
+
+def regret(points: dict[str, dict[float, list[dict[str, Any]]]], subject: str,
+           against: list[str] | None = None) -> dict[str, Any]:
+    """Per rate and metric: the subject's value, the best other strategy (of `against`, default all)
+    and its value, and the gap (latencies: subject / best - 1; hit rate: best - subject); 0 when the
+    subject is best."""
+    out: dict[str, Any] = {}
+    others = [n for n in points if n != subject and (against is None or n in against)]
+    if subject not in points or not others:
+        return out
+    for rate in sorted(points[subject]):
+        mine = averaged(points[subject][rate])
+        row = {}
+        for key, _, lower in METRICS:
+            cands = [(averaged(points[n][rate])[key], n) for n in others if rate in points[n]]
+            cands = [(v, n) for v, n in cands if v is not None]
+            if mine[key] is None or not cands:
+                continue
+            v, n = min(cands) if lower else max(cands)
+            gap = (mine[key] / v - 1 if v else 0.0) if lower else v - mine[key]
+            row[key] = {"value": mine[key], "best": v, "best_strategy": n, "regret": max(0.0, gap)}
+        out[f"{rate:g}"] = row
+    return out
+
+
+def noise(points: dict[str, dict[float, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Spread between seeds of one (strategy, rate): (max - min) / mean per metric, worst over points."""
+    worst: dict[str, float] = {}
+    for by_rate in points.values():
+        for ps in by_rate.values():
+            if len(ps) < 2:
+                continue
+            for key, _, _ in METRICS:
+                vals = [p[key] for p in ps if p[key] is not None]
+                if len(vals) >= 2 and mean(vals) > 0:
+                    worst[key] = max(worst.get(key, 0.0), (max(vals) - min(vals)) / mean(vals))
+    return worst
+
+
+async def sweep(config: RunConfig, strategies: list[str], rates: list[float], target: str | None = None,
+                command: str = "", backends: int = 4, spawn: str = "subprocess", slo: SLO | None = None,
+                seeds: list[int] | None = None, keep_records: bool = False,
+                max_lateness: float = 0.0) -> SweepResult:
+    """Run every strategy at every rate (and seed); write summaries, sweep.json, plots and report.md.
+
+    `max_lateness` > 0: a point whose emulators' steps ran later than that on average (emulated s;
+    the machine was starved, e.g. by other jobs) is run once more and the less late run kept."""
+    slo = slo or SLO()
+    seeds = seeds or [config.workload.seed]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    is_trace = config.workload.name == "trace"
+    res = SweepResult()
+    async with managed_proxy(target, config.time_scale, backends, spawn) as stack:
+        res.target = config.target = stack.target
+        admin = ProxyAdmin(stack.target, config.admin_key)
+        original = await admin.strategy()
+        names = [original if s == DEFAULT_ALIAS else s for s in strategies]
+        backend_urls = await admin.backends()
+        first_summary = None
+        try:
+            for seed in seeds:
+                wl_cfg = replace(config.workload, seed=seed)
+                for rate in rates:
+                    if is_trace:
+                        cfg = replace(config, rate=0.0, concurrency=0, workload=replace(wl_cfg, trace_speedup=rate))
+                    else:
+                        cfg = replace(config, rate=rate, concurrency=0, workload=wl_cfg)
+                    workload = build_workload(cfg.workload)
+                    for name in names:
+                        await admin.set_strategy(name)
+                        await admin.reset()
+                        result = await run_workload(workload, cfg, backend_urls, label=f"{name} @ {rate:g}")
+                        s = summarize(result)
+                        late = lateness(s)
+                        if max_lateness > 0 and late is not None and late > max_lateness and not result.interrupted:
+                            print(f"{name} @ {rate:g}: engine steps {late * 1000:.1f} ms late on average "
+                                  f"(> {max_lateness * 1000:.1f}); running it again", file=sys.stderr)
+                            await admin.reset()
+                            again = await run_workload(workload, cfg, backend_urls, label=f"{name} @ {rate:g}")
+                            s2 = summarize(again)
+                            if (lateness(s2) or 0.0) < late:
+                                result, s = again, s2
+                            s["reruns"] = 1
+                        s["strategy"], s["offered_rate"] = name, rate
+                        s["workload_params"] = {**s["workload_params"], "seed": seed}
+                        first_summary = first_summary or s
+                        folder = out / _safe(name) / f"rate-{rate:g}" / (f"seed-{seed}" if len(seeds) > 1 else "")
+                        folder.mkdir(parents=True, exist_ok=True)
+                        if keep_records:
+                            write_records(folder, result)
+                        write_json(folder / SUMMARY_JSON, s)
+                        res.points.setdefault(name, {}).setdefault(rate, []).append(point(s))
+                        if result.interrupted:
+                            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            print("interrupted: writing what was measured", file=sys.stderr)
+        finally:
+            try:
+                await admin.set_strategy(original)
+            except (AdminError, OSError, aiohttp.ClientError) as e:
+                print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
+    res.goodput = {n: goodput(p, slo) for n, p in res.points.items()}
+    subject = names[0]
+    res.regret = regret(res.points, subject)
+    res.regret_baselines = regret(res.points, subject, list(BASELINES))
+    res.noise = noise(res.points)
+    write_json(out / SWEEP_JSON, {
+        "workload": config.workload.name, "strategies": names, "rates": rates, "seeds": seeds,
+        "rate_kind": "trace speed-up" if is_trace else "req/s (emulated)",
+        "slo": {"ttft_p99": slo.ttft_p99, "tpot_p50": slo.tpot_p50}, "goodput": res.goodput,
+        "subject": subject, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
+        "points": {n: {f"{r:g}": ps for r, ps in p.items()} for n, p in res.points.items()},
+    })
+    if res.points:
+        res.plots = [sweep_plot(res.points, config.workload.name, is_trace, out)]
+        res.report = sweep_report(res, first_summary, command, stack.description, slo, subject, is_trace, out)
+    return res
+
+
+def sweep_plot(points: dict[str, dict[float, list[dict[str, Any]]]], workload: str, is_trace: bool, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
+    for ax, (key, label, _) in zip(axes, METRICS):
+        for name, by_rate in points.items():
+            rates = sorted(by_rate)
+            vals = [averaged(by_rate[r])[key] for r in rates]
+            ax.plot(rates, [v * 100 if key == "hit_rate" and v is not None else v for v in vals], marker="o", label=name)
+        ax.set_xlabel("trace speed-up (x)" if is_trace else "offered load (req/s, emulated)")
+        ax.set_ylabel(label.replace("(s)", "(emulated s)") if key != "hit_rate" else "hit rate (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"`{workload}`: latency and hit rate against offered load, per strategy")
+    fig.tight_layout()
+    path = out / "sweep_latency_hit_rate.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: str, slo: SLO, subject: str,
+                 is_trace: bool, out: Path) -> Path:
+    unit = "x" if is_trace else " req/s"
+    lines = _header(f"Goodput sweep on `{first['workload']}`", command, first, target)
+    seeds = sorted({sd for p in res.points.values() for ps in p.values() for q in ps for sd in [q["seed"]]})
+    lines += [
+        f"Every strategy ran the same seeded workload ({first['requests_planned']} requests per point) at every "
+        f"{'trace speed-up' if is_trace else 'offered rate'}, against one proxy; between runs the strategy was "
+        "switched and the proxy's index and every backend's prefix cache were reset. Seeds: "
+        f"{', '.join(map(str, seeds))} (figures are means over seeds). Latencies in emulated seconds.", "",
+        f"## Goodput (SLO: TTFT p99 <= {slo.ttft_p99:g} s, TPOT p50 <= {slo.tpot_p50:g} s, no failed request)", "",
+        "| strategy | goodput |", "|---|---|",
+        *[f"| {n} | {g:g}{unit} |" for n, g in res.goodput.items()], "",
+        "Goodput = highest offered load met within the SLO there and at every lower load (0 = not even the lowest).", "",
+        "Step lateness = how late the emulators' engine steps ran on average (emulated ms): the CPU the run "
+        "had. High values mean the machine, not the strategy, set the latencies.", "",
+        "## Every point", "",
+        "| load | strategy | hit rate | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | throughput (req/s) | errors "
+        "| busiest backend | prediction accuracy | preemptions | step lateness (ms) | within SLO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rates = sorted({r for p in res.points.values() for r in p})
+    for r in rates:
+        for n, by_rate in res.points.items():
+            if r not in by_rate:
+                continue
+            a = averaged(by_rate[r])
+            lines.append(
+                f"| {r:g}{unit} | {n} | {_pct(a['hit_rate'])} | {_f(a['ttft_p50'])} | {_f(a['ttft_p99'])} | "
+                f"{_f(a['tpot_p50'], 4)} | {_f(a['e2e_p50'])} | {_f(a['throughput'], 2)} | {a['errors']} | "
+                f"{_pct(a['busiest_share'])} | {_pct(a['prediction_accuracy'])} | "
+                f"{_f(a['preemptions'], 0) if a['preemptions'] is not None else '–'} | "
+                f"{_f(a['lateness'] * 1000, 1) if a['lateness'] is not None else '–'} | {'yes' if slo.met(a) else 'no'} |")
+    for title, table in ((f"## Regret of `{subject}` against the best other strategy (0 = best or tied)", res.regret),
+                         (f"## Regret of `{subject}` against the best of {' and '.join(BASELINES)} (the no-regret bar)",
+                          res.regret_baselines)):
+        if table:
+            lines += ["", title, "", *regret_table(table, unit)]
+    if res.noise:
+        lines += ["", "## Run-to-run noise (same strategy and load, different seeds)", "",
+                  "| metric | worst spread (max - min) / mean |", "|---|---|",
+                  *[f"| {k} | {v * 100:.0f}% |" for k, v in res.noise.items()]]
+    lines += ["", "## Plots", "",
+              *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in res.plots], "",
+              "Per-point summaries: `<strategy>/rate-<load>/summary.json`.", "", TIME_NOTE, ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def regret_table(table: dict[str, Any], unit: str) -> list[str]:
+    lines = ["| load | " + " | ".join(label for _, label, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for r, row in table.items():
+        cells = []
+        for key, _, lower in METRICS:
+            c = row.get(key)
+            if c is None:
+                cells.append("–")
+            elif lower:
+                cells.append(f"+{c['regret'] * 100:.0f}% vs {c['best_strategy']} ({_f(c['value'])} / {_f(c['best'])})"
+                             if c["regret"] > 0 else "0")
+            else:
+                cells.append(f"-{c['regret'] * 100:.1f} pts vs {c['best_strategy']}" if c["regret"] > 0 else "0")
+        lines.append(f"| {r}{unit} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> list[str]:
+    """The README's table from sweep folders: goodput per strategy and workload, and the subject's
+    worst regret over the load levels per metric (`python -m loadgen sweep-table docs/results/*-sweep`)."""
+    from .results import read_json
+
+    rows = []
+    strategies: list[str] = []
+    for folder in folders:
+        path = Path(folder) / SWEEP_JSON
+        if not path.exists():
+            continue
+        data = read_json(path)
+        for n in data["strategies"]:
+            if n not in strategies:
+                strategies.append(n)
+        rows.append(data)
+    unit = {True: "x", False: ""}
+    against = "the best of " + " and ".join(BASELINES) if table_key == "regret_baselines" else "the best other"
+    lines = ["| workload | loads | " + " | ".join(strategies) + " | worst regret of " +
+             (rows[0]["subject"] if rows else "") + f" against {against}: TTFT p50 / TTFT p99 / E2E p50 / hit rate |",
+             "|---|---|" + "---|" * len(strategies) + "---|"]
+    for d in rows:
+        is_trace = d["rate_kind"].startswith("trace")
+        best = max(d["goodput"].values()) if d["goodput"] else 0
+        cells = []
+        for n in strategies:
+            g = d["goodput"].get(n)
+            cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**" if g == best else f"{g:g}{unit[is_trace]}"))
+        worst = {}
+        for row in d.get(table_key, d["regret"]).values():
+            for key, c in row.items():
+                if c["regret"] > worst.get(key, (-1, ""))[0]:
+                    worst[key] = (c["regret"], row[key]["best_strategy"] if c["regret"] > 0 else "")
+        parts = []
+        for key, _, lower in METRICS:
+            r, who = worst.get(key, (0.0, ""))
+            if r <= 0:
+                parts.append("0")
+            else:
+                parts.append(f"+{r * 100:.0f}% ({who})" if lower else f"-{r * 100:.1f} pts ({who})")
+        loads = ",".join(f"{float(x):g}" for x in d["rates"]) + (" (speed-up)" if is_trace else " req/s")
+        lines.append(f"| `{d['workload']}` | {loads} | " + " | ".join(cells) + " | " + " / ".join(parts) + " |")
+    return lines

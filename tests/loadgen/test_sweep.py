@@ -1,0 +1,62 @@
+"""The goodput sweep: every strategy at every rate on one seeded workload; goodput and regret."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from loadgen.config import RunConfig, WorkloadConfig
+from loadgen.results import read_json
+from loadgen.sweep import SLO, goodput, regret, sweep, sweep_table
+
+from .conftest import FAST
+
+
+def _p(ttft99, tpot=0.02, errors=0, hit=0.5, ttft50=0.1, e2e=1.0):
+    return [{"seed": 0, "planned": 10, "ok": 10 - errors, "errors": errors, "hit_rate": hit, "ttft_p50": ttft50,
+             "ttft_p99": ttft99, "tpot_p50": tpot, "e2e_p50": e2e, "e2e_p99": e2e, "throughput": 1.0,
+             "busiest_share": 0.3, "prediction_accuracy": 1.0, "preemptions": 0.0, "lateness": 0.001}]
+
+
+def test_goodput_is_the_highest_rate_met_at_it_and_below():
+    slo = SLO(ttft_p99=1.0, tpot_p50=0.05)
+    assert goodput({2: _p(0.5), 4: _p(0.9), 8: _p(1.5), 16: _p(0.5)}, slo) == 4
+    assert goodput({2: _p(0.5), 4: _p(0.5, tpot=0.06)}, slo) == 2
+    assert goodput({2: _p(0.5, errors=1)}, slo) == 0
+
+
+def test_regret_is_the_gap_to_the_best_other_strategy():
+    pts = {"kv": {4: _p(1.2, hit=0.9, ttft50=0.1)}, "rr": {4: _p(1.0, hit=0.5, ttft50=0.2)},
+           "ll": {4: _p(1.1, hit=0.6, ttft50=0.3)}}
+    row = regret(pts, "kv")["4"]
+    assert row["ttft_p99"]["best_strategy"] == "rr" and abs(row["ttft_p99"]["regret"] - 0.2) < 1e-9
+    assert row["ttft_p50"]["regret"] == 0 and row["hit_rate"]["regret"] == 0
+
+
+async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_path: Path):
+    wl = WorkloadConfig(name="burst", requests=16, output_tokens=8, burst=4, burst_prefixes=2,
+                        burst_prefix_tokens=160, burst_suffix_tokens=16)
+    cfg = RunConfig(time_scale=FAST, progress=False, metrics_interval=0.05, out=str(tmp_path), workload=wl)
+    res = await sweep(cfg, ["kv_aware", "round_robin"], [4.0, 8.0], spawn="inprocess", backends=2,
+                      slo=SLO(ttft_p99=1e9, tpot_p50=1e9), seeds=[0, 1])
+    assert set(res.points) == {"kv_aware", "round_robin"}
+    for by_rate in res.points.values():
+        assert sorted(by_rate) == [4.0, 8.0]
+        for ps in by_rate.values():
+            assert [p["seed"] for p in ps] == [0, 1] and all(p["ok"] == 16 for p in ps)
+    assert res.goodput == {"kv_aware": 8.0, "round_robin": 8.0}  # no SLO to speak of: both sustain both rates
+    data = read_json(tmp_path / "sweep.json")
+    assert data["subject"] == "kv_aware" and set(data["regret"]) == {"4", "8"}
+    assert (tmp_path / "sweep_latency_hit_rate.png").stat().st_size > 0
+    text = (tmp_path / "report.md").read_text()
+    assert "## Goodput" in text and "## Regret of `kv_aware`" in text and "## Run-to-run noise" in text
+    assert (tmp_path / "round_robin" / "rate-8" / "seed-1" / "summary.json").exists()
+    table = sweep_table([tmp_path])
+    assert table[2].startswith("| `burst` | 4,8 req/s | **8** | **8** |"), table
+
+
+async def test_a_starved_point_is_run_again(tmp_path: Path):
+    wl = WorkloadConfig(name="burst", requests=8, output_tokens=4, burst=4, burst_prefixes=1,
+                        burst_prefix_tokens=64, burst_suffix_tokens=16)
+    cfg = RunConfig(time_scale=FAST, progress=False, metrics_interval=0.05, out=str(tmp_path), workload=wl)
+    await sweep(cfg, ["round_robin"], [8.0], spawn="inprocess", backends=2, max_lateness=1e-12)
+    s = read_json(tmp_path / "round_robin" / "rate-8" / "summary.json")
+    assert s["reruns"] == 1 and s["ok"] == 8
