@@ -141,13 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--strategies", default="default,sglang,round_robin,least_loaded",
                     help="comma-separated; the first is the one whose regret is reported ('default' = the proxy's) (default %(default)s)")
     sw.add_argument("--rates", required=True,
-                    help="comma-separated offered loads, req/s emulated (trace: speed-ups); replaces --rate")
+                    help="comma-separated offered loads, req/s emulated (trace: speed-ups); replaces --rate (required, no default)")
     sw.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
     sw.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
     sw.add_argument("--seeds", default="", help="comma-separated seeds to repeat every point with (default: --seed)")
     sw.add_argument("--max-lateness", type=float, default=0.0,
                     help="rerun once a point whose emulator steps ran later than this on average (emulated s; 0 = never) (default %(default)s)")
-    sw.add_argument("--keep-records", action="store_true", help="also write every point's per-request records")
+    sw.add_argument("--keep-records", action="store_true", help="also write every point's per-request records (default: off)")
     sw.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given (default %(default)s)")
     sw.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
                     help="without --target: run the started proxy in its own process or in this one (default %(default)s)")
@@ -286,9 +286,14 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig | None]:
     """Everything that can be checked without a network: flags, values, files, strategy names (UsageError)."""
     ns = parse_args(argv)
+    if ns.command == "sweep-table":
+        for folder in ns.folders:
+            if not (Path(folder) / "sweep.json").is_file():
+                raise UsageError("folders", f"{folder}: no sweep.json (a `python -m loadgen sweep --out` folder)")
+        return ns, None
     cfg = configs(ns)
     if ns.command in ("compare", "sweep"):
         strategy_names(ns.strategies)
@@ -303,17 +308,15 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sweep-table"]:
-        from .sweep import sweep_table
-
-        with exit_on_usage_error(PROG):
-            ns = parse_args(argv)
-        print("\n".join(sweep_table([Path(f) for f in ns.folders])))
-        return 0
     from .peer import ModelUnknown
 
     with exit_on_usage_error(PROG):
         ns, cfg = check_args(argv)
+        if cfg is None:  # sweep-table: no run, only the sweeps' table
+            from .sweep import sweep_table
+
+            print("\n".join(sweep_table([Path(f) for f in ns.folders])))
+            return 0
         # Results go to stdout and the report; warnings (ours, aiohttp's) through the shared log stack.
         configure_logging(cfg.log_format, "warning")
         command = "python -m loadgen " + shlex.join(argv)
