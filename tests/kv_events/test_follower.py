@@ -51,3 +51,57 @@ def test_in_flight_prompt_blocks_count_until_the_request_ends():
     f.finished(1)  # idempotent
     f.routed(2, B, [7])  # B is not event-fed: nothing recorded here
     assert index.match([7]) == {}
+
+
+def exact_router():
+    """A Router whose backend A is event-fed and in sync (events are applied by hand, no socket)."""
+    import random
+
+    from proxy.config import ProxyConfig
+    from proxy.router import Router
+
+    urls = [A, B, "http://c"]
+    r = Router(ProxyConfig(backends=urls))
+    for url in urls:
+        r.add_backend(url)
+    r.kv_events.follow(A, KVEventSource("tcp://127.0.0.1:1"))
+    r.kv_events.resynced(A)
+    rng = random.Random(3)
+    doc = " ".join(rng.choice(["alpha", "beta", "gamma", "kv", "cache,", "12", "the"]) for _ in range(1500))
+    return r, doc
+
+
+def test_a_lazy_prompt_in_flight_on_an_exact_backend_is_matched_in_full_before_its_events():
+    """The second request for a new document, sent before the backend's BlockStored for the first,
+    must see the whole document on the first's backend (as approximate mode does), not just the one
+    block the lazy walk hashed; else it is spread and the document prefilled twice (bench_hit_rate)."""
+    from proxy.policies import Decision
+
+    r, doc = exact_router()
+    first = r.text_context(doc + " question: one", 8)
+    assert first.tail is not None and len(first.hashes) <= 2  # read one small chunk deep
+    rec = r.begin(first, Decision(r.registry.get(A), 0))
+    second = r.text_context(doc + " question: two", 8)
+    doc_blocks = len(r.hashes(r.tokenize(doc))) - 1  # the doc's last block may hold the question's first token
+    assert second.matches.get(A, 0) >= doc_blocks
+    assert r.index.num_blocks(A) >= doc_blocks  # the first's unread rest is counted while in flight
+    r.end(rec)  # the backend never reported the blocks: nothing of the first request stays
+    assert r.index.num_blocks(A) == 0 and r.text_context(doc + " question: three", 8).matches == {}
+
+
+def test_a_finished_lazy_prompt_on_an_exact_backend_still_marks_where_it_ended():
+    """A chat's next turn continues the previous prompt: kv_aware keeps the session home only if the
+    index knows that prompt ended there, which for a lazy prompt is learnt by resolving its tail."""
+    from proxy.policies import Decision
+
+    r, doc = exact_router()
+    first = r.text_context(doc, 8)
+    assert first.tail is not None
+    rec = r.begin(first, Decision(r.registry.get(A), 0))
+    full = r.hashes(r.tokenize(doc))
+    r.kv_events.stored(A, full, None, [], 16)  # the backend reports the prompt's blocks when it schedules it
+    r.end(rec)
+    assert not r.index.is_prompt_end(full[-1])
+    nxt = r.text_context(doc + " answer: fine. user: and then?", 8)
+    assert nxt.matches == {A: len(full)} and r.index.is_prompt_end(full[-1])
+    assert r.index.num_blocks(A) == len(full)  # resolving the ended request's tail adds nothing
