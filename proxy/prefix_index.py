@@ -101,9 +101,13 @@ class PrefixIndex:
         return self._store(backend).capacity
 
     def num_blocks(self, backend: Hashable) -> int:
-        """Blocks the backend is believed to hold, pending tails included at their estimated size."""
+        """Blocks the backend is believed to hold, pending tails included at their estimated size; at most
+        its capacity. An event-fed backend's in-flight prompt blocks are indexed before the events of
+        the evictions they cause arrive, and counted on top of a full cache they made kv_aware charge
+        that backend for evictions a request there would not cause: requests left the backend holding
+        their document (`tests/kv_events/bench_hit_rate.py`)."""
         st = self._stores.get(backend)
-        return len(st.lru) + st.phantom if st else 0
+        return min(len(st.lru) + st.phantom, st.capacity) if st else 0
 
     def owners(self, h: int) -> int:
         """Bitmask of the slots holding block `h`."""

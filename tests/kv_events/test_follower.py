@@ -105,3 +105,39 @@ def test_a_finished_lazy_prompt_on_an_exact_backend_still_marks_where_it_ended()
     nxt = r.text_context(doc + " answer: fine. user: and then?", 8)
     assert nxt.matches == {A: len(full)} and r.index.is_prompt_end(full[-1])
     assert r.index.num_blocks(A) == len(full)  # resolving the ended request's tail adds nothing
+
+
+def test_in_flight_blocks_on_top_of_a_full_cache_do_not_push_a_request_off_its_prefix():
+    """An exact backend's in-flight prompt blocks are indexed before the events of the evictions they
+    cause. Counted on top of its full cache, kv_aware charged that backend for evicting them again
+    and sent requests away from the blocks they matched there (bench_hit_rate: exact lost to
+    approximate). Two equally loaded, full backends; only A holds the prompt's first 4 blocks."""
+    from proxy.config import ProxyConfig
+    from proxy.policies import Decision
+    from proxy.router import Router
+
+    r = Router(ProxyConfig(backends=[A, B]))
+    for url in (A, B):
+        r.add_backend(url)
+        r.index.set_capacity(url, 200)
+        r.kv_events.follow(url, KVEventSource("tcp://127.0.0.1:1"))
+        r.kv_events.resynced(url)
+    f = r.kv_events
+
+    def ids(start: int, blocks: int) -> list[int]:
+        return list(range(start, start + 16 * blocks))
+
+    doc = ids(0, 4)
+    f.stored(A, r.hashes(doc) + r.hashes(ids(10_000, 196)), None, [], 16)
+    filler_b = r.hashes(ids(20_000, 200))
+    f.stored(B, filler_b, None, [], 16)
+    x = r.context(ids(30_000, 100))
+    r.begin(x, Decision(r.registry.get(A), 0))  # scheduled on A; its events are not in yet
+    y = r.context(ids(40_000, 100))
+    r.begin(y, Decision(r.registry.get(B), 0))
+    f.removed(B, filler_b[100:])  # B's events for the same are in: it evicted 100 blocks for them
+    f.stored(B, y.hashes, None, [], 16)
+    q = r.context(doc + ids(50_000, 1)[:8])
+    assert q.matches == {A: 4}
+    assert r.decide(q).backend.url == A
+    assert r.index.num_blocks(A) == r.index.num_blocks(B) == 200  # a cache holds at most its capacity
