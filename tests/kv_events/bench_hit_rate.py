@@ -157,7 +157,7 @@ async def main(args: argparse.Namespace) -> None:
             await e.stop()
     if ratios:
         wins = sum(r >= 1.0 for r in ratios)
-        print(f"exact / approximate over {len(ratios)} seeds: mean {statistics.fmean(ratios):.3f}, "
+        print(f"exact / approximate over {len(ratios)} runs: mean {statistics.fmean(ratios):.3f}, "
               f"range {min(ratios):.3f}-{max(ratios):.3f}, exact >= approximate in {wins} of {len(ratios)}")
 
 
