@@ -441,7 +441,11 @@ class KVEventsFollower:
     backend count as held while those requests are in flight (`routed`/`finished`). The backend only
     reports blocks when it schedules the request, so without this a burst on one prefix would be
     spread before the first BlockStored arrives; unlike approximate guesses these entries end with
-    the request and never displace event-reported blocks.
+    the request and never displace event-reported blocks. A lazily read prompt (`prompt_walk.py`)
+    also leaves its untokenized rest as a pending tail, as in approximate mode: without it a second
+    request for a new document, arriving before the first's BlockStored, matched only the first's
+    one hashed block and was sent elsewhere to prefill the document again
+    (`tests/kv_events/bench_hit_rate.py`).
     """
 
     def __init__(self, index: Any, silence_timeout: float = 10.0, replay_timeout: float = 2.0) -> None:
@@ -452,7 +456,7 @@ class KVEventsFollower:
         self._blocks: dict[str, dict[int, None]] = {}  # insertion-ordered: least recently stored first
         self._exact: set[str] = set()
         self._pending: dict[str, dict[int, int]] = {}  # backend -> block hash -> in-flight requests
-        self._inflight: dict[int, tuple[str, list[int]]] = {}  # request id -> (backend, hashes)
+        self._inflight: dict[int, tuple[str, list[int], Any]] = {}  # request id -> (backend, hashes, PendingTail or None)
         self._running = False
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -518,11 +522,32 @@ class KVEventsFollower:
 
     # ---- requests in flight ------------------------------------------------------------------------
 
-    def routed(self, request_id: int, backend: str, hashes: Sequence[int]) -> None:
-        """A request was routed to an exact backend: its prompt blocks count as held until `finished`."""
+    def routed(self, request_id: int, backend: str, hashes: Sequence[int], tail: Any = None, tail_blocks: int = 0) -> None:
+        """A request was routed to an exact backend: its prompt blocks count as held until `finished`.
+
+        `tail` (estimated at `tail_blocks`) is the prompt's unread rest after `hashes[-1]`; a later
+        prompt reaching that block resolves it into more held blocks (`PrefixIndex.hold_tail`)."""
         pending = self._pending.get(backend)
         if pending is None or backend not in self._exact:
             return
+        held = list(hashes)
+        p = None
+        if tail is not None and held:
+            p = self.index.hold_tail(backend, held[-1], tail, tail_blocks, lambda more: self._hold(request_id, more))
+        self._inflight[request_id] = (backend, held, p)
+        self._hold(request_id, held, count=False)
+
+    def _hold(self, request_id: int, hashes: Sequence[int], count: bool = True) -> None:
+        """Count `hashes` as held by the in-flight request (`count`: also add them to its list)."""
+        entry = self._inflight.get(request_id)
+        if entry is None:
+            return
+        backend, held, _ = entry
+        pending = self._pending.get(backend)
+        if pending is None:
+            return
+        if count:
+            held += hashes
         blocks = self._blocks[backend]
         new = []
         for h in hashes:
@@ -530,7 +555,6 @@ class KVEventsFollower:
             pending[h] = n + 1
             if n == 0 and h not in blocks:
                 new.append(h)
-        self._inflight[request_id] = (backend, list(hashes))
         if new:
             self.index.stored(backend, new)
 
@@ -538,10 +562,12 @@ class KVEventsFollower:
         entry = self._inflight.pop(request_id, None)
         if entry is None:
             return
-        backend, hashes = entry
+        backend, hashes, tail = entry
         pending = self._pending.get(backend)
         if pending is None:
             return
+        if tail is not None:
+            self.index.settle_tail(tail)
         blocks = self._blocks[backend]
         gone = []
         for h in hashes:

@@ -10,12 +10,15 @@ The same store takes exact `stored`/`removed`/`clear` updates from KV events.
 A routed prompt may be only partly hashed (`prompt_walk.py`): its untokenized rest is kept as a
 pending tail anchored at its last known block, counted against the backend's capacity by its
 estimated size, evicted just before its anchor (a request's deeper blocks go first), and resolved
-into real blocks when a later prompt's chain reaches the anchor on that backend.
+into real blocks when a later prompt's chain reaches the anchor on that backend. On an event-fed
+(exact) backend the tail is held for the KV-event follower instead (`hold_tail`): resolved blocks
+go to it, never into the guessed LRU, and after the request it stays as a zero-size marker so a
+chat's next turn still learns where the previous prompt ended.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +42,8 @@ class PendingTail:
     anchor: int  # hash of the last known block
     prompt: Any  # opaque to the index: what the router needs to finish hashing it
     blocks: int  # estimated size, counted in the backend's `phantom`
+    # Exact backends: who takes the resolved blocks (the KV-event follower), instead of `record_routed`.
+    on_resolve: Callable[[Sequence[int]], None] | None = None
 
 
 class PrefixIndex:
@@ -96,9 +101,13 @@ class PrefixIndex:
         return self._store(backend).capacity
 
     def num_blocks(self, backend: Hashable) -> int:
-        """Blocks the backend is believed to hold, pending tails included at their estimated size."""
+        """Blocks the backend is believed to hold, pending tails included at their estimated size; at most
+        its capacity. An event-fed backend's in-flight prompt blocks are indexed before the events of
+        the evictions they cause arrive, and counted on top of a full cache they made kv_aware charge
+        that backend for evictions a request there would not cause: requests left the backend holding
+        their document (`tests/kv_events/bench_hit_rate.py`)."""
         st = self._stores.get(backend)
-        return len(st.lru) + st.phantom if st else 0
+        return min(len(st.lru) + st.phantom, st.capacity) if st else 0
 
     def owners(self, h: int) -> int:
         """Bitmask of the slots holding block `h`."""
@@ -170,7 +179,32 @@ class PrefixIndex:
         backend = self._slot_backend[p.slot]
         st = self._stores[backend]
         st.phantom -= p.blocks
-        self.record_routed(backend, hashes)
+        if p.on_resolve is not None:
+            p.on_resolve(hashes)
+        else:
+            self.record_routed(backend, hashes)
+
+    def hold_tail(self, backend: Hashable, anchor: int, prompt: Any, blocks: int, on_resolve: Callable[[Sequence[int]], None]) -> PendingTail:
+        """Exact mode: a routed prompt's untokenized rest after block `anchor`, resolved through `on_resolve`.
+
+        Counted at its estimate like the request's known in-flight blocks; nothing is evicted for it
+        (the backend's own events report evictions)."""
+        st = self._store(backend)
+        p = PendingTail(st.slot, anchor, prompt, blocks, on_resolve)
+        self._pending.setdefault(anchor, []).append(p)
+        st.phantom += blocks
+        return p
+
+    def settle_tail(self, p: PendingTail) -> None:
+        """Exact mode, the request ended: its blocks are the backend's events' business now, so the tail
+        keeps no size and resolving it adds nothing; it still marks where the prompt ended (a chat's
+        next turn resolves it), until its anchor is evicted."""
+        tails = self._pending.get(p.anchor)
+        if tails is None or p not in tails:
+            return
+        self._stores[self._slot_backend[p.slot]].phantom -= p.blocks
+        p.blocks = 0
+        p.on_resolve = _ignore
 
     def _drop_tails(self, st: _BackendStore, anchor: int) -> bool:
         """Forget the backend's pending tails at `anchor`; whether there were any."""
@@ -293,6 +327,10 @@ class PrefixIndex:
     def contains(self, backend: Hashable, h: int) -> bool:
         st = self._stores.get(backend)
         return st is not None and h in st.lru
+
+
+def _ignore(hashes: Sequence[int]) -> None:
+    """A settled tail's resolution: the blocks are already known from the backend's events."""
 
 
 def _emit(out: dict[Hashable, int], bits: int, depth: int, slot_backend: dict[int, Hashable]) -> None:

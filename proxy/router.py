@@ -219,7 +219,8 @@ class Router:
         b.add(rec)
         b.processed += 1
         if self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
-            self.kv_events.routed(rec.id, b.url, ctx.hashes)
+            tail = ctx.tail
+            self.kv_events.routed(rec.id, b.url, ctx.hashes, tail, self.walker.tail_blocks(tail) if tail is not None else 0)
         elif ctx.tail is not None:
             self.index.record_routed(b.url, ctx.hashes, ctx.tail, self.walker.tail_blocks(ctx.tail))
         else:

@@ -51,3 +51,93 @@ def test_in_flight_prompt_blocks_count_until_the_request_ends():
     f.finished(1)  # idempotent
     f.routed(2, B, [7])  # B is not event-fed: nothing recorded here
     assert index.match([7]) == {}
+
+
+def exact_router():
+    """A Router whose backend A is event-fed and in sync (events are applied by hand, no socket)."""
+    import random
+
+    from proxy.config import ProxyConfig
+    from proxy.router import Router
+
+    urls = [A, B, "http://c"]
+    r = Router(ProxyConfig(backends=urls))
+    for url in urls:
+        r.add_backend(url)
+    r.kv_events.follow(A, KVEventSource("tcp://127.0.0.1:1"))
+    r.kv_events.resynced(A)
+    rng = random.Random(3)
+    doc = " ".join(rng.choice(["alpha", "beta", "gamma", "kv", "cache,", "12", "the"]) for _ in range(1500))
+    return r, doc
+
+
+def test_a_lazy_prompt_in_flight_on_an_exact_backend_is_matched_in_full_before_its_events():
+    """The second request for a new document, sent before the backend's BlockStored for the first,
+    must see the whole document on the first's backend (as approximate mode does), not just the one
+    block the lazy walk hashed; else it is spread and the document prefilled twice (bench_hit_rate)."""
+    from proxy.policies import Decision
+
+    r, doc = exact_router()
+    first = r.text_context(doc + " question: one", 8)
+    assert first.tail is not None and len(first.hashes) <= 2  # read one small chunk deep
+    rec = r.begin(first, Decision(r.registry.get(A), 0))
+    second = r.text_context(doc + " question: two", 8)
+    doc_blocks = len(r.hashes(r.tokenize(doc))) - 1  # the doc's last block may hold the question's first token
+    assert second.matches.get(A, 0) >= doc_blocks
+    assert r.index.num_blocks(A) >= doc_blocks  # the first's unread rest is counted while in flight
+    r.end(rec)  # the backend never reported the blocks: nothing of the first request stays
+    assert r.index.num_blocks(A) == 0 and r.text_context(doc + " question: three", 8).matches == {}
+
+
+def test_a_finished_lazy_prompt_on_an_exact_backend_still_marks_where_it_ended():
+    """A chat's next turn continues the previous prompt: kv_aware keeps the session home only if the
+    index knows that prompt ended there, which for a lazy prompt is learnt by resolving its tail."""
+    from proxy.policies import Decision
+
+    r, doc = exact_router()
+    first = r.text_context(doc, 8)
+    assert first.tail is not None
+    rec = r.begin(first, Decision(r.registry.get(A), 0))
+    full = r.hashes(r.tokenize(doc))
+    r.kv_events.stored(A, full, None, [], 16)  # the backend reports the prompt's blocks when it schedules it
+    r.end(rec)
+    assert not r.index.is_prompt_end(full[-1])
+    nxt = r.text_context(doc + " answer: fine. user: and then?", 8)
+    assert nxt.matches == {A: len(full)} and r.index.is_prompt_end(full[-1])
+    assert r.index.num_blocks(A) == len(full)  # resolving the ended request's tail adds nothing
+
+
+def test_in_flight_blocks_on_top_of_a_full_cache_do_not_push_a_request_off_its_prefix():
+    """An exact backend's in-flight prompt blocks are indexed before the events of the evictions they
+    cause. Counted on top of its full cache, kv_aware charged that backend for evicting them again
+    and sent requests away from the blocks they matched there (bench_hit_rate: exact lost to
+    approximate). Two equally loaded, full backends; only A holds the prompt's first 4 blocks."""
+    from proxy.config import ProxyConfig
+    from proxy.policies import Decision
+    from proxy.router import Router
+
+    r = Router(ProxyConfig(backends=[A, B]))
+    for url in (A, B):
+        r.add_backend(url)
+        r.index.set_capacity(url, 200)
+        r.kv_events.follow(url, KVEventSource("tcp://127.0.0.1:1"))
+        r.kv_events.resynced(url)
+    f = r.kv_events
+
+    def ids(start: int, blocks: int) -> list[int]:
+        return list(range(start, start + 16 * blocks))
+
+    doc = ids(0, 4)
+    f.stored(A, r.hashes(doc) + r.hashes(ids(10_000, 196)), None, [], 16)
+    filler_b = r.hashes(ids(20_000, 200))
+    f.stored(B, filler_b, None, [], 16)
+    x = r.context(ids(30_000, 100))
+    r.begin(x, Decision(r.registry.get(A), 0))  # scheduled on A; its events are not in yet
+    y = r.context(ids(40_000, 100))
+    r.begin(y, Decision(r.registry.get(B), 0))
+    f.removed(B, filler_b[100:])  # B's events for the same are in: it evicted 100 blocks for them
+    f.stored(B, y.hashes, None, [], 16)
+    q = r.context(doc + ids(50_000, 1)[:8])
+    assert q.matches == {A: 4}
+    assert r.decide(q).backend.url == A
+    assert r.index.num_blocks(A) == r.index.num_blocks(B) == 200  # a cache holds at most its capacity
