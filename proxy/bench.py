@@ -224,23 +224,10 @@ def bench_overhead(args: argparse.Namespace) -> None:
 # -- edge ------------------------------------------------------------------------------------------
 def _start_emulators(n: int) -> tuple[subprocess.Popen, list[str]]:
     """One zero-latency emulator process serving `n` replicas (one port each)."""
-    p = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "--port", "0", "--replicas", str(n), "--profile", "zero",
-         "--max-num-seqs", "1024", "--no-log-requests"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    urls: list[str] = []
-    deadline = time.monotonic() + 60
-    while len(urls) < n and time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        if line.startswith("EMULATOR_URL "):
-            urls.append(line.split()[1])
-    if len(urls) < n:
-        p.kill()
-        raise RuntimeError("the emulators did not start")
-    return p, urls
+    from .soak import start_process
+
+    return start_process(["-m", "emulator", "--port", "0", "--replicas", str(n), "--profile", "zero",
+                          "--max-num-seqs", "1024", "--no-log-requests"], "EMULATOR_URL", n)
 
 
 async def _passthrough(backends: list[str]) -> None:

@@ -137,7 +137,8 @@ def _client_main(url: str, n_streams: int, start_at: float, ramp: float, end_at:
     q.put(rep)
 
 
-def _start(args: list[str], ready: str, n: int = 1) -> tuple[subprocess.Popen, list[str]]:
+def start_process(args: list[str], ready: str, n: int = 1) -> tuple[subprocess.Popen, list[str]]:
+    """`python ARGS`, and the first `n` http:// URLs it prints on lines containing `ready` (60 s at most)."""
     p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     urls: list[str] = []
     deadline = time.monotonic() + 60
@@ -171,7 +172,7 @@ async def run_soak(cfg: SoakConfig) -> dict:
 
     fd_limit = raise_fd_limit()
     blocks = 2 * cfg.clients * ((cfg.prompt_words + cfg.max_tokens) // 16 + 2) // cfg.emulators + 1024
-    emu, emu_urls = _start([
+    emu, emu_urls = start_process([
         "-m", "emulator", "--port", "0", "--replicas", str(cfg.emulators), "--engine", "simple",
         "--time-scale", str(cfg.time_scale), "--num-gpu-blocks", str(blocks), "--max-num-seqs", "100000",
         "--no-log-requests", "--log-format", "json",
@@ -180,7 +181,7 @@ async def run_soak(cfg: SoakConfig) -> dict:
     procs: list = []
     try:
         backend_args = [a for u in emu_urls for a in ("--backend", u)]
-        prox, (url,) = _start([
+        prox, (url,) = start_process([
             "-m", "proxy", "--port", "0", *backend_args, "--strategy", cfg.strategy, "--time-scale", str(cfg.time_scale),
             "--log-level", "warning", "--first-byte-timeout", "60", "--idle-timeout", "60",
         ], "listening on")
