@@ -26,7 +26,7 @@ async def test_loadgen_compare_on_real_vllm(vllm: VLLMPair, tmp_path):
             "--workload", "rag", "--requests", "24", "--documents", "4", "--doc-tokens-min", "200",
             "--doc-tokens-max", "500", "--question-tokens", "20", "--output-tokens", "8",
             "--max-model-len", str(MAX_MODEL_LEN), "--rate", "4", "--seed", "1",
-            "--strategies", "kv_aware,round_robin", "--out", str(out), "--no-progress",
+            "--strategies", "kv_aware,round_robin", "--out", str(out), "--no-progress", "--reset-target",
         ]
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         stdout, _ = await asyncio.wait_for(proc.communicate(), 900)
