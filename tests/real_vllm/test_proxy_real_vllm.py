@@ -94,10 +94,11 @@ async def test_shared_documents_matched_blocks_equal_cached_tokens(vllm: VLLMPai
     assert all(len(h) == 1 for h in homes.values()), homes
 
 
-async def test_multiturn_chat_with_the_backends_template(vllm: VLLMPair, tmp_path):
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "approximate"])
+async def test_multiturn_chat_with_the_backends_template(vllm: VLLMPair, tmp_path, exact):
     """`--tokenizer backend`: chat is tokenized by vLLM's own template; each turn's matched blocks equal
     its cached_tokens / 32 and a session's turns stay where their history is cached."""
-    async with proxy_for(vllm, tmp_path, exact=True, tokenizer="backend") as p:
+    async with proxy_for(vllm, tmp_path, exact=exact, tokenizer="backend") as p:
         c = client(p)
         sessions = [[{"role": "system", "content": "You answer briefly." + seeded_words(60, "sys", s)}] for s in range(3)]
         rows = []
