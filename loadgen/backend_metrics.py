@@ -26,7 +26,9 @@ GAUGES = {
     "kvroute:emulator_step_lateness_seconds_count": "lateness_steps",
 }
 
-_PREFIXES = tuple(GAUGES)
+CACHE_CONFIG = "vllm:cache_config_info"
+_PREFIXES = (*GAUGES, CACHE_CONFIG)
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass
@@ -44,6 +46,7 @@ class MetricsSample:
     preemptions: float = 0.0
     lateness_sum: float = 0.0
     lateness_steps: float = 0.0
+    block_size: float = 0.0  # from vllm:cache_config_info (0: not reported)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +65,27 @@ def parse_metrics(text: str) -> dict[str, float]:
     histograms takes tens of milliseconds to parse, which would stall the load generator's loop.
     """
     out = {v: 0.0 for v in GAUGES.values()}
+    out["block_size"] = 0.0
     wanted = "\n".join(line for line in text.splitlines() if line.startswith(_PREFIXES))
     for fam in text_string_to_metric_families(wanted + "\n"):
         for s in fam.samples:
+            if s.name == CACHE_CONFIG:
+                try:
+                    out["block_size"] = float(s.labels.get("block_size", 0))
+                except ValueError:
+                    pass
+                continue
             key = GAUGES.get(s.name.removesuffix("_total"))
             if key is not None:
                 out[key] += s.value
     return out
+
+
+def reported_block_size(metrics: dict[str, dict[str, float]]) -> int:
+    """The backends' KV block size as their vllm:cache_config_info reports it (16 when none does):
+    cached tokens become cached blocks by it (real vLLM on CPU runs 32-token blocks)."""
+    sizes = {int(m.get("block_size", 0)) for m in metrics.values() if m.get("block_size", 0) > 0}
+    return min(sizes) if sizes else DEFAULT_BLOCK_SIZE
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:

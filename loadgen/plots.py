@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .backend_metrics import reported_block_size  # noqa: E402
 from .runner import RunResult  # noqa: E402
 from .summary import hit_rate  # noqa: E402
 
@@ -134,7 +135,8 @@ def prefix_match_length(result: RunResult, out: Path) -> Path:
     (overlaid, identical histograms would hide one another)."""
     ok = _ok(result)
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    pairs = [(r.cached_tokens // 16, r.matched_blocks) for r in ok]
+    bs = reported_block_size(result.metrics_before)
+    pairs = [(r.cached_tokens // bs, r.matched_blocks) for r in ok]
     cached = [c for c, _ in pairs]
     matched = [m for _, m in pairs if m is not None]
     hi = max(cached + matched + [1])
@@ -146,7 +148,7 @@ def prefix_match_length(result: RunResult, out: Path) -> Path:
     ax.hist(data, bins=bins, label=labels, color=["tab:green", "tab:purple"][:len(data)])
     agree = sum(1 for c, m in pairs if m is not None and m == c)
     with_header = sum(1 for _, m in pairs if m is not None)
-    ax.set_xlabel("prefix match length (16-token blocks)")
+    ax.set_xlabel(f"prefix match length ({bs}-token blocks)")
     ax.set_ylabel("requests")
     title = f"Prefix match length distribution — {result.label}"
     if with_header:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .backend_metrics import reported_block_size
 from .client import RequestRecord
 from .runner import RunResult
 
@@ -167,7 +168,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
             backends = Counter({b: d["requests"] for b, d in from_metrics.items()})
     counts = list(backends.values())
     matched = [r.matched_blocks for r in ok if r.matched_blocks is not None]
-    cached_blocks = [r.cached_tokens // 16 for r in ok]
+    block_size = reported_block_size(result.metrics_before)
+    cached_blocks = [r.cached_tokens // block_size for r in ok]
     summary: dict[str, Any] = {
         "label": result.label,
         "workload": result.workload.name,
@@ -207,7 +209,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "load_imbalance": (max(counts) / (sum(counts) / len(counts))) if counts else None,
         "matched_blocks": stats([float(m) for m in matched]) if matched else None,
         "cached_blocks": stats([float(c) for c in cached_blocks]),
-        "prediction": prediction(ok),
+        "block_size": block_size,
+        "prediction": prediction(ok, block_size),
         "backend_metrics": backend_load(result),
         "workload_params": result.workload.params,
         "notes": result.workload.notes,

@@ -94,3 +94,19 @@ def test_a_run_where_every_request_failed_draws_no_blank_plots(tmp_path: Path):
     assert "no request succeeded" in report and "http://127.0.0.1:9/v1" in report
     cplots = compare_plots({"a": res}, {"a": s}, tmp_path / "cmp")
     assert {p.name for p in cplots} == {"compare_backend_metrics.png"}
+
+
+def test_cached_blocks_use_the_block_size_the_backends_report():
+    """Real vLLM on CPU runs 32-token blocks: cached tokens become blocks by the size the backends'
+    vllm:cache_config_info reports, not a fixed 16, or prediction accuracy halves."""
+    text = 'vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="128"} 1.0\n'
+    assert parse_metrics(text)["block_size"] == 32.0
+    res = _result()
+    assert summarize(res)["block_size"] == 16  # nothing reported: vLLM's GPU default
+    for r in res.records:
+        if r.ok and r.cached_tokens:
+            r.matched_blocks = 2  # 64 cached tokens = 2 blocks of 32
+    res.metrics_before = {"u": {"prefix_hits": 10.0, "block_size": 32.0}}
+    s = summarize(res)
+    assert s["block_size"] == 32
+    assert s["prediction"]["accuracy"] == 1.0, s["prediction"]
