@@ -169,6 +169,7 @@ async def test_backend_api_key_right_wrong_and_never_logged(vllm: VLLMPair, tmp_
 
 
 async def test_wrong_key_on_the_only_backend_is_one_clean_502(vllm: VLLMPair, tmp_path):
+    from proxy.app_keys import STATE_KEY
     from proxy.config import ProxyConfig
     from proxy.server import start_proxy
 
@@ -182,7 +183,9 @@ async def test_wrong_key_on_the_only_backend_is_one_clean_502(vllm: VLLMPair, tm
                 assert "error" in await r.json()
             b = p.router.registry.get(vllm.a.url)
             assert b.auth_error and "wrong" in b.auth_error
-            # forced through anyway (as if the refusal were new): one attempt, a 502 naming the cause
+            # forced through anyway (as if the refusal were new): one attempt, a 502 naming the cause. The
+            # monitor is stopped first so its next round cannot mark the backend out again meanwhile.
+            await p.app[STATE_KEY]["monitor"].stop()
             p.router.registry.set_health(b, True)
             async with s.post(p.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}) as r:
                 body = await r.json()
