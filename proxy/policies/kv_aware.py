@@ -3,8 +3,10 @@
     P(b)    = (prompt blocks - blocks b holds) x prefill_per_block      # prefill b would have to do
     cost(b) = overlap_weight x P(b)                                    # 2: this request's TTFT, and again the
                                                                        #    requests that come to b while it runs
-            - replicate_weight x (overlap_weight - 1) x prefill(hot prefix blocks b lacks)   # a copy of a hot
-                                                                       #    shared prefix, where b has room
+            - overlap_weight x (1 - keep) x prefill(hot prefix blocks b lacks)   # a copy of a hot shared
+                                                                       #    prefix, where b has room: keep =
+                                                                       #    1 / (1 + uses / (holders + 1)) when
+                                                                       #    the caches can afford it, else 1/2
             + [b has pending prefills] x prefill_base                  # the queue it waits behind: vLLM (and the
               + pending uncached blocks x prefill_per_block            #   emulator) prefill all waiting prompts
               + decode_step(decoding requests on b)                    #   in one step, so the base is paid once
@@ -22,13 +24,27 @@
 Load terms read per-backend running totals (updated on route, first byte and end), so a decision
 costs the same with thousands of requests in flight (`python -m proxy.bench_inflight`).
 
-Why copies and the decode term (issue #13, measured in `docs/results/*-sweep/`): once round robin
-has warmed every backend with every hot prefix the cache is in effect replicated, while kv_aware,
-charging a copy's prefill twice, never made one; bursts of one prefix then queued on its one home
-and the concentration slowed the decode there (sysprompt: busiest backend 34% of requests, E2E
-p50 1.50 s against 1.42 s for round robin). A copy of a prefix that `shared_after` requests have
-matched now costs its prefill once, where it fits without evicting (so scarce caches, RAG, keep
-their affinity), and a request pays for decoding in a bigger batch.
+Then a TTFT band: only backends whose predicted TTFT (own prefill + the prefills sent there before,
+each taken to be in a step already begun + a decode step + unseen waiting + a memory wait) is
+within max(ttft_slack_s, ttft_slack_rel x fastest) of the fastest are weighed by cost; the fastest
+is taken over the backends holding the prefix or able to afford a copy of it.
+
+Why copies, the band and the rotation (issue #13, measured in `docs/results/*-sweep/`): once round
+robin has warmed every backend with every hot prefix the cache is in effect replicated, while
+kv_aware, charging a copy's prefill twice, never made one; bursts of one prefix then queued on its
+one home. A copy's prefill is now shared by the requests it will serve: a prefix that `uses`
+requests have matched on `holders` backends is charged 1 / (1 + uses / (holders + 1)) of it, so a
+hot prefix spreads as soon as one request queues at home. Only while the caches can afford it:
+every backend keeps `replicate_share` of its blocks for hot prefixes, so copies are made while
+(holders < replicate_share x total capacity / blocks of the prefixes hot in the last
+`hot_horizon_s`); short shared prompts (`burst`, `sysprompt`) end up on every backend as round
+robin leaves them, long documents (`rag`, `tenants`) stay partitioned and get a copy only when a
+queue pays for one (copying hot documents while the caches still had room lowered rag's hit
+rate in trial runs: the copies, kept warm by spreading, crowded out other documents). The cost also weighs this request's decode beside three decoders about as much as a
+queue of prefills, which piled 5 of a burst of 8 onto the one idle backend, where they prefilled
+one after another: the band keeps the TTFT of each request near the best available. Costs within
+`tie_s` are ties, given to the backend least recently routed to: on symmetric traffic the exact
+costs are noise, and round robin's even rotation beat every greedy pick on TTFT p50 there.
 
 Times come from the backends' latency profile; in-flight requests count from the moment they are
 routed. Every term compares like with like: seconds of waiting against seconds of prefill saved.
@@ -57,10 +73,11 @@ Shared documents are not held back: their deepest matched block ends no earlier 
 matched by several requests. Measured in `docs/results/multiturn-compare/`.
 
 Costs within `tie_blocks` blocks of (weighted) prefill of the best are a tie (a one-block shared prefix is not
-worth a hot spot): the backend with the fewest indexed blocks (most free cache) wins, then
-rendezvous hashing of the request's last block hash with each backend's URL (`rendezvous.py`).
-Distinct prefixes thus spread over backends even at low load, and proxy replicas fed the same KV
-events decide alike: no tie depends on per-process state.
+worth a hot spot), and so are costs within `tie_s`: the backend this replica routed to least
+recently wins, then the one with the fewest indexed blocks (most free cache), then rendezvous
+hashing of the request's last block hash with each backend's URL (`rendezvous.py`). Distinct
+prefixes thus spread over backends even at low load. The rotation is per replica (`tie_rotate=0`
+makes replicas fed the same KV events decide alike again, at the cost measured in the sweeps).
 """
 from __future__ import annotations
 
@@ -93,8 +110,22 @@ class KvAwarePolicy(Policy):
     # This request's own decode slows by batch_coef x decode_per_token per token for every request
     # decoding beside it: concentration costs TPOT and E2E, not only TTFT.
     decode_weight = 0.5
-    # Share of a hot prefix's second prefill charge waived when copying it to a backend with room.
+    # Copies of hot prefixes (0 = never waive a copy's second prefill charge); `amortize` scales the
+    # past uses that share a copy's prefill (0 = the old rule: charged once instead of twice);
+    # `replicate_share` of every cache is what hot prefixes may fill with copies; a prefix counts as
+    # hot for `hot_horizon_s` emulated seconds after its last use.
     replicate_weight = 1.0
+    amortize = 1.0
+    replicate_share = 0.25
+    hot_horizon_s = 60.0
+    # TTFT band (0 = off): backends beyond max(ttft_slack_s, ttft_slack_rel x fastest) of the
+    # fastest predicted TTFT are not weighed.
+    ttft_band = 1.0
+    ttft_slack_s = 0.02
+    ttft_slack_rel = 0.25
+    # Costs within tie_s seconds are ties; tie_rotate gives them to the least recently routed-to backend.
+    tie_s = 0.03
+    tie_rotate = 1.0
 
     # A chat turn (its prompt continues a routed prompt exactly through that one's end, and at least
     # this share of it is cached at home) stays home unless home costs move_valve_s more; a prefix
@@ -106,6 +137,10 @@ class KvAwarePolicy(Policy):
     def __init__(self, env) -> None:
         super().__init__(env)
         self._reuse: OrderedDict[int, int] = OrderedDict()  # deepest matched block -> requests that matched it
+        self._hot: OrderedDict[int, tuple[int, float]] = OrderedDict()  # hot prefix end -> (blocks, last used)
+        self._footprint = 0
+        self._last_pick: dict[str, int] = {}
+        self._picks = 0
         # A typical unseen request's prefill: 1024 uncached tokens, as SMG's least_load assumes. A
         # constant, not learnt from this replica's traffic, so replicas weigh scraped load alike.
         self._mean_prefill = env.profile.prefill_base + 64 * env.profile.prefill_per_block
@@ -127,58 +162,121 @@ class KvAwarePolicy(Policy):
         matches = ctx.matches
         own_decode = self.decode_weight * prof.batch_coef * dpt * ctx.max_tokens
         # A hot shared prefix (matched by `shared_after` requests) is worth copying to a backend with
-        # room for it: the copy is paid once and serves every later request, so its prefill is
-        # charged once, not `overlap_weight` times.
+        # room for it: the copy is paid once and serves later requests there, so its prefill is not
+        # charged `overlap_weight` times.
         deepest = max(matches.values()) if matches else 0
         if deepest > max_hit:
             deepest = max_hit
-        hot = deepest >= 2 and self.replicate_weight > 0 and self._reuse.get(ctx.hashes[deepest - 1], 0) >= self.shared_after
+        uses = self._reuse.get(ctx.hashes[deepest - 1], 0) if deepest >= 2 else 0
+        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self.shared_after
+        holders = sum(1 for b in candidates if matches.get(b.url, 0) >= deepest) if hot else 0
+        affordable = False
+        if hot and self.amortize > 0:
+            # Copies the caches can afford: every backend keeps `replicate_share` of its blocks for
+            # hot prefixes; when all of them fit everywhere (short shared prompts) each may be on every
+            # backend, as round robin leaves them; when they do not (RAG), they are partitioned and a
+            # copy is made only when a queue pays for it.
+            cap = sum(index.capacity(b.url) for b in candidates)
+            affordable = holders < self.replicate_share * cap / max(1.0, self.hot_footprint())
+        if affordable:
+            # The copy's prefill is paid once and shared by the requests it will serve there: past
+            # uses per copy stand in for future ones.
+            keep = 1.0 / (1.0 + self.amortize * uses / (holders + 1))
+        else:
+            keep = 1.0 - 1.0 / self.overlap_weight  # the old rule: the prefill once, not twice
         out = []
+        ttfts = self._ttft = []
+        fits = self._fits = []
+        base = prof.prefill_base
         for b in candidates:
             m = matches.get(b.url, 0)
             if m > max_hit:
                 m = max_hit
             own = (prompt_blocks - m) * ppb
             cost = self.overlap_weight * own
+            saved = 0.0
             if hot and m < deepest and index.num_blocks(b.url) + (full_blocks - m) <= index.capacity(b.url):
-                cost -= self.replicate_weight * (self.overlap_weight - 1) * (deepest - m) * ppb
+                saved = self.replicate_weight * (1.0 - keep) * (deepest - m) * ppb
+                cost -= self.overlap_weight * saved
             if b.requests:
                 pending_s, n_pending, tokens_left = b.queue_state(t, dpt, env.time_scale)
                 if n_pending > 1:  # one step prefills every waiting prompt: its base is paid once
                     pending_s -= (n_pending - 1) * prof.prefill_base
                 in_flight = len(b.requests)
-                cost += pending_s + prof.decode_step(in_flight - n_pending) + self.stall_weight * in_flight * own + interference * tokens_left
+                step = prof.decode_step(in_flight - n_pending)
+                cost += pending_s + step + self.stall_weight * in_flight * own + interference * tokens_left
                 cost += own_decode * (in_flight - n_pending)  # its own decode in a bigger batch
+                # A prompt already sent there is most likely in a step that has begun (an engine
+                # starts one at once): this one waits for it, then runs in its own.
+                ttft = own + step + base + (pending_s + (n_pending - 1) * base if n_pending else 0.0)
+            else:
+                ttft = own + base
+            if affordable:  # a copy's prefill, shared by the requests it will serve
+                ttft -= saved
             s = b.scraped
             fresh = t - s.at < SCRAPE_FRESH_S
             if s.waiting and fresh:
                 unseen = s.waiting - s.ours_waiting
                 if unseen > 0:
                     cost += unseen * self._mean_prefill
+                    ttft += unseen * self._mean_prefill
             cap = index.capacity(b.url)
             pinned = b.held_blocks
             if fresh and s.kv_usage is not None and s.kv_usage * cap > pinned:
                 pinned = s.kv_usage * cap
             short = pinned + (full_blocks - m) + out_blocks - cap
             if short > 0:  # it waits for a running request to end, or preempts one that recomputes
-                cost += self.memory_weight * short * ppb + (b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0)
+                wait = b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0
+                cost += self.memory_weight * short * ppb + wait
+                ttft += wait
             overflow = index.num_blocks(b.url) + (full_blocks - m) - cap
             if overflow > 0:
                 cost += self.eviction_weight * overflow * ppb
             out.append(cost)
+            ttfts.append(ttft)
+            fits.append(m >= deepest or (affordable and overflow <= 0))
         return out
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        self._picks += 1
+        self._last_pick[backend.url] = self._picks
         m = ctx.matched(backend)
         if m:
             h = ctx.hashes[m - 1]
             reuse = self._reuse
-            reuse[h] = reuse.pop(h, 0) + 1
+            n = reuse[h] = reuse.pop(h, 0) + 1
             if len(reuse) > REUSE_ENTRIES:
                 del reuse[next(iter(reuse))]
+            if n >= self.shared_after:
+                hot = self._hot
+                old = hot.pop(h, None)
+                if old is not None:
+                    self._footprint -= old[0]
+                hot[h] = (m, now())
+                self._footprint += m
+
+    def hot_footprint(self) -> float:
+        """Blocks of the hot shared prefixes used within `hot_horizon_s` (each counted once)."""
+        hot = self._hot
+        horizon = now() - self.hot_horizon_s * self.env.time_scale
+        while hot:
+            h, (depth, seen) = next(iter(hot.items()))
+            if seen >= horizon and len(hot) <= REUSE_ENTRIES:
+                break
+            del hot[h]
+            self._footprint -= depth
+        if not hot:
+            self._footprint = 0
+        return self._footprint
 
     def reset(self) -> None:
         self._reuse.clear()
+        self._hot.clear()
+        self._footprint = 0
+        self._last_pick.clear()
+
+    def forget_backend(self, url: str) -> None:
+        self._last_pick.pop(url, None)
 
     def _stay_home(self, ctx: RequestContext, candidates: Sequence[Backend], costs: list[float], choice: int) -> int:
         """A chat session's next turn stays on the backend holding its history unless that is worse by
@@ -201,18 +299,30 @@ class KvAwarePolicy(Policy):
             return choice
         return home
 
+    def _ttft_band(self, costs: list[float]) -> list[float]:
+        """Costs with every backend whose predicted TTFT is beyond the band around the fastest one
+        priced out. The band's reference is the fastest backend that holds the prefix or can take a
+        copy without evicting, so a scarce cache (RAG) keeps its affinity."""
+        ttfts, fits = self._ttft, self._fits
+        ref = [x for x, f in zip(ttfts, fits) if f]
+        fastest = min(ref) if ref else min(ttfts)
+        limit = fastest + max(self.ttft_slack_s, self.ttft_slack_rel * fastest)
+        return [c if x <= limit else float("inf") for c, x in zip(costs, ttfts)]
+
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
-        costs = self.costs(ctx, candidates)
+        raw = self.costs(ctx, candidates)
+        costs = self._ttft_band(raw) if self.ttft_band > 0 else raw
         best = min(costs)
-        tol = self.tie_blocks * self.overlap_weight * self.env.profile.prefill_per_block + 1e-12
+        tol = max(self.tie_blocks * self.overlap_weight * self.env.profile.prefill_per_block, self.tie_s) + 1e-12
         index = self.env.index
         key = rendezvous.request_key(ctx.hashes, ctx.num_tokens)
         choice, choice_rank = 0, None
+        last = self._last_pick
         for i, b in enumerate(candidates):
             if costs[i] - best <= tol:
-                rank = (index.num_blocks(b.url), -rendezvous.weight(key, b.url))
+                rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url), -rendezvous.weight(key, b.url))
                 if choice_rank is None or rank < choice_rank:
                     choice, choice_rank = i, rank
-        choice = self._stay_home(ctx, candidates, costs, choice)
+        choice = self._stay_home(ctx, candidates, raw, choice)
         b = candidates[choice]
-        return Decision(b, ctx.matched(b), f"cost={costs[choice]:.4f}s")
+        return Decision(b, ctx.matched(b), f"cost={raw[choice]:.4f}s")

@@ -165,3 +165,93 @@ def test_policy_params_set_tunables_and_reject_unknown_ones():
         with pytest.raises(ValueError):
             ProxyConfig(backends=BACKENDS, policy_param=[bad])
     assert ProxyConfig.from_cli(["--policy-param", "kv_aware.replicate_weight=2"]).policy_param == ["kv_aware.replicate_weight=2"]
+
+
+def _hot_home(r, doc_id: int, uses: int = 12):
+    """A 1,000-token prefix matched by `uses` requests, all sent to its first home; returns (ask, home)."""
+    doc = doc_tokens(doc_id, 1000)
+
+    def ask(i: int) -> list[int]:
+        return doc + doc_tokens(doc_id * 1000 + i, 40)
+
+    home = route(r, ask(0))[0].backend
+    for i in range(1, uses):
+        assert route(r, ask(i))[0].backend is home
+    return ask, home
+
+
+def test_a_hot_prefix_that_every_cache_can_afford_is_copied_once_one_request_queues_at_home():
+    """Amortised copies (issue #13, `burst`): a copy's prefill is shared by the requests it will
+    serve, so with one request queued at home a hot prefix is copied to an idle backend, as round
+    robin would have left it there; the old rule (the prefill charged once, whatever the demand)
+    queued it at home. No copy where it would evict, nor when the hot prefixes together outgrow
+    what the caches can keep of them (RAG: partition, not replicate)."""
+    def second_goes_to(amortize: float = 1.0, room: bool = True, crowd: int = 0) -> bool:
+        r = setup_router()
+        pol = r.policies["kv_aware"]
+        pol.amortize = amortize
+        for d in range(crowd):  # other hot prefixes, `crowd` x 62 blocks of them
+            _hot_home(r, 700 + d, uses=3)
+        ask, home = _hot_home(r, 300)
+        if not room:
+            for b in r.candidates():
+                if b is not home:
+                    r.index.set_capacity(b.url, 40)
+        _, queued = route(r, ask(20), keep=True)
+        assert queued.backend is home
+        away = r.decide(r.context(ask(21), 64)).backend is not home
+        r.end(queued)
+        return away
+
+    assert second_goes_to()
+    assert not second_goes_to(amortize=0.0)
+    assert not second_goes_to(room=False)
+    # 0.5 x 4 x 924 blocks kept for hot prefixes; 30 more of 62 blocks each outgrow them.
+    assert not second_goes_to(crowd=30)
+
+
+def test_hot_footprint_forgets_prefixes_not_used_within_the_horizon():
+    r = setup_router()
+    pol = r.policies["kv_aware"]
+    _hot_home(r, 300, uses=3)
+    assert pol.hot_footprint() == 62
+    pol.hot_horizon_s = 0.0
+    assert pol.hot_footprint() == 0
+    pol.reset()
+    assert pol.hot_footprint() == 0
+
+
+def _burst_onto_holders(**params) -> list[int]:
+    """Every backend holds a 1,000-token prefix; three of them are decoding three requests each, one is
+    idle. A burst of 8 requests on that prefix arrives at once: how many land on each backend."""
+    from collections import Counter
+
+    r = setup_router()
+    pol = r.policies["kv_aware"]
+    for k, v in params.items():
+        setattr(pol, k, v)
+    doc = doc_tokens(300, 1000)
+    for i in range(4):
+        route(r, doc + doc_tokens(400 + i, 128), strategy="round_robin")
+    cands = r.candidates()
+    busy = []
+    for b in cands[1:]:
+        for k in range(3):
+            _, rec = route(r, doc_tokens(900 + 7 * len(busy) + k, 64), strategy="round_robin", keep=True)
+            while rec.backend is not b:
+                r.end(rec)
+                _, rec = route(r, doc_tokens(900 + 7 * len(busy) + k, 64), strategy="round_robin", keep=True)
+            r.first_byte(rec)
+            busy.append(rec)
+    got = Counter(route(r, doc + doc_tokens(500 + i, 128), keep=True)[0].backend.url for i in range(8))
+    return sorted(got.values(), reverse=True)
+
+
+def test_a_burst_on_a_replicated_prefix_is_not_piled_onto_the_idle_backend():
+    """TTFT band (issue #13, `burst`): the cost weighs this request's decode beside three decoders
+    about as much as a queue of prefills, so the old weighting sent 5 of a burst of 8 to the one idle
+    backend, where they prefill one after another. Only backends whose predicted TTFT is within the
+    band of the fastest are weighed by cost, and a prompt sent just before is taken to be in a step
+    that has begun: at most 3 land on one backend."""
+    assert max(_burst_onto_holders()) <= 3
+    assert max(_burst_onto_holders(ttft_band=0.0, tie_rotate=0.0, tie_s=0.0, amortize=0.0)) >= 5
