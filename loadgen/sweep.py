@@ -127,9 +127,40 @@ def regret(points: dict[str, dict[float, list[dict[str, Any]]]], subject: str,
                 continue
             v, n = min(cands) if lower else max(cands)
             gap = (mine[key] / v - 1 if v else 0.0) if lower else v - mine[key]
-            row[key] = {"value": mine[key], "best": v, "best_strategy": n, "regret": max(0.0, gap)}
+            row[key] = {"value": mine[key], "best": v, "best_strategy": n, "regret": max(0.0, gap),
+                        **_against_noise(points[subject][rate], points[n][rate], key, lower, gap)}
         out[f"{rate:g}"] = row
     return out
+
+
+def _spread(vals: list[float | None], relative: bool) -> float:
+    vals = [v for v in vals if v is not None]
+    if len(vals) < 2:
+        return 0.0
+    return (max(vals) - min(vals)) / mean(vals) if relative and mean(vals) > 0 else max(vals) - min(vals)
+
+
+def _gap(a: float | None, b: float | None, lower: bool) -> float | None:
+    if a is None or b is None:
+        return None
+    return (a / b - 1 if b else 0.0) if lower else b - a
+
+
+def _against_noise(mine: list[dict[str, Any]], best: list[dict[str, Any]], key: str, lower: bool,
+                   gap: float) -> dict[str, Any]:
+    """How a gap compares with run-to-run noise, from the seeds both strategies ran: the larger of the
+    two strategies' spreads between seeds ((max - min) / mean; points for hit rate), the gap seed by
+    seed (same workload for both), and whether it is beyond noise (worse on every seed and by more
+    than that spread). Nothing is claimed from one seed."""
+    by_seed = {repr(p["seed"]): p[key] for p in best}
+    paired = [_gap(p[key], by_seed.get(repr(p["seed"])), lower) for p in mine]
+    paired = [g for g in paired if g is not None]
+    if len(paired) < 2:
+        return {"seeds": len(paired)}
+    spread = max(_spread([p[key] for p in ps], lower) for ps in (mine, best))
+    worse_everywhere = all(g > 0 for g in paired)
+    return {"seeds": len(paired), "noise": spread, "paired": paired, "worse_on": sum(g > 0 for g in paired),
+            "beyond_noise": bool(gap > 0 and worse_everywhere and gap > spread)}
 
 
 def noise(points: dict[str, dict[float, list[dict[str, Any]]]]) -> dict[str, Any]:
@@ -311,11 +342,21 @@ def regret_table(table: dict[str, Any], unit: str) -> list[str]:
                 cells.append("–")
             elif lower:
                 cells.append(f"+{c['regret'] * 100:.0f}% vs {c['best_strategy']} ({_f(c['value'])} / {_f(c['best'])})"
-                             if c["regret"] > 0 else "0")
+                             f"{_noise_note(c, lower)}" if c["regret"] > 0 else "0")
             else:
-                cells.append(f"-{c['regret'] * 100:.1f} pts vs {c['best_strategy']}" if c["regret"] > 0 else "0")
+                cells.append(f"-{c['regret'] * 100:.1f} pts vs {c['best_strategy']}{_noise_note(c, lower)}"
+                             if c["regret"] > 0 else "0")
         lines.append(f"| {r}{unit} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _noise_note(c: dict[str, Any], lower: bool) -> str:
+    """'; within noise (worse on 1 of 2 seeds, spread 20%)' or '; beyond noise (...)'; nothing from one seed."""
+    if "noise" not in c:
+        return ""
+    spread = f"{c['noise'] * 100:.0f}%" if lower else f"{c['noise'] * 100:.1f} pts"
+    verdict = "beyond noise" if c["beyond_noise"] else "within noise"
+    return f"; {verdict} (worse on {c['worse_on']} of {c['seeds']} seeds, spread {spread})"
 
 
 def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> list[str]:
@@ -346,18 +387,21 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
         for n in strategies:
             g = d["goodput"].get(n)
             cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**" if g == best else f"{g:g}{unit[is_trace]}"))
-        worst = {}
+        worst: dict[str, tuple[float, str, Any]] = {}
         for row in d.get(table_key, d["regret"]).values():
             for key, c in row.items():
-                if c["regret"] > worst.get(key, (-1, ""))[0]:
-                    worst[key] = (c["regret"], row[key]["best_strategy"] if c["regret"] > 0 else "")
+                # A gap beyond noise outranks a larger one within it: the table must not hide it.
+                rank = (bool(c.get("beyond_noise")), c["regret"])
+                if key not in worst or rank > (bool(worst[key][2]), worst[key][0]):
+                    worst[key] = (c["regret"], c["best_strategy"] if c["regret"] > 0 else "", c.get("beyond_noise"))
         parts = []
         for key, _, lower in METRICS:
-            r, who = worst.get(key, (0.0, ""))
+            r, who, beyond = worst.get(key, (0.0, "", None))
             if r <= 0:
                 parts.append("0")
             else:
-                parts.append(f"+{r * 100:.0f}% ({who})" if lower else f"-{r * 100:.1f} pts ({who})")
+                mark = "" if beyond is None else (", beyond noise" if beyond else ", within noise")
+                parts.append(f"+{r * 100:.0f}% ({who}{mark})" if lower else f"-{r * 100:.1f} pts ({who}{mark})")
         loads = ",".join(f"{float(x):g}" for x in d["rates"]) + (" (speed-up)" if is_trace else " req/s")
         lines.append(f"| `{d['workload']}` | {loads} | " + " | ".join(cells) + " | " + " / ".join(parts) + " |")
     return lines

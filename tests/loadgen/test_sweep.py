@@ -31,6 +31,25 @@ def test_regret_is_the_gap_to_the_best_other_strategy():
     assert row["ttft_p50"]["regret"] == 0 and row["hit_rate"]["regret"] == 0
 
 
+def _seeds(**per_seed):
+    return [{**_p(1.0, ttft50=v)[0], "seed": i} for i, v in enumerate(per_seed["ttft50"])]
+
+
+def test_a_gap_is_beyond_noise_only_when_worse_on_every_seed_by_more_than_the_spread():
+    # kv worse on both seeds, by ~50%; its own spread between seeds is 0.01 / 0.155 = 6%: beyond noise.
+    far = regret({"kv": {4: _seeds(ttft50=[0.15, 0.16])}, "rr": {4: _seeds(ttft50=[0.10, 0.11])}}, "kv")["4"]["ttft_p50"]
+    assert far["beyond_noise"] and far["worse_on"] == 2 and far["seeds"] == 2
+    # Worse on one seed, better on the other: within noise, whatever the mean gap.
+    mixed = regret({"kv": {4: _seeds(ttft50=[0.30, 0.10])}, "rr": {4: _seeds(ttft50=[0.15, 0.12])}}, "kv")["4"]["ttft_p50"]
+    assert mixed["regret"] > 0.4 and not mixed["beyond_noise"] and mixed["worse_on"] == 1
+    # Worse on both but by less than the subject's own spread between seeds: within noise.
+    small = regret({"kv": {4: _seeds(ttft50=[0.11, 0.21])}, "rr": {4: _seeds(ttft50=[0.10, 0.20])}}, "kv")["4"]["ttft_p50"]
+    assert small["worse_on"] == 2 and not small["beyond_noise"]
+    # One seed: no verdict at all.
+    one = regret({"kv": {4: _seeds(ttft50=[0.15])}, "rr": {4: _seeds(ttft50=[0.10])}}, "kv")["4"]["ttft_p50"]
+    assert "beyond_noise" not in one and one["seeds"] == 1
+
+
 async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_path: Path):
     wl = WorkloadConfig(name="burst", requests=16, output_tokens=8, burst=4, burst_prefixes=2,
                         burst_prefix_tokens=160, burst_suffix_tokens=16)
