@@ -127,7 +127,7 @@ class Forwarder:
                     raise
                 break
             b = decision.backend
-            rec = router.begin(ctx, decision, strategy)
+            rec = router.begin(ctx, decision, strategy, stream)
             probe = b.breaker.attempt()
             verdict = None
             try:

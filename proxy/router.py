@@ -199,15 +199,19 @@ class Router:
         known = [b.max_model_len for b in self.registry if b.max_model_len and b.serves(model)]
         return max(known) if known else self.config.max_model_len
 
-    def begin(self, ctx: RequestContext, decision: Decision, strategy: str | None = None) -> InFlight:
-        """Count the request as the backend's load from now on and assume it will cache the prompt."""
+    def begin(self, ctx: RequestContext, decision: Decision, strategy: str | None = None, stream: bool = False) -> InFlight:
+        """Count the request as the backend's load from now on and assume it will cache the prompt.
+
+        A streamed request counts as queued prefill until its first chunk arrives: that chunk is the
+        first token. A non-streamed one sends nothing until it ends, so it leaves the queue at its
+        estimated first token (with a margin) instead."""
         b = decision.backend
         prof = self.env.profile
         t = now()
         uncached = max(0.0, ctx.num_tokens / self.env.block_size - decision.matched_blocks)
         prefill_s = prof.prefill_base + uncached * prof.prefill_per_block
         pending_s, _ = b.pending_prefill(t) if b.requests else (0.0, 0)
-        expected = t + FIRST_TOKEN_MARGIN * (pending_s + prefill_s) * self.env.time_scale
+        expected = float("inf") if stream else t + FIRST_TOKEN_MARGIN * (pending_s + prefill_s) * self.env.time_scale
         rec = InFlight(
             self.registry.new_request_id(), b, ctx.num_tokens / self.env.block_size, uncached, ctx.max_tokens,
             prefill_s, expected, t,

@@ -255,3 +255,18 @@ def test_a_burst_on_a_replicated_prefix_is_not_piled_onto_the_idle_backend():
     that has begun: at most 3 land on one backend."""
     assert max(_burst_onto_holders()) <= 3
     assert max(_burst_onto_holders(ttft_band=0.0, tie_rotate=0.0, tie_s=0.0, amortize=0.0)) >= 5
+
+
+def test_a_streamed_request_is_queued_until_its_first_chunk_not_until_a_guess():
+    """Under overload a prefill takes far longer than estimated; a streamed request used to leave the
+    queue at 1.5 x its estimate all the same, so a backend with a long queue looked free. Its first
+    chunk is its first token: it is queued until then. A non-streamed one still leaves at the guess."""
+    for stream, queued in ((True, 1), (False, 0)):
+        r = setup_router()
+        r.env.time_scale = 1e-6  # estimates of a few emulated seconds pass in microseconds of wall time
+        ctx = r.context(doc_tokens(1, 2000), 64)
+        rec = r.begin(ctx, r.decide(ctx), stream=stream)
+        assert rec.backend.queue_state(clock() + 1.0, 0.018, r.env.time_scale)[1] == queued, stream
+        r.first_byte(rec)
+        assert rec.backend.queue_state(clock() + 1.0, 0.018, r.env.time_scale)[1] == 0
+        r.end(rec)
