@@ -47,7 +47,8 @@ one after another: the band keeps the TTFT of each request near the best availab
 costs are noise, and round robin's even rotation beat every greedy pick on TTFT p50 there.
 
 Times come from the backends' latency profile; in-flight requests count from the moment they are
-routed. Every term compares like with like: seconds of waiting against seconds of prefill saved.
+routed, and a streamed one stays queued until its first chunk (its first token) arrives: a guessed
+first-token time let overloaded backends look free (burst, 24 req/s). Every term compares like with like: seconds of waiting against seconds of prefill saved.
 So affinity holds while it pays and a hot prefix gets a second copy once its home's queue costs
 more than re-prefilling it (RAG). Why the prefill a backend lacks counts twice: the stall term only
 sees requests already in flight, but a prefill also holds up the requests that arrive at b while it
