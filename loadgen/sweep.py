@@ -388,20 +388,21 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
             g = d["goodput"].get(n)
             cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**" if g == best else f"{g:g}{unit[is_trace]}"))
         worst: dict[str, tuple[float, str, Any]] = {}
-        for row in d.get(table_key, d["regret"]).values():
+        for load, row in d.get(table_key, d["regret"]).items():
             for key, c in row.items():
                 # A gap beyond noise outranks a larger one within it: the table must not hide it.
                 rank = (bool(c.get("beyond_noise")), c["regret"])
                 if key not in worst or rank > (bool(worst[key][2]), worst[key][0]):
-                    worst[key] = (c["regret"], c["best_strategy"] if c["regret"] > 0 else "", c.get("beyond_noise"))
+                    worst[key] = (c["regret"], c["best_strategy"] if c["regret"] > 0 else "", c.get("beyond_noise"), load)
         parts = []
         for key, _, lower in METRICS:
-            r, who, beyond = worst.get(key, (0.0, "", None))
+            r, who, beyond, load = worst.get(key, (0.0, "", None, ""))
             if r <= 0:
                 parts.append("0")
             else:
                 mark = "" if beyond is None else (", beyond noise" if beyond else ", within noise")
-                parts.append(f"+{r * 100:.0f}% ({who}{mark})" if lower else f"-{r * 100:.1f} pts ({who}{mark})")
+                at = f"at {load}{unit[is_trace]}, {who}{mark}"
+                parts.append(f"+{r * 100:.0f}% ({at})" if lower else f"-{r * 100:.1f} pts ({at})")
         loads = ",".join(f"{float(x):g}" for x in d["rates"]) + (" (speed-up)" if is_trace else " req/s")
         lines.append(f"| `{d['workload']}` | {loads} | " + " | ".join(cells) + " | " + " / ".join(parts) + " |")
     return lines
