@@ -149,10 +149,13 @@ def test_shell_command(block: Block, line: int, command: str, request):
             pytest.skip(f"README line {line}: no .venv here (tests run from another environment)")
     elif tool == "python":
         check_python_module(argv, env)
-    elif tool == "bash" and len(argv) == 2 and argv[1].endswith(".sh"):
-        # a long-running script of the repo's (e.g. every sweep): it exists and bash can parse it
+    elif tool == "bash" and len(argv) >= 2 and argv[1].endswith(".sh"):
+        # a long-running script of the repo's (e.g. every sweep): it exists and bash can parse it; the
+        # names it is given are ones it runs (`run NAME ...` lines)
         p = subprocess.run(["bash", "-n", argv[1]], cwd=ROOT, capture_output=True, timeout=TIMEOUT_S)
         assert p.returncode == 0, p.stderr.decode()
+        script = (ROOT / argv[1]).read_text()
+        assert all(f"\nrun {name} " in script for name in argv[2:]), argv
     elif tool == ".venv/bin/python" and argv[1:3] == ["-m", "pytest"]:
         # a test command: its test files must exist (running them is the suite's own job)
         paths = [a.split("::")[0] for a in argv[3:] if not a.startswith("-")]
