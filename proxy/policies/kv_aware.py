@@ -74,7 +74,8 @@ Shared documents are not held back: their deepest matched block ends no earlier 
 matched by several requests. Measured in `docs/results/multiturn-compare/`.
 
 Costs within `tie_blocks` blocks of (weighted) prefill of the best are a tie (a one-block shared prefix is not
-worth a hot spot), and so are costs within `tie_s`: the backend this replica routed to least
+worth a hot spot), and so are costs within `tie_s` among backends holding as much of the prompt
+as the cheapest (a rotation never gives cached blocks away): the backend this replica routed to least
 recently wins, then the one with the fewest indexed blocks (most free cache), then rendezvous
 hashing of the request's last block hash with each backend's URL (`rendezvous.py`). Distinct
 prefixes thus spread over backends even at low load. The rotation is per replica (`tie_rotate=0`
@@ -124,7 +125,8 @@ class KvAwarePolicy(Policy):
     ttft_band = 1.0
     ttft_slack_s = 0.02
     ttft_slack_rel = 0.25
-    # Costs within tie_s seconds are ties; tie_rotate gives them to the least recently routed-to backend.
+    # Costs within tie_s seconds are ties among backends holding as much of the prompt as the
+    # cheapest; tie_rotate gives ties to the least recently routed-to backend.
     tie_s = 0.03
     tie_rotate = 1.0
 
@@ -314,13 +316,18 @@ class KvAwarePolicy(Policy):
         raw = self.costs(ctx, candidates)
         costs = self._ttft_band(raw) if self.ttft_band > 0 else raw
         best = min(costs)
-        tol = max(self.tie_blocks * self.overlap_weight * self.env.profile.prefill_per_block, self.tie_s) + 1e-12
+        tol = self.tie_blocks * self.overlap_weight * self.env.profile.prefill_per_block + 1e-12
+        # Within tie_s only backends holding as much of this prompt as the cheapest one tie: a
+        # rotation never gives cached blocks away.
+        m_best = ctx.matched(candidates[costs.index(best)])
+        tie_s = self.tie_s + 1e-12
         index = self.env.index
         key = rendezvous.request_key(ctx.hashes, ctx.num_tokens)
         choice, choice_rank = 0, None
         last = self._last_pick
         for i, b in enumerate(candidates):
-            if costs[i] - best <= tol:
+            gap = costs[i] - best
+            if gap <= tol or (gap <= tie_s and ctx.matched(b) == m_best):
                 rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url), -rendezvous.weight(key, b.url))
                 if choice_rank is None or rank < choice_rank:
                     choice, choice_rank = i, rank

@@ -55,10 +55,10 @@ class Cluster:
         self.emulators.append(em)
         return em
 
-    async def proxy(self, events: bool = True) -> RunningProxy:
+    async def proxy(self, events: bool = True, policy_param: list[str] | None = None) -> RunningProxy:
         cfg = ProxyConfig(
             port=0, backends=[e.url for e in self.emulators], time_scale=TIME_SCALE, health_interval=0.1, metrics_interval=0.1,
-            kv_events=[source_flag(e) for e in self.emulators] if events else [],
+            kv_events=[source_flag(e) for e in self.emulators] if events else [], policy_param=policy_param or [],
         )
         p = await start_proxy(cfg)
         self.proxies.append(p)
@@ -183,7 +183,11 @@ async def test_dropped_publisher_falls_back_to_approximate_and_recovers_exact(cl
 async def test_two_proxy_replicas_hold_the_same_index_and_decide_alike(cluster):
     for _ in range(3):
         await cluster.emulator(num_gpu_blocks=40)
-    first, second = await cluster.proxy(), await cluster.proxy()
+    # kv_aware rotates near-equal costs to the backend this replica routed to least recently, which
+    # replicas do not share; with the rotation off (the documented way to get agreement) ties are
+    # decided by the index alone.
+    alike = ["kv_aware.tie_rotate=0"]
+    first, second = await cluster.proxy(policy_param=alike), await cluster.proxy(policy_param=alike)
     c1, c2 = cluster.client(first), cluster.client(second)
     prompts = [prompt(i) for i in range(1, 8)]
     homes = [(await complete(c1, p))[0] for p in prompts]  # all traffic through the first replica
