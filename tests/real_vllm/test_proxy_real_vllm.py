@@ -123,11 +123,15 @@ async def test_salted_prompts_in_exact_mode(vllm: VLLMPair, tmp_path):
     text = doc(7, 300)
     async with proxy_for(vllm, tmp_path, exact=True) as p:
         c = client(p)
-        rows = [await complete(c, text + seeded_words(8, "salted", i), salt=salt)
-                for i, salt in enumerate(["tenant-a", "tenant-a", "tenant-b", "tenant-b", None, "tenant-a"])]
+        salts = ["tenant-a", "tenant-a", "tenant-b", "tenant-b", None, "tenant-a"]
+        rows = [await complete(c, text + seeded_words(8, "salted", i), salt=salt) for i, salt in enumerate(salts)]
         await c.close()
     assert [m for m, _, _ in rows] == [k for _, k, _ in rows], rows
-    assert [k > 0 for _, k, _ in rows] == [False, True, False, True, False, True], rows
+    # A request hits exactly when an earlier one with the same salt ran on the same server: salts keep
+    # the same text apart (where routing sent each request is the policy's business, not this test's).
+    seen = [(salt, b) for salt, (_, _, b) in zip(salts, rows)]
+    assert [k > 0 for _, k, _ in rows] == [seen[i] in seen[:i] for i in range(len(rows))], rows
+    assert sum(k > 0 for _, k, _ in rows) >= 2, rows
 
 
 async def test_exact_index_follows_vllm_evictions(vllm: VLLMPair, tmp_path):
