@@ -126,7 +126,7 @@ def regret(points: dict[str, dict[float, list[dict[str, Any]]]], subject: str,
             if mine[key] is None or not cands:
                 continue
             v, n = min(cands) if lower else max(cands)
-            gap = (mine[key] / v - 1 if v else 0.0) if lower else v - mine[key]
+            gap = _gap(mine[key], v, lower)
             row[key] = {"value": mine[key], "best": v, "best_strategy": n, "regret": max(0.0, gap),
                         **_against_noise(points[subject][rate], points[n][rate], key, lower, gap)}
         out[f"{rate:g}"] = row

@@ -40,15 +40,17 @@ every backend keeps `replicate_share` of its blocks for hot prefixes, so copies 
 `hot_horizon_s`); short shared prompts (`burst`, `sysprompt`) end up on every backend as round
 robin leaves them, long documents (`rag`, `tenants`) stay partitioned and get a copy only when a
 queue pays for one (copying hot documents while the caches still had room lowered rag's hit
-rate in trial runs: the copies, kept warm by spreading, crowded out other documents). The cost also weighs this request's decode beside three decoders about as much as a
-queue of prefills, which piled 5 of a burst of 8 onto the one idle backend, where they prefilled
-one after another: the band keeps the TTFT of each request near the best available. Costs within
+rate in trial runs: the copies, kept warm by spreading, crowded out other documents). The cost
+also weighs this request's decode beside three decoders about as much as a queue of prefills,
+which piled 5 of a burst of 8 onto the one idle backend, where they prefilled one after another:
+the band keeps the TTFT of each request near the best available. Costs within
 `tie_s` are ties, given to the backend least recently routed to: on symmetric traffic the exact
 costs are noise, and round robin's even rotation beat every greedy pick on TTFT p50 there.
 
 Times come from the backends' latency profile; in-flight requests count from the moment they are
 routed, and a streamed one stays queued until its first chunk (its first token) arrives: a guessed
-first-token time let overloaded backends look free (burst, 24 req/s). Every term compares like with like: seconds of waiting against seconds of prefill saved.
+first-token time let overloaded backends look free (burst, 24 req/s). Every term compares like
+with like: seconds of waiting against seconds of prefill saved.
 So affinity holds while it pays and a hot prefix gets a second copy once its home's queue costs
 more than re-prefilling it (RAG). Why the prefill a backend lacks counts twice: the stall term only
 sees requests already in flight, but a prefill also holds up the requests that arrive at b while it
