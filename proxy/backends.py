@@ -55,8 +55,8 @@ class ScrapedLoad:
     block_size: int | None = None
     hash_algo: str | None = None
     at: float = 0.0
-    # Our requests routed there with no first byte yet when the scrape came back: the part of
-    # `waiting` we know about. Snapshotted then, so a request that ends later is still ours.
+    # Our requests with no first byte at some moment between the scrape's send and its answer: the
+    # part of `waiting` we know about. Snapshotted then, so a request that ends later is still ours.
     ours_waiting: int = 0
 
 
@@ -82,6 +82,7 @@ class Backend:
     # Time-dependent parts (a prefill past its expected first token, a decode past its expected
     # end) leave the totals through heaps, each entry popped once.
     n_unstarted: int = 0
+    left_unstarted: int = 0  # requests that ever left `n_unstarted` (first byte or end): see `scrape_mark`
     pending_s: float = 0.0
     n_pending: int = 0
     unstarted_tokens: float = 0.0
@@ -151,6 +152,7 @@ class Backend:
 
     def _leave_unstarted(self, r: InFlight) -> None:
         self.n_unstarted -= 1
+        self.left_unstarted += 1
         self.unstarted_tokens -= r.max_tokens
         if r.phase == PHASE_PREFILL:
             self.pending_s -= r.prefill_s
@@ -194,11 +196,21 @@ class Backend:
         self._advance(now)
         return self._decode_heap[0][0] - now if self.n_decoding and self._decode_heap else 0.0
 
-    def note_scrape(self, running: float | None, waiting: float | None, kv_usage: float | None, at: float) -> None:
-        """A /metrics scrape came back at `at`; snapshot which of its waiting requests are ours."""
+    def scrape_mark(self) -> int:
+        """Taken as a /metrics scrape is sent, and handed back to `note_scrape` with its answer."""
+        return self.left_unstarted
+
+    def note_scrape(self, running: float | None, waiting: float | None, kv_usage: float | None, at: float,
+                    since: int | None = None) -> None:
+        """A /metrics scrape came back at `at`; snapshot which of its waiting requests may be ours.
+
+        The backend counted its waiting requests at some moment between the scrape's send (`since`,
+        from `scrape_mark`) and now: ours are those with no first byte now plus those that left that
+        state in between. Counting only the first charged a request that finished while the answer
+        was on its way as someone else's queue (a real-vLLM salt test sent a prompt off its home)."""
         s = self.scraped
         s.running, s.waiting, s.kv_usage, s.at = running, waiting, kv_usage, at
-        s.ours_waiting = self.n_unstarted
+        s.ours_waiting = self.n_unstarted + (self.left_unstarted - since if since is not None else 0)
 
     def queue_state_scan(self, now: float, decode_per_token: float, time_scale: float) -> tuple[float, int, float]:
         """`queue_state` by walking every in-flight request: the reference the running totals are tested against."""

@@ -170,6 +170,7 @@ class BackendMonitor:
             pass
 
     async def scrape(self, b: Backend) -> None:
+        mark = b.scrape_mark()
         try:
             async with self.session.get(b.url + "/metrics", timeout=self.timeout, headers=b.auth_headers) as r:
                 if r.status != 200:
@@ -182,7 +183,7 @@ class BackendMonitor:
             self._no_metrics_logged.add(b.url)  # once per backend
             log.warning("backend %s: /metrics has no vllm:num_requests_* / vllm:cache_config_info series (a vLLM "
                         "started with --disable-log-stats?): load and block size are not read from it", b.url)
-        b.note_scrape(vals.get("running"), vals.get("waiting"), vals.get("kv_usage"), now())
+        b.note_scrape(vals.get("running"), vals.get("waiting"), vals.get("kv_usage"), now(), since=mark)
         s = b.scraped
         if "block_size" in vals or "hash_algo" in vals:
             if "block_size" in vals:

@@ -15,7 +15,7 @@
             + decode_weight x batch_coef x decode_per_token x max_tokens x decoding(b)       # ...and its own
             + unseen waiting requests x mean prefill                   # load other clients put on b: scraped
                                                                        #   waiting minus OUR requests that were
-                                                                       #   waiting when the scrape came back
+                                                                       #   waiting while the scrape was out
             + [short > 0] x (memory_weight x short x prefill_per_block + time to b's next request end)
                   short = pinned blocks + blocks it needs - capacity   # KV memory running requests pin (ours,
                                                                        #   or scraped kv_cache_usage_perc)
@@ -61,11 +61,12 @@ other backend's wave and made it bigger (one backend grew from 6 to 12 of 24 ses
 suffered. Weight 2 halves the moves while a hot RAG document still spreads under load. And the
 queue counts prefill_base once per step instead of once per pending request, so a home whose
 sessions just arrived together is not over-charged. Scraped `waiting` (up to a scrape interval
-old) is compared with our requests waiting when the scrape came back (a snapshot), not now: a scrape
-taken during a burst otherwise charged a phantom queue to a backend that had long since admitted
-it, and sessions fled their home (multiturn: 63 -> 47 moves in 400 turns); and a request waiting
-at the scrape that has finished since still counts as ours (walking the live requests instead
-charged ~0.17 s to the busiest backend on a bursty workload). Measured in `docs/results/multiturn-compare/`.
+old) is compared with our requests that waited at some moment between its send and its answer
+(a snapshot), not now: a scrape taken during a burst otherwise charged a phantom queue to a
+backend that had long since admitted it, and sessions fled their home (multiturn: 63 -> 47 moves
+in 400 turns); and a request waiting at the scrape that has finished since, even before the answer
+came back, still counts as ours (walking the live requests instead charged ~0.17 s to the busiest
+backend on a bursty workload). Measured in `docs/results/multiturn-compare/`.
 
 Chat sessions stay home. A prompt that continues an earlier routed prompt exactly through that
 prompt's last block (a chat's next turn), with at least 30% of it cached on that backend, goes there

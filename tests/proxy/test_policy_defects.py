@@ -69,6 +69,25 @@ def test_a_request_waiting_at_the_scrape_that_ended_since_is_not_someone_elses_q
     assert pol.costs(r.context(prompt, 64), r.candidates())[i] > costs[i]
 
 
+def test_a_request_that_ends_while_the_scrape_is_on_its_way_is_not_someone_elses_queue():
+    """The race left by the snapshot: the backend counted our request waiting, the request ended
+    before the answer came back. It is ours until a scrape sent after it ended says otherwise."""
+    r = setup_router()
+    pol = r.policies["kv_aware"]
+    _, rec = route(r, doc_tokens(1, 800), keep=True)
+    home = rec.backend
+    prompt = doc_tokens(2, 600)
+    i = r.candidates().index(home)
+    mark = home.scrape_mark()  # the scrape is sent while our request waits
+    r.end(rec)  # ...and the request ends before the answer is back
+    home.note_scrape(running=0, waiting=1, kv_usage=0.0, at=clock(), since=mark)
+    costs = pol.costs(r.context(prompt, 64), r.candidates())
+    assert costs[i] == min(costs) == max(costs), costs
+    # A scrape sent after it ended that still counts one waiting: that one is someone else's.
+    home.note_scrape(running=0, waiting=1, kv_usage=0.0, at=clock(), since=home.scrape_mark())
+    assert pol.costs(r.context(prompt, 64), r.candidates())[i] > costs[i]
+
+
 def test_kv_memory_pinned_by_running_requests_is_a_cost():
     """A backend holding the prefix but whose KV memory running requests pin makes the request wait or
     preempt: a cold backend with free memory is cheaper."""
