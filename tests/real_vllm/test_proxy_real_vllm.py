@@ -11,17 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 
 import aiohttp
 import pytest
+import zmq
+import zmq.asyncio
+
+from kvblocks.kv_events import REPLAY_END_SEQ, BlockStored, EventBatch, decode_batch, parse_replay_reply, replay_request
 
 from loadgen.text import seeded_words
 
 from ..kv_events.helpers import eventually
 from .conftest import API_KEY_A, VLLMPair
 from .helpers import chat, client, complete, metric, proxy_for
-from .vllm_server import BLOCK_SIZE, MODEL_NAME, get_json, post_json
+from .vllm_server import BLOCK_SIZE, DIFF_BUDGET, MODEL_NAME, get_json, post_json
 
 
 # Session set-up (venv build, two vLLM start-ups) counts against the first test: give it room.
@@ -236,3 +241,59 @@ async def test_scraped_vllm_metrics_drive_a_replicas_decisions(vllm: VLLMPair, t
                     t.cancel()
                 await asyncio.gather(*load, return_exceptions=True)
     assert picks == [vllm.b.url] * 4, picks
+
+
+async def _published_since(replay: str, start: int) -> list[tuple[int, EventBatch]]:
+    """(seq, batch) for every batch vLLM's replay buffer holds from `start` on."""
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(replay)
+    out: list[tuple[int, EventBatch]] = []
+    try:
+        await sock.send_multipart(replay_request(start))
+        while True:
+            assert await sock.poll(30_000), "vLLM's replay socket did not answer"
+            seq, payload = parse_replay_reply(await sock.recv_multipart())
+            if seq == REPLAY_END_SEQ:
+                return out
+            out.append((seq, decode_batch(payload)))
+    finally:
+        sock.close(linger=0)
+
+
+async def test_a_streamed_chats_first_chunk_comes_after_its_prefill(vllm: VLLMPair):
+    """The proxy counts a streamed request as queued prefill until its first chunk (`Router.begin`):
+    that holds only if vLLM sends nothing before the first token. Its chat stream opens with a role
+    chunk, so that is the case to check. Server b prefills 256 tokens a step; a ~1,300-token chat
+    prompt takes five steps, each publishing its BlockStored batch stamped (`ts`, time.time()) before
+    the step's outputs leave the engine. The first chunk must reach us after every one of them; a
+    role chunk sent on admission would arrive before the later ones."""
+    srv = vllm.b
+    text = doc(901, 1250)
+    messages = [{"role": "user", "content": text}]
+    tokens = post_json(srv.url + "/tokenize", {"model": MODEL_NAME, "messages": messages})["tokens"]
+    full = len(tokens) // BLOCK_SIZE
+    assert len(tokens) > 4 * DIFF_BUDGET, len(tokens)
+    start = max((seq for seq, _ in await _published_since(srv.replay_endpoint, 0)), default=-1) + 1
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 4, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(srv.url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200
+        first = await r.content.readline()
+        first_at = time.time()
+        assert first.startswith(b"data: ") and b'"role":"assistant"' in first, first
+        await r.read()
+    prompt_blocks = {tuple(tokens[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(full)}
+    deadline = time.monotonic() + 30
+    while True:  # the publisher thread sends a step's batch a moment after the step: poll, bounded
+        # one BlockStored per step carries the step's full blocks, their token ids concatenated
+        per_step = [(b.ts, sum(len(e.block_hashes) for e in b.events
+                               if isinstance(e, BlockStored) and tuple(e.token_ids[:BLOCK_SIZE]) in prompt_blocks))
+                    for _, b in await _published_since(srv.replay_endpoint, start)]
+        stored = [ts for ts, k in per_step if k]
+        n = sum(k for _, k in per_step)
+        if n >= full:
+            break
+        assert time.monotonic() < deadline, f"{n} of the prompt's {full} blocks were published"
+        await asyncio.sleep(0.05)
+    assert len(stored) >= 4, f"prefill ran in {len(stored)} steps, not in chunks"
+    assert first_at >= max(stored), (first_at, stored)
