@@ -267,7 +267,7 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
 
 
 async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
-    from .sweep import SLO, sweep
+    from .sweep import SLO, sweep, verdict_text
 
     strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
     rates = [float(x) for x in ns.rates.split(",") if x.strip()]
@@ -278,6 +278,9 @@ async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
                       SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records, ns.max_lateness)
     print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
+    if res.goodput_verdict:
+        v = res.goodput_verdict
+        print(f"{v['subject']}'s goodput: {verdict_text(v, 'x' if cfg.workload.name == 'trace' else '')}")
     print(f"report: {res.report}")
     return 0
 

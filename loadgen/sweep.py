@@ -58,6 +58,7 @@ class SweepResult:
     # strategy -> rate -> per-seed points (compact metrics of one run)
     points: dict[str, dict[float, list[dict[str, Any]]]] = field(default_factory=dict)
     goodput: dict[str, float] = field(default_factory=dict)
+    goodput_verdict: dict[str, Any] = field(default_factory=dict)
     regret: dict[str, Any] = field(default_factory=dict)
     regret_baselines: dict[str, Any] = field(default_factory=dict)
     noise: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +107,43 @@ def goodput(points: dict[float, list[dict[str, Any]]], slo: SLO) -> float:
             break
         best = rate
     return best
+
+
+def goodput_by_seed(points: dict[float, list[dict[str, Any]]], slo: SLO) -> dict[str, float]:
+    """Goodput of each seed's runs on their own, by repr(seed): a mean over seeds can sit just past
+    the SLO when no seed does (or within it when none does)."""
+    seeds = sorted({repr(p["seed"]) for ps in points.values() for p in ps})
+    out = {}
+    for sd in seeds:
+        best = 0.0
+        for rate in sorted(points):
+            run = next((p for p in points[rate] if repr(p["seed"]) == sd), None)
+            if run is None or not slo.met(run):
+                break
+            best = rate
+        out[sd] = best
+    return out
+
+
+def goodput_verdict(points: dict[str, dict[float, list[dict[str, Any]]]], slo: SLO, subject: str) -> dict[str, Any]:
+    """The subject's goodput against the strategy with the highest: "highest" (ties included), else
+    paired seed by seed (same workload): "beyond noise" when it sustained less on every seed (two
+    seeds at least), "within noise" when on some seed it sustained as much; "lower" from one seed."""
+    if subject not in points:
+        return {}
+    mean_g = {n: goodput(p, slo) for n, p in points.items()}
+    best_name = max(mean_g, key=lambda n: (mean_g[n], n == subject))
+    mine, theirs = goodput_by_seed(points[subject], slo), goodput_by_seed(points[best_name], slo)
+    out = {"subject": subject, "goodput": mean_g[subject], "best": best_name, "best_goodput": mean_g[best_name],
+           "per_seed": mine, "best_per_seed": theirs}
+    if mean_g[subject] >= mean_g[best_name]:
+        return {**out, "verdict": "highest"}
+    paired = [(mine[sd], theirs[sd]) for sd in mine if sd in theirs]
+    if len(paired) < 2:
+        return {**out, "verdict": "lower"}
+    lower_everywhere = all(a < b for a, b in paired)
+    return {**out, "verdict": "beyond noise" if lower_everywhere else "within noise",
+            "lower_on": sum(a < b for a, b in paired), "seeds": len(paired)}
 
 
 def regret(points: dict[str, dict[float, list[dict[str, Any]]]], subject: str,
@@ -242,6 +280,7 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
                 print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
     res.goodput = {n: goodput(p, slo) for n, p in res.points.items()}
     subject = names[0]
+    res.goodput_verdict = goodput_verdict(res.points, slo, subject)
     res.regret = regret(res.points, subject)
     res.regret_baselines = regret(res.points, subject, list(BASELINES))
     res.noise = noise(res.points)
@@ -249,7 +288,8 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
         "workload": config.workload.name, "strategies": names, "rates": rates, "seeds": seeds,
         "rate_kind": "trace speed-up" if is_trace else "req/s (emulated)",
         "slo": {"ttft_p99": slo.ttft_p99, "tpot_p50": slo.tpot_p50}, "goodput": res.goodput,
-        "subject": subject, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
+        "goodput_seeds": {n: goodput_by_seed(p, slo) for n, p in res.points.items()},
+        "goodput_verdict": res.goodput_verdict, "subject": subject, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
         "points": {n: {f"{r:g}": ps for r, ps in p.items()} for n, p in res.points.items()},
     })
     if res.points:
@@ -293,9 +333,11 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
         "switched and the proxy's index and every backend's prefix cache were reset. Seeds: "
         f"{', '.join(map(str, seeds))} (figures are means over seeds). Latencies in emulated seconds.", "",
         f"## Goodput (SLO: TTFT p99 <= {slo.ttft_p99:g} s, TPOT p50 <= {slo.tpot_p50:g} s, no failed request)", "",
-        "| strategy | goodput |", "|---|---|",
-        *[f"| {n} | {g:g}{unit} |" for n, g in res.goodput.items()], "",
-        "Goodput = highest offered load met within the SLO there and at every lower load (0 = not even the lowest).", "",
+        "| strategy | goodput | per seed |", "|---|---|---|",
+        *[f"| {n} | {g:g}{unit} | {_seeds_cell(goodput_by_seed(res.points[n], slo))} |" for n, g in res.goodput.items()], "",
+        "Goodput = highest offered load met within the SLO there and at every lower load (0 = not even the "
+        "lowest), from the means over seeds; per seed, from each seed's runs alone.", "",
+        *([f"`{subject}`'s goodput: {verdict_text(res.goodput_verdict, unit)}.", ""] if res.goodput_verdict else []),
         "Step lateness = how late the emulators' engine steps ran on average (emulated ms): the CPU the run "
         "had. High values mean the machine, not the strategy, set the latencies.", "",
         "## Every point", "",
@@ -350,6 +392,19 @@ def regret_table(table: dict[str, Any], unit: str) -> list[str]:
     return lines
 
 
+def _seeds_cell(by_seed: dict[str, float]) -> str:
+    return ", ".join(f"{g:g}" for g in by_seed.values())
+
+
+def verdict_text(v: dict[str, Any], unit: str) -> str:
+    """'highest', or 'within noise of sglang's 24 req/s (lower on 1 of 2 seeds: 16, 16 against 24, 16)'."""
+    if v["verdict"] == "highest":
+        return "highest"
+    seeds = f"{_seeds_cell(v['per_seed'])} against {_seeds_cell(v['best_per_seed'])}"
+    lower_on = f"lower on {v['lower_on']} of {v['seeds']} seeds: " if "seeds" in v else ""
+    return f"{v['verdict']} of {v['best']}'s {v['best_goodput']:g}{unit} ({lower_on}{seeds})"
+
+
 def _noise_note(c: dict[str, Any], lower: bool) -> str:
     """'; within noise (worse on 1 of 2 seeds, spread 20%)' or '; beyond noise (...)'; nothing from one seed."""
     if "noise" not in c:
@@ -377,16 +432,23 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
         rows.append(data)
     unit = {True: "x", False: ""}
     against = "the best of " + " and ".join(BASELINES) if table_key == "regret_baselines" else "the best other"
-    lines = ["| workload | loads | " + " | ".join(strategies) + " | worst regret of " +
-             (rows[0]["subject"] if rows else "") + f" against {against}: TTFT p50 / TTFT p99 / E2E p50 / hit rate |",
-             "|---|---|" + "---|" * len(strategies) + "---|"]
+    subject = rows[0]["subject"] if rows else ""
+    lines = ["| workload | loads | " + " | ".join(strategies) + f" | {subject}'s goodput | worst regret of " +
+             subject + f" against {against}: TTFT p50 / TTFT p99 / E2E p50 / hit rate |",
+             "|---|---|" + "---|" * len(strategies) + "---|---|"]
     for d in rows:
         is_trace = d["rate_kind"].startswith("trace")
         best = max(d["goodput"].values()) if d["goodput"] else 0
+        # Recomputed from the stored runs, so a sweep.json written before per-seed goodput reads alike.
+        slo = SLO(**d["slo"])
+        points = {n: {float(r): ps for r, ps in p.items()} for n, p in d["points"].items()}
         cells = []
         for n in strategies:
             g = d["goodput"].get(n)
-            cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**" if g == best else f"{g:g}{unit[is_trace]}"))
+            per_seed = goodput_by_seed(points[n], slo) if n in points else {}
+            seeds = f" ({_seeds_cell(per_seed)})" if len(per_seed) > 1 else ""
+            cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**{seeds}" if g == best else f"{g:g}{unit[is_trace]}{seeds}"))
+        cells.append(verdict_text(goodput_verdict(points, slo, d["subject"]), unit[is_trace]))
         worst: dict[str, tuple[float, str, Any]] = {}
         for load, row in d.get(table_key, d["regret"]).items():
             for key, c in row.items():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from loadgen.config import RunConfig, WorkloadConfig
 from loadgen.results import read_json
-from loadgen.sweep import SLO, goodput, regret, sweep, sweep_table
+from loadgen.sweep import SLO, goodput, goodput_by_seed, goodput_verdict, regret, sweep, sweep_table
 
 from .conftest import FAST
 
@@ -50,6 +50,31 @@ def test_a_gap_is_beyond_noise_only_when_worse_on_every_seed_by_more_than_the_sp
     assert "beyond_noise" not in one and one["seeds"] == 1
 
 
+def _tpot(*per_seed):
+    return [{**_p(0.5, tpot=v)[0], "seed": i} for i, v in enumerate(per_seed)]
+
+
+def test_goodput_per_seed_and_its_verdict_against_the_best():
+    slo = SLO(ttft_p99=1.0, tpot_p50=0.03)
+    # The burst sweep's shape: at 16 both strategies meet the SLO on seed 0 and miss it on seed 1;
+    # kv's mean TPOT lands just past it (0.0302), rr's just within (0.0298).
+    kv = {8: _tpot(0.02, 0.02), 16: _tpot(0.0267, 0.0337)}
+    rr = {8: _tpot(0.02, 0.02), 16: _tpot(0.0290, 0.0306)}
+    assert goodput(kv, slo) == 8 and goodput(rr, slo) == 16
+    assert goodput_by_seed(kv, slo) == goodput_by_seed(rr, slo) == {"0": 16, "1": 8}
+    v = goodput_verdict({"kv": kv, "rr": rr}, slo, "kv")
+    assert v["verdict"] == "within noise" and v["best"] == "rr" and v["lower_on"] == 0
+    # Lower on every seed: beyond noise.
+    low = {8: _tpot(0.02, 0.02), 16: _tpot(0.04, 0.04)}
+    steady = {8: _tpot(0.02, 0.02), 16: _tpot(0.029, 0.029)}
+    assert goodput_verdict({"kv": low, "rr": steady}, slo, "kv")["verdict"] == "beyond noise"
+    assert goodput_verdict({"kv": low, "rr": rr}, slo, "kv")["verdict"] == "within noise"
+    # Ties count as highest; one seed gives no noise verdict.
+    assert goodput_verdict({"kv": rr, "rr": rr}, slo, "kv")["verdict"] == "highest"
+    one = {r: ps[:1] for r, ps in low.items()}
+    assert goodput_verdict({"kv": one, "rr": {r: ps[:1] for r, ps in rr.items()}}, slo, "kv")["verdict"] == "lower"
+
+
 async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_path: Path):
     wl = WorkloadConfig(name="burst", requests=16, output_tokens=8, burst=4, burst_prefixes=2,
                         burst_prefix_tokens=160, burst_suffix_tokens=16)
@@ -69,7 +94,9 @@ async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_p
     assert "## Goodput" in text and "## Regret of `kv_aware`" in text and "## Run-to-run noise" in text
     assert (tmp_path / "round_robin" / "rate-8" / "seed-1" / "summary.json").exists()
     table = sweep_table([tmp_path])
-    assert table[2].startswith("| `burst` | 4,8 req/s | **8** | **8** |"), table
+    assert data["goodput_verdict"]["verdict"] == "highest" and data["goodput_seeds"]["kv_aware"] == {"0": 8.0, "1": 8.0}
+    assert "| kv_aware | 8 req/s | 8, 8 |" in text and "`kv_aware`'s goodput: highest." in text
+    assert table[2].startswith("| `burst` | 4,8 req/s | **8** (8, 8) | **8** (8, 8) | highest |"), table
 
 
 async def test_a_starved_point_is_run_again(tmp_path: Path):
