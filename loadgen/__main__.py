@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--backends", type=int, default=4, help="embedded emulators when no --target is given (default %(default)s)")
     sw.add_argument("--spawn", choices=("subprocess", "inprocess"), default="subprocess",
                     help="without --target: run the started proxy in its own process or in this one (default %(default)s)")
+    sw.add_argument("--peer", default="",
+                    help="the --target is another router (sglang-router, vllm-router, ...): run it as the one "
+                         "strategy under this name, resetting the --backend caches between points (default: none)")
+    sw.add_argument("--backend", action="append", default=[],
+                    help="with --peer: a backend URL behind the router, repeatable; its /metrics are sampled and "
+                         "its prefix cache reset between points (default: none)")
     sw.add_argument("--reset-target", action="store_true",
                     help="allow resetting the prefix index and the backends' prefix caches of a --target this run "
                          "did not start (the sweep resets them between points; default: refuse)")
@@ -258,6 +264,7 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .report import compare_table
 
     strategies = strategy_names(ns.strategies)
+    await _reachable(cfg)
     res = await compare(cfg, strategies, cfg.target or None, command, ns.backends, ns.spawn)
     print("\n".join(compare_table(res.summaries)))
     print(f"report: {res.report}")
@@ -266,8 +273,16 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     return _error_exit(res.summaries, cfg.max_error_share)
 
 
+async def _reachable(cfg: RunConfig) -> None:
+    """A --target that does not answer /v1/models is a UsageError naming it, before anything runs."""
+    if cfg.target:
+        from .preflight import check_target
+
+        await check_target(cfg.target, "", cfg.api_key)
+
+
 async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
-    from .sweep import SLO, sweep, verdict_text
+    from .sweep import SLO, PeerRouter, sweep, verdict_text
 
     strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
     rates = [float(x) for x in ns.rates.split(",") if x.strip()]
@@ -275,8 +290,10 @@ async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     if not rates or min(rates) <= 0:
         print("error: --rates needs positive values", file=sys.stderr)
         return 2
+    await _reachable(cfg)
+    peer = PeerRouter(ns.peer, list(ns.backend)) if ns.peer else None
     res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
-                      SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records, ns.max_lateness)
+                      SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records, ns.max_lateness, peer)
     print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
     if res.goodput_verdict:
         v = res.goodput_verdict
@@ -298,20 +315,32 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig | None]:
                 raise UsageError("folders", f"{folder}: no sweep.json (a `python -m loadgen sweep --out` folder)")
         return ns, None
     cfg = configs(ns)
+    if ns.command == "sweep" and (ns.peer or ns.backend):
+        if not ns.peer:
+            raise UsageError("--backend", "is for --peer sweeps (a proxy's backends come from its admin API)")
+        if not ns.target:
+            raise UsageError("--peer", "needs --target, the other router's OpenAI base URL")
+        if not ns.backend:
+            raise UsageError("--peer", "needs --backend URL (repeatable): the backends whose caches to reset")
+        if "/" in ns.peer or ns.peer in ("", ".", ".."):
+            raise UsageError("--peer", f"{ns.peer!r}: a name for the reports' folders, without '/'")
     if ns.command in ("compare", "sweep"):
-        strategy_names(ns.strategies)
+        if not (ns.command == "sweep" and ns.peer):
+            strategy_names(ns.strategies)
         if ns.backends < 1:
             raise UsageError("--backends", f"must be >= 1 (got {ns.backends})")
         if ns.target and not ns.reset_target:
-            raise UsageError("--target", f"{ns.command} resets the prefix index of {cfg.target} and its backends' "
-                             "prefix caches between runs; pass --reset-target to allow that on a proxy "
-                             "this run did not start")
+            what = ("the prefix caches of every --backend" if ns.command == "sweep" and ns.peer else
+                    f"the prefix index of {cfg.target} and its backends' prefix caches")
+            raise UsageError("--target", f"{ns.command} resets {what} between runs; pass --reset-target to allow "
+                             "that on servers this run did not start")
     return ns, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from .peer import ModelUnknown
+    from .proxy_admin import AdminError
 
     with exit_on_usage_error(PROG):
         ns, cfg = check_args(argv)
@@ -329,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         except ModelUnknown as e:
             print(f"python -m loadgen: error: {e}", file=sys.stderr)
             return 2
+        except AdminError as e:  # the proxy's admin API, or a peer's backend, refused a reset or switch
+            print(f"python -m loadgen: error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -9,9 +9,16 @@ emulated seconds, no failed request) at that rate and every lower one, the measu
 and llm-d's benchmarks report. Regret is the subject strategy's gap to the best of the others per
 metric and rate. For `trace` the "rates" are trace speed-ups. `--seeds` repeats every point per
 seed: the spread between seeds is the run-to-run noise the regret must be read against.
+
+    python -m loadgen sweep --peer sglang-router --target http://127.0.0.1:30000/v1 --reset-target \
+        --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002 --workload burst --rates 8,16
+
+runs another router as the one strategy (caches reset on its backends between points); `sweep-table`
+given both folders puts it in the row of the kvroute sweep of the same workload.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from .backend_metrics import base_url
 from .compare import DEFAULT_ALIAS, _safe
 from .config import RunConfig
 from .proxy_admin import AdminError, ProxyAdmin
@@ -215,25 +223,67 @@ def noise(points: dict[str, dict[float, list[dict[str, Any]]]]) -> dict[str, Any
     return worst
 
 
+class PeerRouter:
+    """Another router (sglang-router, vllm-router, ...) run as the sweep's one strategy, `name`: no
+    strategy to switch, and between points the backends' prefix caches are reset on the backends
+    themselves (`POST /reset_prefix_cache`, vLLM's dev API and the emulator's). The router's own view
+    of the caches is not reset: it sees cold caches as after a backend restart."""
+
+    def __init__(self, name: str, backends: list[str]) -> None:
+        self.name, self.backend_urls = name, backends
+
+    async def strategy(self) -> str:
+        return self.name
+
+    async def set_strategy(self, name: str) -> None:
+        if name != self.name:
+            raise AdminError(f"{self.name} is another router: it has no strategy {name!r} to switch to")
+
+    async def backends(self) -> list[str]:
+        return list(self.backend_urls)
+
+    async def reset(self) -> None:
+        """Every backend's prefix cache, or AdminError naming the one that refused (a request still
+        holding blocks after the point ended, or a vLLM without its dev API)."""
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            for url in self.backend_urls:
+                reset = base_url(url) + "/reset_prefix_cache"
+                try:
+                    async with s.post(reset) as r:
+                        status, text = r.status, await r.text()
+                except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                    raise AdminError(f"POST {reset}: {e or type(e).__name__}") from None
+                try:
+                    body: Any = json.loads(text)
+                except ValueError:
+                    body = text[:200]
+                if status != 200 or not isinstance(body, dict) or body.get("success") is False:
+                    raise AdminError(f"POST {reset} -> HTTP {status}: {body}")
+
+
 async def sweep(config: RunConfig, strategies: list[str], rates: list[float], target: str | None = None,
                 command: str = "", backends: int = 4, spawn: str = "subprocess", slo: SLO | None = None,
                 seeds: list[int] | None = None, keep_records: bool = False,
-                max_lateness: float = 0.0) -> SweepResult:
+                max_lateness: float = 0.0, peer: PeerRouter | None = None) -> SweepResult:
     """Run every strategy at every rate (and seed); write summaries, sweep.json, plots and report.md.
 
     `max_lateness` > 0: a point whose emulators' steps ran later than that on average (emulated s;
-    the machine was starved, e.g. by other jobs) is run once more and the less late run kept."""
+    the machine was starved, e.g. by other jobs) is run once more and the less late run kept.
+    `peer`: `target` is another router, run as one strategy under the peer's name."""
     slo = slo or SLO()
     seeds = seeds or [config.workload.seed]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     is_trace = config.workload.name == "trace"
     res = SweepResult()
+    if peer is not None and not target:
+        raise ValueError("a peer router sweep needs the router's --target")
     async with managed_proxy(target, config.time_scale, backends, spawn) as stack:
         res.target = config.target = stack.target
-        admin = ProxyAdmin(stack.target, config.admin_key)
+        admin: ProxyAdmin | PeerRouter = peer or ProxyAdmin(stack.target, config.admin_key)
         original = await admin.strategy()
-        names = [original if s == DEFAULT_ALIAS else s for s in strategies]
+        names = [peer.name] if peer else [original if s == DEFAULT_ALIAS else s for s in strategies]
         backend_urls = await admin.backends()
         first_summary = None
         try:
@@ -416,10 +466,11 @@ def _noise_note(c: dict[str, Any], lower: bool) -> str:
 
 def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> list[str]:
     """The README's table from sweep folders: goodput per strategy and workload, and the subject's
-    worst regret over the load levels per metric (`python -m loadgen sweep-table docs/results/*-sweep`)."""
+    worst regret over the load levels per metric (`python -m loadgen sweep-table docs/results/*-sweep`).
+    Folders of one workload share its row: a peer router's sweep joins the kvroute sweep before it."""
     from .results import read_json
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     strategies: list[str] = []
     for folder in folders:
         path = Path(folder) / SWEEP_JSON
@@ -429,7 +480,17 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
         for n in data["strategies"]:
             if n not in strategies:
                 strategies.append(n)
-        rows.append(data)
+        same = next((d for d in rows if d["workload"] == data["workload"]), None)
+        if same is None:
+            rows.append(data)
+            continue
+        # A second sweep of the same workload (a peer router's, `sweep --peer`): its strategies join
+        # the first's row, their goodput read with the first's SLO; the regret columns stay the first's.
+        for n, p in data["points"].items():
+            if n not in same["points"]:
+                same["points"][n] = p
+                same["strategies"].append(n)
+                same["goodput"][n] = goodput({float(r): ps for r, ps in p.items()}, SLO(**same["slo"]))
     unit = {True: "x", False: ""}
     against = "the best of " + " and ".join(BASELINES) if table_key == "regret_baselines" else "the best other"
     subject = rows[0]["subject"] if rows else ""

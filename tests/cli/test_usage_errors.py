@@ -113,6 +113,12 @@ CASES = [
     ("loadgen", ["run"], {"KVROUTE_LOADGEN_REQUESTS": "abc"}, ["KVROUTE_LOADGEN_REQUESTS='abc'", "integer"]),
     ("loadgen", ["compare"], {"KVROUTE_LOADGEN_TIME_SCALE": "-1"}, ["KVROUTE_LOADGEN_TIME_SCALE='-1'", "--time-scale"]),
     ("loadgen", ["run", "--log-format", "xml"], {}, ["--log-format", "xml"]),
+    ("loadgen", ["sweep", "--rates", "8", "--peer", "sglang-router"], {}, ["--peer", "--target"]),
+    ("loadgen", ["sweep", "--rates", "8", "--backend", "http://127.0.0.1:9"], {}, ["--backend", "--peer"]),
+    ("loadgen", ["sweep", "--rates", "8", "--peer", "a/b", "--target", "http://127.0.0.1:9/v1", "--backend",
+                 "http://127.0.0.1:9"], {}, ["--peer", "'a/b'"]),
+    ("loadgen", ["sweep", "--rates", "8", "--peer", "r", "--target", "http://127.0.0.1:9/v1", "--backend",
+                 "http://127.0.0.1:9"], {}, ["--target", "--reset-target", "--backend"]),
 ]
 
 
@@ -129,9 +135,12 @@ def test_port_in_use(prog, argv, busy_port):
     _assert_one_line(rc, err, prog, "--port", str(busy_port), "in use")
 
 
-def test_target_down_is_named_before_any_request(closed_port, tmp_path):
+@pytest.mark.parametrize("argv", [["run", "--requests", "5"], ["compare", "--reset-target"],
+                                  ["sweep", "--rates", "8", "--reset-target"],
+                                  ["sweep", "--rates", "8", "--reset-target", "--peer", "r", "--backend", "http://127.0.0.1:9"]])
+def test_target_down_is_named_before_any_request(closed_port, tmp_path, argv):
     target = f"http://127.0.0.1:{closed_port}/v1"
-    rc, _out, err = _run("loadgen", "run", "--target", target, "--requests", "5", "--out", str(tmp_path))
+    rc, _out, err = _run("loadgen", *argv, "--target", target, "--out", str(tmp_path))
     _assert_one_line(rc, err, "loadgen", "--target", target, "cannot reach")
     assert not (tmp_path / "records.jsonl").exists()
 

@@ -4,6 +4,8 @@ loopback; the client is the real openai SDK."""
 from __future__ import annotations
 
 import itertools
+import json
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -13,8 +15,10 @@ from emulator.config import EmulatorConfig
 from emulator.server import start_emulator
 from loadgen.config import RunConfig, WorkloadConfig
 from loadgen.peer import ModelUnknown
+from loadgen.proxy_admin import AdminError
 from loadgen.runner import run_workload
 from loadgen.summary import summarize
+from loadgen.sweep import SLO, PeerRouter, sweep, sweep_table
 from loadgen.workloads import build_workload
 
 from .conftest import FAST
@@ -102,3 +106,28 @@ async def test_an_explicit_model_needs_no_backends(peer):
 async def _first_model(url: str) -> str:
     async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as r:
         return (await r.json())["data"][0]["id"]
+
+
+async def test_a_sweep_through_a_peer_router_resets_its_backends_and_joins_the_table(peer, stack, tmp_path):
+    """`sweep --peer`: the other router is the one strategy; between points the backends' caches are
+    reset on the backends (the same prompts at the next rate start cold); `sweep-table` puts its
+    goodput in the row of the kvroute sweep of the same workload."""
+    target, backends = peer
+    cfg = replace(_cfg(target, out=str(tmp_path / "peer")), concurrency=0)
+    res = await sweep(cfg, [], [4.0, 8.0], target, spawn="inprocess", slo=SLO(ttft_p99=1e9, tpot_p50=1e9),
+                      keep_records=True, peer=PeerRouter("rr-router", backends))
+    assert list(res.points) == ["rr-router"] and res.goodput == {"rr-router": 8.0}
+    for rate in ("4", "8"):
+        first = json.loads((tmp_path / "peer" / "rr-router" / f"rate-{rate}" / "records.jsonl").read_text().splitlines()[0])
+        assert first["ok"] and first["cached_tokens"] == 0, (rate, first)  # cold: reset in between
+    ours = replace(cfg, target=stack, out=str(tmp_path / "ours"))
+    await sweep(ours, ["kv_aware", "round_robin"], [4.0, 8.0], stack, slo=SLO(ttft_p99=1e9, tpot_p50=1e9))
+    table = sweep_table([tmp_path / "ours", tmp_path / "peer"])
+    assert "| rr-router |" in table[0] and len(table) == 3, table
+    assert table[2].startswith("| `rag` | 4,8 req/s | **8** | **8** | **8** | highest |"), table
+
+
+async def test_a_peer_reset_that_a_backend_refuses_names_it(peer):
+    target, backends = peer
+    with pytest.raises(AdminError, match=r"/reset_prefix_cache -> HTTP 404"):
+        await PeerRouter("rr-router", [target]).reset()  # the router itself has no such route
