@@ -155,6 +155,8 @@ def test_shell_command(block: Block, line: int, command: str, request):
         p = subprocess.run(["bash", "-n", argv[1]], cwd=ROOT, capture_output=True, timeout=TIMEOUT_S)
         assert p.returncode == 0, p.stderr.decode()
         script = (ROOT / argv[1]).read_text()
+        for sourced in re.findall(r'^source "\$\(dirname "\$0"\)/([\w.-]+)"', script, re.M):
+            script += (ROOT / argv[1]).parent.joinpath(sourced).read_text()  # its `run` lines may live there
         assert all(f"\nrun {name} " in script for name in argv[2:]), argv
     elif tool == ".venv/bin/python" and argv[1:3] == ["-m", "pytest"]:
         # a test command: its test files must exist (running them is the suite's own job)
