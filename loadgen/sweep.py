@@ -344,7 +344,8 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
     })
     if res.points:
         res.plots = [sweep_plot(res.points, config.workload.name, is_trace, out)]
-        res.report = sweep_report(res, first_summary, command, stack.description, slo, subject, is_trace, out)
+        where = f"{stack.target} ({peer.name}: another router, not kvroute)" if peer else stack.description
+        res.report = sweep_report(res, first_summary, command, where, slo, subject, is_trace, out, peer is not None)
     return res
 
 
@@ -373,15 +374,19 @@ def sweep_plot(points: dict[str, dict[float, list[dict[str, Any]]]], workload: s
 
 
 def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: str, slo: SLO, subject: str,
-                 is_trace: bool, out: Path) -> Path:
+                 is_trace: bool, out: Path, peer: bool = False) -> Path:
     unit = "x" if is_trace else " req/s"
     lines = _header(f"Goodput sweep on `{first['workload']}`", command, first, target)
     seeds = sorted({sd for p in res.points.values() for ps in p.values() for q in ps for sd in [q["seed"]]})
+    load = "trace speed-up" if is_trace else "offered rate"
+    ran = (f"`{subject}` (another router) ran the seeded workload ({first['requests_planned']} requests per "
+           f"point) at every {load}; between runs every backend's prefix cache was reset on the backend (the "
+           "router's own view of the caches was not)." if peer else
+           f"Every strategy ran the same seeded workload ({first['requests_planned']} requests per point) at every "
+           f"{load}, against one proxy; between runs the strategy was switched and the proxy's index and every "
+           "backend's prefix cache were reset.")
     lines += [
-        f"Every strategy ran the same seeded workload ({first['requests_planned']} requests per point) at every "
-        f"{'trace speed-up' if is_trace else 'offered rate'}, against one proxy; between runs the strategy was "
-        "switched and the proxy's index and every backend's prefix cache were reset. Seeds: "
-        f"{', '.join(map(str, seeds))} (figures are means over seeds). Latencies in emulated seconds.", "",
+        f"{ran} Seeds: {', '.join(map(str, seeds))} (figures are means over seeds). Latencies in emulated seconds.", "",
         f"## Goodput (SLO: TTFT p99 <= {slo.ttft_p99:g} s, TPOT p50 <= {slo.tpot_p50:g} s, no failed request)", "",
         "| strategy | goodput | per seed |", "|---|---|---|",
         *[f"| {n} | {g:g}{unit} | {_seeds_cell(goodput_by_seed(res.points[n], slo))} |" for n, g in res.goodput.items()], "",

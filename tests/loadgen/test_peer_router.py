@@ -120,6 +120,8 @@ async def test_a_sweep_through_a_peer_router_resets_its_backends_and_joins_the_t
     for rate in ("4", "8"):
         first = json.loads((tmp_path / "peer" / "rr-router" / f"rate-{rate}" / "records.jsonl").read_text().splitlines()[0])
         assert first["ok"] and first["cached_tokens"] == 0, (rate, first)  # cold: reset in between
+    report = (tmp_path / "peer" / "report.md").read_text()
+    assert "`rr-router` (another router) ran the seeded workload" in report and "not kvroute" in report
     ours = replace(cfg, target=stack, out=str(tmp_path / "ours"))
     await sweep(ours, ["kv_aware", "round_robin"], [4.0, 8.0], stack, slo=SLO(ttft_p99=1e9, tpot_p50=1e9))
     table = sweep_table([tmp_path / "ours", tmp_path / "peer"])
