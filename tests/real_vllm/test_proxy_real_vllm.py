@@ -261,6 +261,26 @@ async def _published_since(replay: str, start: int) -> list[tuple[int, EventBatc
         sock.close(linger=0)
 
 
+async def _next_seq(srv) -> int:
+    """A sequence number vLLM has not published yet: the live stream's next batch after we joined
+    (a one-block prompt makes one). Replaying from 0 instead asks for every buffered batch at once,
+    more than the replay socket's high-water mark; it drops the excess, end marker included."""
+    sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(srv.endpoint)
+    try:
+        for attempt in range(20):  # a PUB drops what it sends before the subscription reached it
+            post_json(srv.url + "/v1/completions", {"model": MODEL_NAME, "prompt": [96_000 + attempt] * BLOCK_SIZE * 2,
+                                                    "max_tokens": 1})
+            if await sub.poll(2_000):
+                _topic, seq, _payload = await sub.recv_multipart()
+                return int.from_bytes(seq, "big") + 1
+        raise AssertionError("vLLM's KV-event stream published nothing for 20 requests")
+    finally:
+        sub.close(linger=0)
+
+
 async def test_a_streamed_chats_first_chunk_comes_after_its_prefill(vllm: VLLMPair):
     """The proxy counts a streamed request as queued prefill until its first chunk (`Router.begin`):
     that holds only if vLLM sends nothing before the first token. Its chat stream opens with a role
@@ -274,7 +294,7 @@ async def test_a_streamed_chats_first_chunk_comes_after_its_prefill(vllm: VLLMPa
     tokens = post_json(srv.url + "/tokenize", {"model": MODEL_NAME, "messages": messages})["tokens"]
     full = len(tokens) // BLOCK_SIZE
     assert len(tokens) > 4 * DIFF_BUDGET, len(tokens)
-    start = max((seq for seq, _ in await _published_since(srv.replay_endpoint, 0)), default=-1) + 1
+    start = await _next_seq(srv)
     body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 4, "temperature": 0, "stream": True}
     async with aiohttp.ClientSession() as s, s.post(srv.url + "/v1/chat/completions", json=body) as r:
         assert r.status == 200
