@@ -13,7 +13,7 @@ from typing import Any
 from kvblocks import HASH_ALGOS
 from kvblocks.cli import ArgumentParser, exit_on_usage_error, json_object, load_dataclass
 
-from .latency import DEFAULT_PROFILE, PROFILES
+from kvblocks.latency import DEFAULT_PROFILE, PROFILES
 from .model_spec import DEFAULT_GPU, DEFAULT_MODEL, GPUS, MODELS, num_gpu_blocks
 
 ENV_PREFIX = "KVROUTE_EMU_"

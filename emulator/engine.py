@@ -23,7 +23,7 @@ from .config import EmulatorConfig
 from .detokenizer import OutputText
 from .generator import TokenGenerator
 from .kv_cache_manager import KVCacheManager, KVSequence, cdiv
-from .latency import LatencyProfile, get_profile
+from kvblocks.latency import LatencyProfile, get_profile
 from .request import EngineRequest, RequestStatus, SamplingParams, TokenOutput
 
 if TYPE_CHECKING:

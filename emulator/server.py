@@ -23,7 +23,7 @@ from kvblocks.logs import get_logger
 from .config import EmulatorConfig
 from .engine import Engine, make_engine
 from .faults import NO_FAULT, FaultInjector, FaultPlan, make_injector
-from .http_errors import JSONErrorAppRunner
+from kvblocks.http_errors import JSONErrorAppRunner
 from .kv_events import EventPublisher, attach_publisher, replica_kv_events_config
 from .logs import request_log_fields
 from .metrics import CONTENT_TYPE, EngineMetrics

@@ -2,7 +2,7 @@
 
 A request counts as load from the moment it is routed (not when the backend reports it), so a
 burst cannot pile onto one backend between two metric scrapes. Work estimates use the latency
-profile of `emulator.latency` in emulated seconds; `time_scale` converts wall time to them.
+profile of `kvblocks.latency` in emulated seconds; `time_scale` converts wall time to them.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from emulator.latency import LatencyProfile
+from kvblocks.latency import LatencyProfile
 
 from .circuit_breaker import CircuitBreaker
 

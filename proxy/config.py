@@ -60,7 +60,7 @@ class ProxyConfig:
     # client_read_timeout; a non-streamed backend answer larger than max_response_bytes is a 502.
     client_read_timeout: float = 60.0
     max_response_bytes: int = 64 * 1024 * 1024
-    # Routing model: what the cost-based policies assume a backend's GPU costs (emulator.latency
+    # Routing model: what the cost-based policies assume a backend's GPU costs (kvblocks.latency
     # profile, also the embedded emulators' profile) and how fast the backends' clock runs.
     profile: str = "a100-40gb-llama2-13b"
     time_scale: float = 1.0
@@ -125,7 +125,7 @@ class ProxyConfig:
                 raise ValueError(f"backends_file {self.backends_file}: no such file") from None
             except (OSError, ValueError, UsageError) as e:
                 raise ValueError(f"backends_file {self.backends_file}: {e}") from None
-        from emulator.latency import PROFILES
+        from kvblocks.latency import PROFILES
 
         from .policies import POLICIES
 
@@ -297,7 +297,7 @@ _HELP = {
 
 
 def _choices(name: str) -> tuple[str, ...] | None:
-    from emulator.latency import PROFILES
+    from kvblocks.latency import PROFILES
 
     from .policies import POLICIES
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Sequence
 
-from emulator.latency import get_profile
+from kvblocks.latency import get_profile
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
 
 from .backends import Backend, BackendRegistry, InFlight, now

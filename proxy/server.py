@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from emulator.http_errors import JSONErrorAppRunner
+from kvblocks.http_errors import JSONErrorAppRunner
 from kvblocks import APIError, error_body
 
 from .admin import add_admin_routes

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from emulator.latency import LatencyProfile
+from kvblocks.latency import LatencyProfile
 
 from ..backends import Backend
 from ..prefix_index import PrefixIndex

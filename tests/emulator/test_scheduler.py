@@ -15,7 +15,7 @@ import pytest
 
 from emulator.config import EmulatorConfig
 from emulator.engine import BatchedEngine, SchedulerStep
-from emulator.latency import get_profile
+from kvblocks.latency import get_profile
 from emulator.metrics import EngineMetrics
 from emulator.request import SamplingParams
 from kvblocks import BlockHasher
