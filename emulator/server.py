@@ -23,7 +23,7 @@ from kvblocks.logs import get_logger
 from .config import EmulatorConfig
 from .engine import Engine, make_engine
 from .faults import NO_FAULT, FaultInjector, FaultPlan, make_injector
-from kvblocks.http_errors import JSONErrorAppRunner
+from kvblocks.http_errors import JSONErrorAppRunner, json_response
 from .kv_events import EventPublisher, attach_publisher, replica_kv_events_config
 from .logs import request_log_fields
 from .metrics import CONTENT_TYPE, EngineMetrics
@@ -59,26 +59,22 @@ class EmulatorState:
 STATE = web.AppKey("emulator_state", EmulatorState)
 
 
-def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler):
     """Every failure leaves as vLLM's error JSON: APIError as given, HTTP errors mapped, others 500."""
     try:
         return await handler(request)
     except APIError as e:
-        return _json(e.body(), status=e.status)
+        return json_response(e.body(), status=e.status)
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return _json(error_body(e.status, e.reason), status=e.status)
+        return json_response(error_body(e.status, e.reason), status=e.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as e:  # a bug must still answer with JSON, never a trace
         log.exception("unhandled error", path=request.path)
-        return _json(error_body(500, f"internal error: {type(e).__name__}"), status=500)
+        return json_response(error_body(500, f"internal error: {type(e).__name__}"), status=500)
 
 
 def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> web.Application:
@@ -165,7 +161,7 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
         return await _generate_and_cut(request, st, ereqs, rb, headers, g.stream, plan.cut_after, rid, g.include_usage)
     if not g.stream:
         results = await asyncio.gather(*(_collect(st.engine, er) for er in ereqs))
-        return _json(rb.full_response(results), headers=headers)
+        return json_response(rb.full_response(results), headers=headers)
     resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:
@@ -221,7 +217,7 @@ async def _fault_before_first_byte(
         raise ConnectionResetError("injected crash")
     if plan.error_status is not None:
         log.info("injected fault: error", request_id=rid, status=plan.error_status)
-        return _json(error_body(plan.error_status, "injected fault: the server is temporarily unavailable"),
+        return json_response(error_body(plan.error_status, "injected fault: the server is temporarily unavailable"),
                      status=plan.error_status, headers={"X-Request-ID": rid})
     if plan.hang:
         log.info("injected fault: hang", request_id=rid)
@@ -260,7 +256,7 @@ async def _generate_and_cut(
                 await resp.write(chunk)
     if not remaining:
         if resp is None:
-            return _json(rb.full_response(results), headers=headers)
+            return json_response(rb.full_response(results), headers=headers)
         await resp.write((rb.usage_chunk() if include_usage else b"") + SSE_DONE)
         await resp.write_eof()
         return resp
@@ -302,7 +298,7 @@ async def _outputs(engine: Engine, ereqs: list[EngineRequest]) -> AsyncIterator[
 async def models(request: web.Request) -> web.Response:
     st = request.app[STATE]
     m = st.config.model
-    return _json({
+    return json_response({
         "object": "list",
         "data": [{
             "id": m,
@@ -332,14 +328,14 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     if not request.app[STATE].faults.health_ok():
-        return _json(error_body(503, "server is starting"), status=503)
+        return json_response(error_body(503, "server is starting"), status=503)
     return web.Response(status=200)
 
 
 async def version(request: web.Request) -> web.Response:
     # vLLM's body plus what a load generator needs to read emulated time right (absent on real vLLM).
     config = request.app[STATE].config
-    return _json({"version": config.version, "kvroute_emulator": {"time_scale": config.time_scale}})
+    return json_response({"version": config.version, "kvroute_emulator": {"time_scale": config.time_scale}})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -352,13 +348,13 @@ async def tokenize(request: web.Request) -> web.Response:
     out: dict[str, object] = {"count": len(t.tokens), "max_model_len": st.config.max_model_len, "tokens": t.tokens}
     if t.return_token_strs:
         out["token_strs"] = [st.tokenizer.decode([tok]) for tok in t.tokens]
-    return _json(out)
+    return json_response(out)
 
 
 async def detokenize(request: web.Request) -> web.Response:
     st = request.app[STATE]
     d = st.parser.detokenize(parse_json_object(await request.read()))
-    return _json({"prompt": st.tokenizer.decode(d.tokens)})
+    return json_response({"prompt": st.tokenizer.decode(d.tokens)})
 
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:
@@ -369,7 +365,7 @@ async def reset_prefix_cache(request: web.Request) -> web.Response:
     _query_bool(request, "reset_external")  # no connector: nothing external to reset
     log.info("Resetting prefix cache...")
     ok = st.engine.reset_prefix_cache(reset_running_requests=reset_running)
-    return _json({"success": bool(ok)})
+    return json_response({"success": bool(ok)})
 
 
 def _query_bool(request: web.Request, name: str) -> bool:

@@ -1,6 +1,9 @@
-"""The single definition of a KV block that the emulator and the proxy share.
+"""The shared kernel the emulator and the proxy both import, neither importing the other.
 
-Tokenize -> cut into full blocks -> chained hashes identical to vLLM's for the same token ids.
+The single definition of a KV block: tokenize -> cut into full blocks -> chained hashes identical to
+vLLM's for the same token ids. Beside it: the KV-event codec, OpenAI-style errors, the latency
+profiles (`kvblocks.latency`), start-up config and logs. `kvblocks.http_errors` (aiohttp serving
+that answers JSON errors, `json_response`, `bearer_token`) is not imported here: it needs aiohttp.
 """
 from .blocks import DEFAULT_BLOCK_SIZE, BlockHasher, full_blocks, num_full_blocks
 from .chat import ChatFormatError, render_chat

@@ -3,11 +3,13 @@
 aiohttp answers a request it cannot parse (oversized header, bad request line) itself, before any
 middleware, with a text page that quotes the offending line - which may hold a credential. These
 classes answer JSON instead (431 for oversized headers, 400 otherwise) and log one line without the
-line's content. The proxy serves through them too.
+line's content. The proxy serves through them too. `json_response` and `bearer_token` are the one
+JSON answer and the one `Authorization: Bearer` parser both servers use.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
@@ -25,6 +27,17 @@ _MESSAGES = {
     431: "request header fields too large",
     500: "internal server error",
 }
+
+
+def json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """`data` as an `application/json` response (orjson)."""
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), "" if none."""
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
 
 def protocol_error_status(status: int, exc: BaseException | None) -> int:

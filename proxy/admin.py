@@ -16,6 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from kvblocks import APIError
+from kvblocks.http_errors import bearer_token, json_response
 
 from .app_keys import STATE_KEY
 from .backends import Backend
@@ -23,10 +24,6 @@ from .config import ProxyConfig, normalize_url
 from .health import BackendMonitor
 from .policies import policy_names
 from .router import Router
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -51,8 +48,7 @@ class AdminHandlers:
     def _guard(self, request: web.Request) -> None:
         if self._key is None:
             return
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:].strip().encode("utf-8", "surrogateescape") if auth[:7].lower() == "bearer " else b""
+        token = bearer_token(request.headers).encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(token, self._key):
             raise APIError(401, "admin key required (Authorization: Bearer ...)", type="AuthenticationError")
 
@@ -89,7 +85,7 @@ class AdminHandlers:
 
     async def list_backends(self, request: web.Request) -> web.Response:
         self._guard(request)
-        return _json({"backends": self.describe(), "strategy": self.router.strategy})
+        return json_response({"backends": self.describe(), "strategy": self.router.strategy})
 
     async def _url(self, request: web.Request) -> str:
         url = request.query.get("url")
@@ -110,7 +106,7 @@ class AdminHandlers:
         if created:
             await self._monitor.check_health(b)
             await self._monitor.scrape(b)
-        return _json({"backend": url, "created": created, "healthy": b.healthy}, 201 if created else 200)
+        return json_response({"backend": url, "created": created, "healthy": b.healthy}, 201 if created else 200)
 
     async def remove_backend(self, request: web.Request) -> web.Response:
         self._guard(request)
@@ -118,16 +114,16 @@ class AdminHandlers:
         if self.router.remove_backend(url) is None:
             raise APIError(404, f"unknown backend {url!r}", "url", "NotFoundError")
         self.app[STATE_KEY]["pool"].close_origin(url)
-        return _json({"removed": url})
+        return json_response({"removed": url})
 
     async def get_strategy(self, request: web.Request) -> web.Response:
         self._guard(request)
-        return _json({"strategy": self.router.strategy, "available": policy_names()})
+        return json_response({"strategy": self.router.strategy, "available": policy_names()})
 
     async def put_strategy(self, request: web.Request) -> web.Response:
         self._guard(request)
         name = (await _json_body(request)).get("strategy")
-        return _json({"strategy": self.router.set_strategy(name)})
+        return json_response({"strategy": self.router.set_strategy(name)})
 
     async def reset(self, request: web.Request) -> web.Response:
         """Clear the prefix index and every backend's prefix cache (POST /reset_prefix_cache)."""
@@ -153,7 +149,7 @@ class AdminHandlers:
         backends = list(self.router.registry)
         results = await asyncio.gather(*(reset_one(b) for b in backends))
         per = dict(zip([b.url for b in backends], results))
-        return _json({"index_cleared": True, "ok": all(r["ok"] for r in results), "backends": per})
+        return json_response({"index_cleared": True, "ok": all(r["ok"] for r in results), "backends": per})
 
 
 def add_admin_routes(app: web.Application, config: ProxyConfig, router: Router) -> None:

@@ -21,8 +21,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from kvblocks.http_errors import JSONErrorAppRunner
 from kvblocks import APIError, error_body
+from kvblocks.http_errors import JSONErrorAppRunner, bearer_token, json_response
 
 from .admin import add_admin_routes
 from .admission import Admission
@@ -49,10 +49,6 @@ MAX_REQUEST_ID = 128
 MAX_CHARS_PER_TOKEN = 128
 # Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
 LISTEN_BACKLOG = 4096
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 def error_response(e: APIError) -> web.Response:
@@ -98,15 +94,10 @@ class ProxyHandlers:
         self.backend_tokenizer: BackendTokenizer | None = None
         self.admission: Admission = app[ADMISSION_KEY]
 
-    @staticmethod
-    def _bearer(headers: Mapping[str, str]) -> str:
-        auth = headers.get("authorization", "")
-        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-
     def _check_api_key(self, headers: Mapping[str, str]) -> None:
         if not self._keys:
             return
-        token = self._bearer(headers).encode("utf-8", "surrogateescape")
+        token = bearer_token(headers).encode("utf-8", "surrogateescape")
         ok = False
         for k in self._keys:
             ok |= hmac.compare_digest(token, k)
@@ -207,7 +198,7 @@ class ProxyHandlers:
         read_body: Callable[[], Awaitable[bytes]], sink: ResponseSink,
     ) -> None:
         self._check_api_key(headers)
-        with self.admission.hold(self._bearer(headers)):
+        with self.admission.hold(bearer_token(headers)):
             strategy = self._strategy(headers)
             raw = await read_body()
             parsed = parse(raw)
