@@ -6,7 +6,7 @@ openai_request (parse/validate, routing key) -> router (prompt_walk: lazy tokeni
 hashes; prefix_index, policies/, backends) -> forward (failover, streaming, through a
 response_sink) over upstream (keep-alive HTTP/1.1 client); health (checks, vLLM metric scrapes),
 metrics (Prometheus), admin (/admin/ API), kv_events (exact index from backends' KV events), bench
-(`python -m proxy.bench overhead|decide|soak`).
+(`python -m benchmarks.proxy_bench overhead|decide|soak`).
 """
 
 # `from proxy import ProxyConfig, start_proxy`; imported on first use so `import proxy.<module>` stays light.

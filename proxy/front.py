@@ -1,7 +1,7 @@
 """The proxy's front door: the two OpenAI POST routes served straight off the socket.
 
 aiohttp's server machinery (request objects, middleware, response classes) is skipped for the hot
-routes. `python -m proxy.bench edge` on the 2-core dev machine while other jobs loaded it (load
+routes. `python -m benchmarks.proxy_bench edge` on the 2-core dev machine while other jobs loaded it (load
 6-16): reading a request costs 6.7-8.0 us (first line, five runs); in two full runs the whole
 proxy, routing included, used 0.88-1.15x the CPU per request of a bare aiohttp pass-through
 relaying to the same 4 backends (non-streaming, 32 clients), 0.91-1.02x streaming.

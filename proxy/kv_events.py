@@ -445,7 +445,7 @@ class KVEventsFollower:
     also leaves its untokenized rest as a pending tail, as in approximate mode: without it a second
     request for a new document, arriving before the first's BlockStored, matched only the first's
     one hashed block and was sent elsewhere to prefill the document again
-    (`tests/kv_events/bench_hit_rate.py`).
+    (`benchmarks/kv_hit_rate.py`).
     """
 
     def __init__(self, index: Any, silence_timeout: float = 10.0, replay_timeout: float = 2.0) -> None:

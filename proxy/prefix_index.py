@@ -105,7 +105,7 @@ class PrefixIndex:
         its capacity. An event-fed backend's in-flight prompt blocks are indexed before the events of
         the evictions they cause arrive, and counted on top of a full cache they made kv_aware charge
         that backend for evictions a request there would not cause: requests left the backend holding
-        their document (`tests/kv_events/bench_hit_rate.py`)."""
+        their document (`benchmarks/kv_hit_rate.py`)."""
         st = self._stores.get(backend)
         return min(len(st.lru) + st.phantom, st.capacity) if st else 0
 

@@ -2,7 +2,7 @@
 
 Forwarding uses this rather than aiohttp's client (health checks, scrapes and admin calls still use
 aiohttp): answers are parsed by llhttp (`httptools`) inside a plain asyncio protocol, 2.8-4.3 us
-per small answer and 0.4-0.8 us per SSE chunk (`python -m proxy.bench edge`, first line, five runs).
+per small answer and 0.4-0.8 us per SSE chunk (`python -m benchmarks.proxy_bench edge`, first line, five runs).
 It speaks what a vLLM-compatible backend answers: a Content-Length body, chunked transfer encoding,
 or a body up to EOF; hands body bytes to the caller as they arrive (chunked framing removed), pauses
 reading when the caller falls behind, and closes the connection when a response is abandoned, so

@@ -22,7 +22,7 @@
             + eviction_weight x prefill(blocks b must evict)           # cache it would destroy there
 
 Load terms read per-backend running totals (updated on route, first byte and end), so a decision
-costs the same with thousands of requests in flight (`python -m proxy.bench_inflight`).
+costs the same with thousands of requests in flight (`python -m benchmarks.proxy_inflight`).
 
 Then a TTFT band: only backends whose predicted TTFT (own prefill + the prefills sent there before,
 each taken to be in a step already begun + a decode step + unseen waiting + a memory wait) is

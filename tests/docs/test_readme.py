@@ -288,8 +288,8 @@ def test_every_flag_of_every_cli_has_help_with_its_default_and_choices():
             if a.choices and a.metavar:
                 assert all(str(c) in a.help for c in a.choices), f"{where} {a.option_strings[0]}: list the choices"
     # The benchmark CLIs state defaults through argparse's ArgumentDefaultsHelpFormatter.
-    for module, sub in (("proxy.bench", "decide"), ("proxy.bench", "overhead"), ("proxy.bench", "soak"),
-                        ("emulator.bench", None)):
+    for module, sub in (("benchmarks.proxy_bench", "decide"), ("benchmarks.proxy_bench", "overhead"), ("benchmarks.proxy_bench", "soak"),
+                        ("benchmarks.emulator_bench", None)):
         p = subprocess.run([sys.executable, "-m", module, *([sub] if sub else []), "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=TIMEOUT_S)
         assert p.returncode == 0, p.stderr

@@ -74,7 +74,7 @@ def exact_router():
 def test_a_lazy_prompt_in_flight_on_an_exact_backend_is_matched_in_full_before_its_events():
     """The second request for a new document, sent before the backend's BlockStored for the first,
     must see the whole document on the first's backend (as approximate mode does), not just the one
-    block the lazy walk hashed; else it is spread and the document prefilled twice (bench_hit_rate)."""
+    block the lazy walk hashed; else it is spread and the document prefilled twice (benchmarks/kv_hit_rate)."""
     from proxy.policies import Decision
 
     r, doc = exact_router()
@@ -110,7 +110,7 @@ def test_a_finished_lazy_prompt_on_an_exact_backend_still_marks_where_it_ended()
 def test_in_flight_blocks_on_top_of_a_full_cache_do_not_push_a_request_off_its_prefix():
     """An exact backend's in-flight prompt blocks are indexed before the events of the evictions they
     cause. Counted on top of its full cache, kv_aware charged that backend for evicting them again
-    and sent requests away from the blocks they matched there (bench_hit_rate: exact lost to
+    and sent requests away from the blocks they matched there (benchmarks/kv_hit_rate: exact lost to
     approximate). Two equally loaded, full backends; only A holds the prompt's first 4 blocks."""
     from proxy.config import ProxyConfig
     from proxy.policies import Decision

@@ -2,11 +2,11 @@
 
 Checks what must hold at any load (every stream complete, the clients' concurrency really reached,
 the proxy's in-flight gauge back to zero, its memory reported); the speed figures are the full
-command's business (`python -m proxy.bench soak`), not a test's.
+command's business (`python -m benchmarks.proxy_bench soak`), not a test's.
 """
 from __future__ import annotations
 
-from proxy.soak import SoakConfig, run_soak
+from benchmarks.proxy_soak import SoakConfig, run_soak
 
 
 async def test_short_soak_completes_every_stream_and_returns_to_idle(capsys):

@@ -1,6 +1,6 @@
 """Prefix-cache hit rate with an exact (KV-event-fed) index vs the approximate one, same seeded workloads.
 
-    .venv/bin/python -m tests.kv_events.bench_hit_rate [--workload rag] [--documents 40] [--requests 400] [--seeds 0,1,2,3,4] [--explain]
+    .venv/bin/python -m benchmarks.kv_hit_rate [--workload rag] [--documents 40] [--requests 400] [--seeds 0,1,2,3,4] [--explain]
 
 Starts N emulators (924 blocks each, KV events on ephemeral ports) and two proxies over them: one
 following their events, one guessing from its own routing. For each seed both run the same workload

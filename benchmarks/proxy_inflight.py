@@ -1,6 +1,6 @@
 """Bench: one kv_aware decision with N requests in flight against the same decision idle, as a ratio.
 
-    python -m proxy.bench_inflight [--in-flight 4000] [--backends 4] [--repeat 2000]
+    python -m benchmarks.proxy_inflight [--in-flight 4000] [--backends 4] [--repeat 2000]
 
 The decision reads per-backend running totals updated on route / first byte / end, so its cost
 should not grow with the requests in flight (issue #14's target: within 2x of idle at 4,000). Both
@@ -28,7 +28,7 @@ def _median_us(fn, repeat: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m proxy.bench_inflight", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.proxy_inflight", description=__doc__.split("\n")[0])
     ap.add_argument("--in-flight", type=int, default=4000)
     ap.add_argument("--backends", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2000)

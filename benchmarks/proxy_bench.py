@@ -1,4 +1,4 @@
-"""Benchmarks (commands, not tests): `python -m proxy.bench overhead|decide|edge|soak` (soak: see proxy.soak).
+"""Benchmarks (commands, not tests): `python -m benchmarks.proxy_bench overhead|decide|edge|soak` (soak: proxy_soak).
 
 `overhead` measures the proxy's added latency, throughput and CPU per request against a direct
 connection to the same zero-delay emulator, both in one run; `decide` times one routing decision
@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .config import ProxyConfig
-from .router import Router
+from proxy.config import ProxyConfig
+from proxy.router import Router
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her which an be this have are not but had "
@@ -224,7 +224,7 @@ def bench_overhead(args: argparse.Namespace) -> None:
 # -- edge ------------------------------------------------------------------------------------------
 def _start_emulators(n: int) -> tuple[subprocess.Popen, list[str]]:
     """One zero-latency emulator process serving `n` replicas (one port each)."""
-    from .soak import start_process
+    from .proxy_soak import start_process
 
     return start_process(["-m", "emulator", "--port", "0", "--replicas", str(n), "--profile", "zero",
                           "--max-num-seqs", "1024", "--no-log-requests"], "EMULATOR_URL", n)
@@ -270,7 +270,7 @@ def edge_parse_costs(n: int = 20000) -> dict[str, float]:
     through the upstream connection. The figures the front/upstream docstrings quote."""
     import orjson
 
-    from . import front, upstream
+    from proxy import front, upstream
 
     class _Transport:
         def write(self, data: bytes) -> None: ...
@@ -340,7 +340,7 @@ def bench_edge(args: argparse.Namespace) -> None:
         prox, prox_url = _start_proc(["-m", "proxy", "--port", "0", *backend_args, "--strategy", args.strategy,
                                       "--log-level", "warning"], "listening on")
         procs.append(prox)
-        aio, aio_url = _start_proc(["-m", "proxy.bench", "passthrough", *urls], "listening on")
+        aio, aio_url = _start_proc(["-m", "benchmarks.proxy_bench", "passthrough", *urls], "listening on")
         procs.append(aio)
         targets = {"kvroute": (prox_url, psutil.Process(prox.pid)), "aiohttp": (aio_url, psutil.Process(aio.pid))}
         print(f"{args.backends} zero-latency backends; kvroute ({args.strategy}) vs a bare aiohttp pass-through; "
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Every flag's help states its default; a mistake is one line, exit 2 (as for the main CLIs).
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = ArgumentParser(prog="python -m proxy.bench", formatter_class=fmt)
+    ap = ArgumentParser(prog="python -m benchmarks.proxy_bench", formatter_class=fmt)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("decide", help="routing-decision micro-benchmark", formatter_class=fmt)
     d.add_argument("--tokens", type=int, default=4096, help="prompt length in tokens")
@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--strategy", default="kv_aware", help="routing strategy")
     pt = sub.add_parser("passthrough", help=argparse.SUPPRESS)
     pt.add_argument("backends", nargs="+")
-    from . import soak
+    from . import proxy_soak as soak
 
     soak.add_parser(sub)
     args = ap.parse_args(argv)

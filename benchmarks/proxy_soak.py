@@ -1,4 +1,4 @@
-"""Soak benchmark (a command, not a test): `python -m proxy.bench soak`.
+"""Soak benchmark (a command, not a test): `python -m benchmarks.proxy_bench soak`.
 
 Many concurrent streaming clients (spread over client processes: one Python process cannot drive
 1,000 streams and measure them fairly) hold streams open through the proxy, run as its own process,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .bench import WORDS, pct
+from .proxy_bench import WORDS, pct
 
 
 @dataclass

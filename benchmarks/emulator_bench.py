@@ -1,4 +1,4 @@
-"""`python -m emulator.bench`: does one emulator core keep its timings under many concurrent streams?
+"""`python -m benchmarks.emulator_bench`: does one emulator core keep its timings under many concurrent streams?
 
 Runs one emulator process (pinned to one core) and, in another process, ramps concurrent streaming
 clients. For each level it compares what clients measured (TTFT, time per output token) with what
@@ -138,7 +138,7 @@ def scrape(url: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     from kvblocks.cli import ArgumentParser
 
-    p = ArgumentParser(prog="python -m emulator.bench", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m benchmarks.emulator_bench", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--levels", default="100,250,500,750", help="concurrent streams per level")
     p.add_argument("--time-scale", type=float, default=1.0, help="emulator time scale (1.0 = real A100 timing)")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             before = scrape(url)
             cpu0, wall0 = sum(proc.cpu_times()[:2]), time.monotonic()
             per_client = max(args.requests_per_client, -(-args.min_requests // level))
-            cmd = [sys.executable, "-m", "emulator.bench", "--client", "--url", url, "--concurrency", str(level),
+            cmd = [sys.executable, "-m", "benchmarks.emulator_bench", "--client", "--url", url, "--concurrency", str(level),
                    "--requests-per-client", str(per_client), "--max-tokens", str(args.max_tokens),
                    "--prompt-words", str(args.prompt_words), "--ramp", str(args.ramp), "--seed", str(args.seed + level)]
             if client_cpu is not None:
@@ -253,8 +253,8 @@ def _compare(res: list[dict], before: dict[str, float], after: dict[str, float],
 # --- a long prompt under load, on a virtual clock --------------------------------------------------
 def _virtual_clock_engine(budget: int, max_num_seqs: int, num_gpu_blocks: int):
     """The batched engine whose clock only moves by step durations: a deterministic simulation."""
-    from .config import EmulatorConfig
-    from .engine import BatchedEngine
+    from emulator.config import EmulatorConfig
+    from emulator.engine import BatchedEngine
 
     class VirtualClockEngine(BatchedEngine):
         def emu_now(self) -> float:
@@ -273,7 +273,7 @@ async def long_prompt_ttft(load: int, prompt_tokens: int, budget: int, seed: int
     longest gap those streams saw while it was prefilled."""
     import contextlib
 
-    from .request import SamplingParams
+    from emulator.request import SamplingParams
 
     eng = _virtual_clock_engine(budget, max(256, load + 1), num_gpu_blocks=load * 64 + prompt_tokens // 16 + 256)
     rng = random.Random(seed)
