@@ -20,30 +20,7 @@ from collections.abc import Sequence
 from proxy.config import ProxyConfig
 from proxy.router import Router
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his her which an be this have are not but had "
-    "they were its their one all would there been has when who more will if no out so said what up about into "
-    "than them can only other new some could time these two may then first any like now my such make over "
-    "cache block prefix router backend latency token model serving request memory batch decode prefill"
-).split()
-
-
-def make_text(n_tokens: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    tok = Router(ProxyConfig(backends=[])).tokenizer
-    words: list[str] = []
-    while True:
-        words.extend(rng.choice(WORDS) for _ in range(256))
-        text = " ".join(words)
-        ids = tok.encode(text)
-        if len(ids) >= n_tokens:
-            return tok.decode(ids[:n_tokens])
-
-
-def pct(xs: Sequence[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
+from .common import WORDS, make_text, pct
 
 # -- decide ----------------------------------------------------------------------------------------
 def bench_decide(args: argparse.Namespace) -> None:
@@ -224,7 +201,7 @@ def bench_overhead(args: argparse.Namespace) -> None:
 # -- edge ------------------------------------------------------------------------------------------
 def _start_emulators(n: int) -> tuple[subprocess.Popen, list[str]]:
     """One zero-latency emulator process serving `n` replicas (one port each)."""
-    from .proxy_soak import start_process
+    from .common import start_process
 
     return start_process(["-m", "emulator", "--port", "0", "--replicas", str(n), "--profile", "zero",
                           "--max-num-seqs", "1024", "--no-log-requests"], "EMULATOR_URL", n)

@@ -21,13 +21,12 @@ import random
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from .proxy_bench import WORDS, pct
+from .common import WORDS, pct, start_process
 
 
 @dataclass
@@ -135,23 +134,6 @@ def _client_main(url: str, n_streams: int, start_at: float, ramp: float, end_at:
     t = resource.getrusage(resource.RUSAGE_SELF)
     rep.cpu_s = t.ru_utime + t.ru_stime
     q.put(rep)
-
-
-def start_process(args: list[str], ready: str, n: int = 1) -> tuple[subprocess.Popen, list[str]]:
-    """`python ARGS`, and the first `n` http:// URLs it prints on lines containing `ready` (60 s at most)."""
-    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    urls: list[str] = []
-    deadline = time.monotonic() + 60
-    while len(urls) < n and time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        if ready in line:
-            urls.extend(t.rstrip(",;)") for t in line.split() if t.startswith("http://"))
-    if len(urls) < n:
-        p.kill()
-        raise RuntimeError(f"{' '.join(args)} did not start")
-    return p, urls[:n]
 
 
 async def _scrape_in_flight(url: str) -> float | None:
