@@ -33,7 +33,7 @@ from loadgen.summary import hit_rate
 from loadgen.workloads import build_workload
 from proxy.config import ProxyConfig
 from proxy.router import Router
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 
 BLOCK = 16  # the emulators' block size

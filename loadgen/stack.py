@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .backend_metrics import base_url
 
@@ -50,11 +50,23 @@ async def managed_proxy(target: str | None, time_scale: float, backends: int = 4
 
 @asynccontextmanager
 async def _inprocess(time_scale: float, backends: int) -> AsyncIterator[str]:
+    """The two apps composed here, as `python -m proxy` composes them: emulators first, the proxy over their URLs."""
+    from emulator import embedded
+    from proxy.app import start_proxy
     from proxy.config import ProxyConfig
-    from proxy.server import start_proxy
 
-    running = await start_proxy(ProxyConfig(host="127.0.0.1", port=0, time_scale=time_scale, emulators=backends,
-                                            log_level="warning"))
+    config = ProxyConfig(host="127.0.0.1", port=0, time_scale=time_scale, emulators=backends, log_level="warning")
+    emulators = await embedded.start(
+        config.emulators, host=config.host, profile=config.profile, time_scale=config.time_scale,
+        block_size=config.block_size, hash_algo=config.hash_algo, model=config.emulator_model,
+    )
+    try:
+        running = await start_proxy(replace(config, backends=[e.url for e in emulators]))
+    except BaseException:
+        for e in emulators:
+            await e.stop()
+        raise
+    running.emulators = list(emulators)
     try:
         yield base_url(running.url) + "/v1"
     finally:

@@ -1,18 +1,28 @@
-"""`python -m proxy`: serve the proxy (with embedded emulators when no backend is given)."""
+"""`python -m proxy`: serve the proxy (with embedded emulators when no backend is given).
+
+The launcher composes the two apps: with no backend it starts `config.emulators` emulators
+(`emulator.embedded`) on the same loop and serves the proxy over their URLs. It is the only proxy
+module that names the emulator, and only on that path: the proxy itself runs without it.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import signal
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kvblocks.cli import UsageError, check_listen, exit_on_usage_error
 from kvblocks.logs import configure_logging, get_logger
 
 from .config import ProxyConfig
+
+if TYPE_CHECKING:
+    from .app import RunningProxy
 
 PROG = "python -m proxy"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -36,14 +46,40 @@ def announce(url: str, host: str) -> str:
     return f"kvroute proxy listening on {url}"
 
 
-async def serve(config: ProxyConfig) -> None:
-    from .server import start_proxy  # after the flags are checked: a mistake is reported without loading the server
+def _loopback_for(host: str) -> str:
+    """Where embedded emulators listen: the proxy's host, or loopback when the proxy binds every interface."""
+    return host if host not in ("0.0.0.0", "::") else "127.0.0.1"
 
+
+async def launch(config: ProxyConfig) -> RunningProxy:
+    """`start_proxy(config)`; with no backend configured, first `config.emulators` embedded emulators on this
+    loop, which the proxy then routes to and stops (after itself) in `stop()`."""
+    from .app import start_proxy  # after the flags are checked: a mistake is reported without loading the server
+
+    if config.all_backends():
+        return await start_proxy(config)
+    from emulator import embedded
+
+    emulators = await embedded.start(
+        config.emulators, host=_loopback_for(config.host), profile=config.profile, time_scale=config.time_scale,
+        block_size=config.block_size, hash_algo=config.hash_algo, model=config.emulator_model,
+    )
+    try:
+        proxy = await start_proxy(dataclasses.replace(config, backends=[e.url for e in emulators], backends_file=None))
+    except BaseException:
+        for e in emulators:
+            await e.stop()
+        raise
+    proxy.emulators = list(emulators)
+    return proxy
+
+
+async def serve(config: ProxyConfig) -> None:
     if config.port:
         check_listen(config.host, [config.port])
 
     try:
-        proxy = await start_proxy(config)
+        proxy = await launch(config)
     except OSError as e:
         raise bind_error(config, e) from None
     # Startup objects (tokenizer vocab, app) never die: keep them out of the cyclic GC's scans, and

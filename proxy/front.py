@@ -37,7 +37,7 @@ from .http_fields import check_value, header_lines
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
-    from .server import ProxyHandlers
+    from .edge.handlers import ProxyHandlers
 
 log = logging.getLogger("kvroute.proxy")
 

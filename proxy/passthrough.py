@@ -21,7 +21,7 @@ from .backends import Backend
 from .health import note_auth
 
 if TYPE_CHECKING:
-    from .server import ProxyHandlers
+    from .edge.handlers import ProxyHandlers
 
 log = logging.getLogger("kvroute.proxy")
 

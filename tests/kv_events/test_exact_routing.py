@@ -13,7 +13,7 @@ from emulator.config import EmulatorConfig
 from emulator.server import STATE, RunningEmulator, start_emulator
 from kvblocks import hash_to_int
 from proxy.config import ProxyConfig
-from proxy.server import RunningProxy, start_proxy
+from proxy.app import RunningProxy, start_proxy
 
 from .helpers import eventually
 

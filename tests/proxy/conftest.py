@@ -11,7 +11,7 @@ from openai import AsyncOpenAI
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 MODEL = "meta-llama/Llama-2-13b-hf"
 TIME_SCALE = 0.01

@@ -9,7 +9,7 @@ from emulator.server import start_emulators
 from proxy.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
 from proxy.router import Router
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .conftest import MODEL, TIME_SCALE, wait_for
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.app_keys import METRICS_KEY
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .test_front import read_response
 

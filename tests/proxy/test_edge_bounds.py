@@ -76,7 +76,7 @@ async def test_an_8_mb_prompt_is_a_fast_400_and_admin_rejects_a_non_utf8_key(mak
 
 
 async def test_the_backend_tokenizer_cache_keeps_to_its_byte_budget(emulators):
-    from proxy.server import start_proxy
+    from proxy.app import start_proxy
 
     proxy = await start_proxy(ProxyConfig(port=0, backends=[e.url for e in emulators], time_scale=TIME_SCALE,
                                           tokenizer="backend", health_interval=0.2))

@@ -95,7 +95,7 @@ async def test_one_log_format_with_access_lines_and_stdlib_warnings():
 
 async def test_a_failure_with_no_other_backend_does_not_claim_a_retry(caplog):
     from proxy.config import ProxyConfig
-    from proxy.server import start_proxy
+    from proxy.app import start_proxy
 
     em = await start_emulator(EmulatorConfig(port=0, time_scale=TIME_SCALE, log_requests=False, fault_error_rate=1.0))
     proxy = await start_proxy(ProxyConfig(port=0, backends=[em.url], retries=1, time_scale=TIME_SCALE,

@@ -11,7 +11,7 @@ import aiohttp
 from openai import AsyncOpenAI
 
 from proxy.config import ProxyConfig
-from proxy.server import RunningProxy, start_proxy
+from proxy.app import RunningProxy, start_proxy
 
 from ..kv_events.helpers import eventually
 from .conftest import VLLMPair

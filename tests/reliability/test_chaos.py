@@ -21,7 +21,7 @@ import pytest
 from emulator.config import EmulatorConfig
 from emulator.server import STATE, start_emulator
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .helpers import MODEL, engines_idle, metric_samples, wait_for, wait_for_async
 

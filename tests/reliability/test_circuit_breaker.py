@@ -9,7 +9,7 @@ from emulator.faults import FaultConfig
 from emulator.server import STATE, start_emulators
 from proxy.circuit_breaker import BreakerState, CircuitBreaker
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .helpers import MODEL, TIME_SCALE, metric_samples, wait_for, wait_for_async
 

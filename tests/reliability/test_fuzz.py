@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .helpers import MODEL
 

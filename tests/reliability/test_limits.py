@@ -11,7 +11,7 @@ from emulator.faults import FaultConfig
 from emulator.server import STATE, start_emulators
 from proxy.app_keys import ADMISSION_KEY
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .helpers import MODEL, TIME_SCALE, metric_samples, wait_for
 

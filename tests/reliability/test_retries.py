@@ -9,7 +9,7 @@ from emulator.config import EmulatorConfig
 from emulator.server import STATE, start_emulators
 from proxy.config import ProxyConfig
 from proxy.forward import backoff_delay
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 from .helpers import MODEL, TIME_SCALE
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from emulator.config import EmulatorConfig
 from emulator.server import STATE, start_emulators
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 from proxy.upstream import UpstreamPool
 
 from .helpers import MODEL, TIME_SCALE, metric_samples, wait_for

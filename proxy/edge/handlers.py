@@ -1,45 +1,35 @@
-"""The proxy's aiohttp app: thin OpenAI/admin handlers over `Router` and `Forwarder`.
+"""The OpenAI-facing handlers: thin over `Router` (which backend) and `Forwarder` (send it there).
 
-`create_app(config)` builds the app (client session, monitor and backends come up in its startup
-hook); `start_proxy(config)` serves it on the current loop and, when no backend is configured,
-first starts embedded emulators on the same loop.
+`ProxyHandlers.serve` is the one path of an OpenAI request, whichever server parsed it (the front
+door or aiohttp); `error_middleware` answers every error on aiohttp's routes as OpenAI-style JSON.
+The app that wires them is `proxy.app`.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
-import ipaddress
 import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from kvblocks import APIError, error_body
-from kvblocks.http_errors import JSONErrorAppRunner, bearer_token, json_response
+from kvblocks.http_errors import bearer_token, json_response
 
-from .admin import add_admin_routes
-from .admission import Admission
-from .backend_tokenizer import BackendTokenizer
-from .backends import Backend
-from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
-from .config import ProxyConfig
-from .forward import Forwarder
-from .front import FrontServer
-from .health import BackendMonitor
-from .metrics import ProxyMetrics
-from .openai_request import ParsedRequest, parse_chat, parse_completion
-from .passthrough import add_passthrough_routes
-from .policies import RequestContext
-from .response_sink import AiohttpSink, ResponseSink
-from .router import BACKEND_TOKENIZER, Router
-from .upstream import UpstreamPool
+from ..admission import Admission
+from ..app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY
+from ..backend_tokenizer import BackendTokenizer
+from ..backends import Backend
+from ..config import ProxyConfig
+from ..forward import Forwarder
+from ..openai_request import ParsedRequest, parse_chat, parse_completion
+from ..policies import RequestContext
+from ..response_sink import AiohttpSink, ResponseSink
+from ..router import Router
 
 log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -47,8 +37,6 @@ MAX_REQUEST_ID = 128
 # No cl100k_base token spans more than 128 bytes (so as many characters at most): a text longer than
 # this many bytes per token of the context length is too long before it is tokenized.
 MAX_CHARS_PER_TOKEN = 128
-# Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
-LISTEN_BACKLOG = 4096
 
 
 def error_response(e: APIError) -> web.Response:
@@ -56,7 +44,7 @@ def error_response(e: APIError) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Every error leaves as OpenAI-style JSON; a bug answers 500 without a trace."""
     try:
         return await handler(request)
@@ -259,141 +247,3 @@ class ProxyHandlers:
     async def metrics(self, request: web.Request) -> web.Response:
         body = self.app[METRICS_KEY].exposition()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-def create_app(config: ProxyConfig) -> web.Application:
-    """The proxy app for `config` (backends = config.all_backends(); none is allowed and answers 503)."""
-    app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
-    router = Router(config)
-    kv_sources = config.kv_event_sources()
-    keys = config.backend_api_keys()
-    for url in config.all_backends():
-        router.add_backend(url, kv_sources.get(url), keys.get(url))
-    app[ROUTER_KEY] = router
-    app[ADMISSION_KEY] = Admission(config.max_concurrent_per_key)
-    app[METRICS_KEY] = ProxyMetrics(router, app[ADMISSION_KEY])
-    app[STATE_KEY] = {}
-    h = ProxyHandlers(app, config)
-    app[STATE_KEY]["handlers"] = h
-
-    async def lifecycle(app: web.Application):
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
-        monitor = BackendMonitor(router, session)
-        h.session = session
-        if config.tokenizer == BACKEND_TOKENIZER:
-            h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
-        pool = UpstreamPool(config.connect_timeout, config.idle_timeout, max_body=config.max_response_bytes)
-        h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
-        app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
-        await monitor.check_all_health()
-        monitor.start()
-        router.kv_events.start()
-        yield
-        await router.kv_events.close()
-        await monitor.stop()
-        pool.close()
-        await session.close()
-
-    async def drain(app: web.Application) -> None:
-        if h.forwarder is not None:
-            h.forwarder.drain(config.shutdown_grace)
-
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(drain)
-    app.router.add_post("/v1/completions", h.completions)
-    app.router.add_post("/v1/chat/completions", h.chat_completions)
-    app.router.add_get("/v1/models", h.models)
-    app.router.add_get("/health", h.health)
-    app.router.add_get("/metrics", h.metrics)
-    add_passthrough_routes(app, h)
-    add_admin_routes(app, config, router)
-    return app
-
-
-@dataclass
-class RunningProxy:
-    """A proxy serving on the current loop; `stop()` also stops its embedded emulators.
-
-    The front door (`front.py`) owns the listening socket and hands what it does not serve to `runner`."""
-
-    url: str
-    port: int
-    app: web.Application
-    runner: web.AppRunner
-    front: FrontServer
-    addresses: list[tuple[str, int]]
-    emulators: list[Any] = field(default_factory=list)
-
-    @property
-    def router(self) -> Router:
-        return self.app[ROUTER_KEY]
-
-    async def stop(self) -> None:
-        """Stop accepting; streams get the shutdown grace, then aiohttp's connections and the app close."""
-        grace = self.router.config.shutdown_grace
-        forwarder = self.app[STATE_KEY]["handlers"].forwarder
-        if forwarder is not None:
-            forwarder.drain(grace)
-        await self.front.shutdown(grace)
-        await self.runner.cleanup()
-        for e in self.emulators:
-            await e.stop()
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-async def start_embedded_emulators(config: ProxyConfig) -> list[Any]:
-    from emulator.config import EmulatorConfig
-    from emulator.server import start_emulators
-
-    kwargs: dict[str, Any] = dict(
-        host=config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1",
-        port=0,
-        profile=config.profile,
-        time_scale=config.time_scale,
-        block_size=config.block_size,
-        prefix_caching_hash_algo=config.hash_algo,
-        log_requests=False,
-    )
-    if config.emulator_model:
-        kwargs["model"] = config.emulator_model
-    base = EmulatorConfig(**kwargs)
-    return list(await start_emulators(base, config.emulators))
-
-
-async def start_proxy(config: ProxyConfig) -> RunningProxy:
-    """Serve the proxy on the current event loop (port 0 = OS-assigned)."""
-    emulators: list[Any] = []
-    if not config.all_backends():
-        emulators = await start_embedded_emulators(config)
-        config = dataclasses.replace(config, backends=[e.url for e in emulators], backends_file=None)
-    runner = None
-    try:
-        app = create_app(config)
-        runner = JSONErrorAppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace,
-            max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
-        )
-        await runner.setup()
-        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
-                            config.client_read_timeout)
-        addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
-    except BaseException:
-        if runner is not None:
-            await runner.cleanup()
-        for e in emulators:
-            await e.stop()
-        raise
-    port = addresses[0][1]
-    if not config.admin_key and not _is_loopback(config.host):
-        log.warning("the admin API (/admin/) is open to the network: bound to %s without --admin-key", config.host)
-    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return RunningProxy(f"http://{host}:{port}", port, app, runner, front, addresses, emulators)

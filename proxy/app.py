@@ -1,0 +1,150 @@
+"""Wiring: the proxy's parts built from one `ProxyConfig`, served on the current loop.
+
+`create_app(config)` builds the aiohttp app (client session, monitor and backends come up in its
+startup hook); `start_proxy(config)` serves it behind the front door over the backends it is given
+(none is allowed: every request answers 503). Embedded emulators are the launcher's business
+(`python -m proxy`, `proxy.__main__`), not the proxy's.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kvblocks.http_errors import JSONErrorAppRunner
+
+from .admin import add_admin_routes
+from .admission import Admission
+from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
+from .backend_tokenizer import BackendTokenizer
+from .config import ProxyConfig
+from .edge.handlers import ProxyHandlers, error_middleware
+from .forward import Forwarder
+from .front import FrontServer
+from .health import BackendMonitor
+from .metrics import ProxyMetrics
+from .passthrough import add_passthrough_routes
+from .router import BACKEND_TOKENIZER, Router
+from .upstream import UpstreamPool
+
+log = logging.getLogger("kvroute.proxy")
+# Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).
+LISTEN_BACKLOG = 4096
+
+
+def create_app(config: ProxyConfig) -> web.Application:
+    """The proxy app for `config` (backends = config.all_backends(); none is allowed and answers 503)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    router = Router(config)
+    kv_sources = config.kv_event_sources()
+    keys = config.backend_api_keys()
+    for url in config.all_backends():
+        router.add_backend(url, kv_sources.get(url), keys.get(url))
+    app[ROUTER_KEY] = router
+    app[ADMISSION_KEY] = Admission(config.max_concurrent_per_key)
+    app[METRICS_KEY] = ProxyMetrics(router, app[ADMISSION_KEY])
+    app[STATE_KEY] = {}
+    h = ProxyHandlers(app, config)
+    app[STATE_KEY]["handlers"] = h
+
+    async def lifecycle(app: web.Application):
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        monitor = BackendMonitor(router, session)
+        h.session = session
+        if config.tokenizer == BACKEND_TOKENIZER:
+            h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
+        pool = UpstreamPool(config.connect_timeout, config.idle_timeout, max_body=config.max_response_bytes)
+        h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
+        app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
+        await monitor.check_all_health()
+        monitor.start()
+        router.kv_events.start()
+        yield
+        await router.kv_events.close()
+        await monitor.stop()
+        pool.close()
+        await session.close()
+
+    async def drain(app: web.Application) -> None:
+        if h.forwarder is not None:
+            h.forwarder.drain(config.shutdown_grace)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
+    app.router.add_post("/v1/completions", h.completions)
+    app.router.add_post("/v1/chat/completions", h.chat_completions)
+    app.router.add_get("/v1/models", h.models)
+    app.router.add_get("/health", h.health)
+    app.router.add_get("/metrics", h.metrics)
+    add_passthrough_routes(app, h)
+    add_admin_routes(app, config, router)
+    return app
+
+
+@dataclass
+class RunningProxy:
+    """A proxy serving on the current loop; `stop()` also stops `emulators`, the peers a launcher
+    started with it (embedded emulators; anything with an async `stop()`), after the proxy.
+
+    The front door (`front.py`) owns the listening socket and hands what it does not serve to `runner`."""
+
+    url: str
+    port: int
+    app: web.Application
+    runner: web.AppRunner
+    front: FrontServer
+    addresses: list[tuple[str, int]]
+    emulators: list[Any] = field(default_factory=list)
+
+    @property
+    def router(self) -> Router:
+        return self.app[ROUTER_KEY]
+
+    async def stop(self) -> None:
+        """Stop accepting; streams get the shutdown grace, then aiohttp's connections and the app close."""
+        grace = self.router.config.shutdown_grace
+        forwarder = self.app[STATE_KEY]["handlers"].forwarder
+        if forwarder is not None:
+            forwarder.drain(grace)
+        await self.front.shutdown(grace)
+        await self.runner.cleanup()
+        for e in self.emulators:
+            await e.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def start_proxy(config: ProxyConfig) -> RunningProxy:
+    """Serve the proxy on the current event loop (port 0 = OS-assigned) over `config`'s backends."""
+    runner = None
+    try:
+        app = create_app(config)
+        runner = JSONErrorAppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace,
+            max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
+        )
+        await runner.setup()
+        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
+                            config.client_read_timeout)
+        addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
+    except BaseException:
+        if runner is not None:
+            await runner.cleanup()
+        raise
+    port = addresses[0][1]
+    if not config.admin_key and not _is_loopback(config.host):
+        log.warning("the admin API (/admin/) is open to the network: bound to %s without --admin-key", config.host)
+    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return RunningProxy(f"http://{host}:{port}", port, app, runner, front, addresses)
