@@ -19,7 +19,7 @@ from kvblocks import APIError
 from kvblocks.http_errors import bearer_token, json_response
 
 from .app_keys import STATE_KEY
-from .backends import Backend
+from .backends.registry import Backend
 from .config import ProxyConfig, normalize_url
 from .health import BackendMonitor
 from .policies import policy_names

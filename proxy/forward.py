@@ -19,7 +19,7 @@ import orjson
 from kvblocks import APIError, error_body
 from kvblocks.logs import get_logger
 
-from .backends import Backend, InFlight
+from .backends.registry import Backend, InFlight
 from .health import BackendMonitor, note_auth
 from .metrics import ProxyMetrics
 from .policies import Decision, RequestContext

@@ -14,7 +14,7 @@ import re
 
 import aiohttp
 
-from .backends import Backend, now
+from .backends.registry import Backend, now
 from .router import Router
 
 log = logging.getLogger("kvroute.proxy")

@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .admission import Admission
-from .circuit_breaker import BreakerState
+from .backends.circuit_breaker import BreakerState
 from .router import Router
 
 # Doubling from 10 s up to the 600 s idle timeout, so long streams are not lumped into one 160-640 s bucket.

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from kvblocks import APIError, error_body
 
-from .backends import Backend
+from .backends.registry import Backend
 from .health import note_auth
 
 if TYPE_CHECKING:

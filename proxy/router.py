@@ -11,8 +11,8 @@ from collections.abc import Collection, Sequence
 from kvblocks.latency import get_profile
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
 
-from .backends import Backend, BackendRegistry, InFlight, now
-from .circuit_breaker import BreakerState, CircuitBreaker
+from .backends.registry import Backend, BackendRegistry, InFlight, now
+from .backends.circuit_breaker import BreakerState, CircuitBreaker
 from .config import ProxyConfig
 from .kv_events import KVEventsFollower, KVEventSource
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names

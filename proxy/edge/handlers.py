@@ -23,7 +23,7 @@ from kvblocks.http_errors import bearer_token, json_response
 from ..admission import Admission
 from ..app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY
 from ..backend_tokenizer import BackendTokenizer
-from ..backends import Backend
+from ..backends.registry import Backend
 from ..config import ProxyConfig
 from ..forward import Forwarder
 from ..openai_request import ParsedRequest, parse_chat, parse_completion

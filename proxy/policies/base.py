@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from kvblocks.latency import LatencyProfile
 
-from ..backends import Backend
+from ..backends.registry import Backend
 from ..prefix_index import PrefixIndex
 
 

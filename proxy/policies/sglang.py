@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..backends import Backend
+from ..backends.registry import Backend
 from ..prefix_index import PrefixIndex
 from .base import Decision, Policy, RequestContext
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import random
 
-from proxy.backends import Backend, InFlight
-from proxy.backends import now as clock
+from proxy.backends.registry import Backend, InFlight
+from proxy.backends.registry import now as clock
 
 from .test_policies import BACKENDS, doc_tokens, route, setup_router
 

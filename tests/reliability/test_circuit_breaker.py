@@ -7,7 +7,7 @@ import openai
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultConfig
 from emulator.server import STATE, start_emulators
-from proxy.circuit_breaker import BreakerState, CircuitBreaker
+from proxy.backends.circuit_breaker import BreakerState, CircuitBreaker
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
 
