@@ -17,7 +17,7 @@ from typing import Any
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS
 from kvblocks.cli import ArgumentParser, UsageError, exit_on_usage_error, http_url, load_dataclass, with_default
 
-from .kv_events import KVEventSource
+from .index.kv_events import KVEventSource
 
 ENV_PREFIX = "KVROUTE_"
 LOG_FORMATS = ("console", "json")

@@ -14,9 +14,9 @@ from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_t
 from .backends.registry import Backend, BackendRegistry, InFlight, now
 from .backends.circuit_breaker import BreakerState, CircuitBreaker
 from .config import ProxyConfig
-from .kv_events import KVEventsFollower, KVEventSource
+from .index.kv_events import KVEventsFollower, KVEventSource
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
-from .prefix_index import PrefixIndex
+from .index.prefix_index import PrefixIndex
 from .prompt_walk import PromptState, PromptWalker
 from .tokenize_cache import ChunkedTokenizer
 

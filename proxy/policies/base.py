@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from kvblocks.latency import LatencyProfile
 
 from ..backends.registry import Backend
-from ..prefix_index import PrefixIndex
+from ..index.prefix_index import PrefixIndex
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """KVEventsFollower over the proxy's real PrefixIndex: exact sets, fallback, re-seeding, in-flight blocks."""
 from __future__ import annotations
 
-from proxy.kv_events import KVEventSource, KVEventsFollower
-from proxy.prefix_index import PrefixIndex
+from proxy.index.kv_events import KVEventSource, KVEventsFollower
+from proxy.index.prefix_index import PrefixIndex
 
 A, B = "http://a", "http://b"
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from proxy.config import ProxyConfig
-from proxy.kv_events import KVEventSource
+from proxy.index.kv_events import KVEventSource
 
 
 def test_kv_events_flags_pair_with_backends_by_position():

@@ -7,7 +7,7 @@ import pytest
 from emulator.kv_events import KVEventsConfig, ZmqEventPublisher
 from kvblocks import BlockHasher, hash_to_int
 from kvblocks.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from proxy.kv_events import DISCONNECT, GAP, RESTART, SILENCE, UNDECODABLE, KVEventSource, KVEventSubscriber
+from proxy.index.kv_events import DISCONNECT, GAP, RESTART, SILENCE, UNDECODABLE, KVEventSource, KVEventSubscriber
 
 from .helpers import LossyRelay, RecordingSink, eventually, stored, warm_up
 

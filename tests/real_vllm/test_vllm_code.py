@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvblocks import BlockHasher, salt_extra_keys
-from proxy.kv_events import KVEventSource, KVEventSubscriber
+from proxy.index.kv_events import KVEventSource, KVEventSubscriber
 
 from ..kv_events.helpers import RecordingSink, eventually
 from .conftest import _unavailable

@@ -1,7 +1,7 @@
 """PrefixIndex: matching, LRU capacity mirror with the deepest-first tie rule, exact-mode updates."""
 from __future__ import annotations
 
-from proxy.prefix_index import PrefixIndex
+from proxy.index.prefix_index import PrefixIndex
 
 
 def test_match_counts_leading_blocks_per_backend():
