@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 
 from proxy.config import ProxyConfig
-from proxy.router import Router
+from proxy.routing.router import Router
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her which an be this have are not but had "

@@ -32,7 +32,7 @@ from loadgen.runner import run_workload
 from loadgen.summary import hit_rate
 from loadgen.workloads import build_workload
 from proxy.config import ProxyConfig
-from proxy.router import Router
+from proxy.routing.router import Router
 from proxy.app import start_proxy
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 from proxy.config import ProxyConfig
-from proxy.router import Router
+from proxy.routing.router import Router
 
 from .common import WORDS, make_text, pct
 

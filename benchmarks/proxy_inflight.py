@@ -15,7 +15,7 @@ import statistics
 import time
 
 from proxy.config import ProxyConfig
-from proxy.router import Router
+from proxy.routing.router import Router
 
 
 def _median_us(fn, repeat: int) -> float:

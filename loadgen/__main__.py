@@ -111,7 +111,7 @@ def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from proxy.policies import POLICIES
+    from proxy.routing.policies import POLICIES
 
     parser = ArgumentParser(prog=PROG, description=__doc__,
                             epilog="Every flag is also the env var KVROUTE_LOADGEN_<FLAG_IN_UPPER_SNAKE>.")
@@ -193,7 +193,7 @@ def configs(ns: argparse.Namespace) -> RunConfig:
 
 def strategy_names(text: str) -> list[str]:
     """--strategies as a list, each a known policy or 'default'; checked before anything runs."""
-    from proxy.policies import POLICIES
+    from proxy.routing.policies import POLICIES
 
     from .compare import DEFAULT_ALIAS
 

@@ -22,8 +22,8 @@ from .app_keys import STATE_KEY
 from .backends.registry import Backend
 from .config import ProxyConfig, normalize_url
 from .health import BackendMonitor
-from .policies import policy_names
-from .router import Router
+from .routing.policies import policy_names
+from .routing.router import Router
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .front import FrontServer
 from .health import BackendMonitor
 from .metrics import ProxyMetrics
 from .passthrough import add_passthrough_routes
-from .router import BACKEND_TOKENIZER, Router
+from .routing.router import BACKEND_TOKENIZER, Router
 from .upstream import UpstreamPool
 
 log = logging.getLogger("kvroute.proxy")

@@ -5,7 +5,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .metrics import ProxyMetrics
-from .router import Router
+from .routing.router import Router
 
 ROUTER_KEY = web.AppKey("router", Router)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)

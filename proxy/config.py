@@ -127,7 +127,7 @@ class ProxyConfig:
                 raise ValueError(f"backends_file {self.backends_file}: {e}") from None
         from kvblocks.latency import PROFILES
 
-        from .policies import POLICIES
+        from .routing.policies import POLICIES
 
         if self.strategy not in POLICIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(POLICIES)}")
@@ -138,7 +138,7 @@ class ProxyConfig:
         for value in self.kv_events:
             if value.strip().lower() not in ("", "none"):
                 KVEventSource.parse(value)
-        from .policies import parse_policy_params
+        from .routing.policies import parse_policy_params
 
         parse_policy_params(self.policy_param)
 
@@ -299,7 +299,7 @@ _HELP = {
 def _choices(name: str) -> tuple[str, ...] | None:
     from kvblocks.latency import PROFILES
 
-    from .policies import POLICIES
+    from .routing.policies import POLICIES
 
     return {"strategy": tuple(POLICIES), "profile": tuple(PROFILES), "hash_algo": tuple(HASH_ALGOS),
             "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}.get(name)

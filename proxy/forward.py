@@ -22,9 +22,9 @@ from kvblocks.logs import get_logger
 from .backends.registry import Backend, InFlight
 from .health import BackendMonitor, note_auth
 from .metrics import ProxyMetrics
-from .policies import Decision, RequestContext
+from .routing.policies import Decision, RequestContext
 from .response_sink import ResponseSink
-from .router import Router
+from .routing.router import Router
 from .upstream import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 
 log = logging.getLogger("kvroute.proxy")

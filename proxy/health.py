@@ -15,7 +15,7 @@ import re
 import aiohttp
 
 from .backends.registry import Backend, now
-from .router import Router
+from .routing.router import Router
 
 log = logging.getLogger("kvroute.proxy")
 

@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 
 from .admission import Admission
 from .backends.circuit_breaker import BreakerState
-from .router import Router
+from .routing.router import Router
 
 # Doubling from 10 s up to the 600 s idle timeout, so long streams are not lumped into one 160-640 s bucket.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)

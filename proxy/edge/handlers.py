@@ -27,9 +27,9 @@ from ..backends.registry import Backend
 from ..config import ProxyConfig
 from ..forward import Forwarder
 from ..openai_request import ParsedRequest, parse_chat, parse_completion
-from ..policies import RequestContext
+from ..routing.policies import RequestContext
 from ..response_sink import AiohttpSink, ResponseSink
-from ..router import Router
+from ..routing.router import Router
 
 log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")

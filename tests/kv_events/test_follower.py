@@ -58,7 +58,7 @@ def exact_router():
     import random
 
     from proxy.config import ProxyConfig
-    from proxy.router import Router
+    from proxy.routing.router import Router
 
     urls = [A, B, "http://c"]
     r = Router(ProxyConfig(backends=urls))
@@ -75,7 +75,7 @@ def test_a_lazy_prompt_in_flight_on_an_exact_backend_is_matched_in_full_before_i
     """The second request for a new document, sent before the backend's BlockStored for the first,
     must see the whole document on the first's backend (as approximate mode does), not just the one
     block the lazy walk hashed; else it is spread and the document prefilled twice (benchmarks/kv_hit_rate)."""
-    from proxy.policies import Decision
+    from proxy.routing.policies import Decision
 
     r, doc = exact_router()
     first = r.text_context(doc + " question: one", 8)
@@ -92,7 +92,7 @@ def test_a_lazy_prompt_in_flight_on_an_exact_backend_is_matched_in_full_before_i
 def test_a_finished_lazy_prompt_on_an_exact_backend_still_marks_where_it_ended():
     """A chat's next turn continues the previous prompt: kv_aware keeps the session home only if the
     index knows that prompt ended there, which for a lazy prompt is learnt by resolving its tail."""
-    from proxy.policies import Decision
+    from proxy.routing.policies import Decision
 
     r, doc = exact_router()
     first = r.text_context(doc, 8)
@@ -113,8 +113,8 @@ def test_in_flight_blocks_on_top_of_a_full_cache_do_not_push_a_request_off_its_p
     and sent requests away from the blocks they matched there (benchmarks/kv_hit_rate: exact lost to
     approximate). Two equally loaded, full backends; only A holds the prompt's first 4 blocks."""
     from proxy.config import ProxyConfig
-    from proxy.policies import Decision
-    from proxy.router import Router
+    from proxy.routing.policies import Decision
+    from proxy.routing.router import Router
 
     r = Router(ProxyConfig(backends=[A, B]))
     for url in (A, B):

@@ -8,7 +8,7 @@ from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
 from proxy.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
-from proxy.router import Router
+from proxy.routing.router import Router
 from proxy.app import start_proxy
 
 from .conftest import MODEL, TIME_SCALE, wait_for

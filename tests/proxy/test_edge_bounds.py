@@ -12,7 +12,7 @@ import pytest
 from kvblocks import get_tokenizer
 from proxy.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
-from proxy.router import Router
+from proxy.routing.router import Router
 
 from .conftest import MODEL, TIME_SCALE
 from .test_front import read_response
@@ -53,7 +53,7 @@ def test_tokenizing_an_oversized_prompt_stops_near_the_limit(shape):
 
 
 def test_chunk_cuts_stay_exact_where_no_space_precedes_a_letter():
-    from proxy.tokenize_cache import ChunkedTokenizer
+    from proxy.routing.tokenize_cache import ChunkedTokenizer
 
     ct = ChunkedTokenizer(TOK, chunk_chars=16)
     for text in ("1 1 1 " * 300, "x !y " * 200 + "z", " , , ,\t ,\n , ." * 100, "a  b 12 345 6,7 " * 120, "é " * 700):

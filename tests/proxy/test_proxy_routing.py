@@ -7,7 +7,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.policies import policy_names
+from proxy.routing.policies import policy_names
 
 from .conftest import MODEL
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..backends.registry import Backend
-from ..index.prefix_index import PrefixIndex
+from ...backends.registry import Backend
+from ...index.prefix_index import PrefixIndex
 from .base import Decision, Policy, RequestContext
 
 MAX_TREE_CHARS = 1 << 26

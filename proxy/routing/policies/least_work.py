@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..backends.registry import Backend, now
+from ...backends.registry import Backend, now
 from .base import Decision, Policy, RequestContext
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from kvblocks import get_tokenizer
 from proxy.config import ProxyConfig
-from proxy.policies import Decision
-from proxy.router import Router
+from proxy.routing.policies import Decision
+from proxy.routing.router import Router
 
 TOK = get_tokenizer()
 BACKENDS = ["http://a:1", "http://b:1", "http://c:1"]

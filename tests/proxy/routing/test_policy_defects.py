@@ -174,7 +174,7 @@ def test_policy_params_set_tunables_and_reject_unknown_ones():
     import pytest
 
     from proxy.config import ProxyConfig
-    from proxy.router import Router
+    from proxy.routing.router import Router
 
     r = Router(ProxyConfig(backends=BACKENDS, policy_param=["kv_aware.decode_weight=0.7", "sglang.cache_threshold=0.5"]))
     assert r.policies["kv_aware"].decode_weight == 0.7 and r.policies["sglang"].cache_threshold == 0.5

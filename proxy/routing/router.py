@@ -11,12 +11,12 @@ from collections.abc import Collection, Sequence
 from kvblocks.latency import get_profile
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
 
-from .backends.registry import Backend, BackendRegistry, InFlight, now
-from .backends.circuit_breaker import BreakerState, CircuitBreaker
-from .config import ProxyConfig
-from .index.kv_events import KVEventsFollower, KVEventSource
+from ..backends.registry import Backend, BackendRegistry, InFlight, now
+from ..backends.circuit_breaker import BreakerState, CircuitBreaker
+from ..config import ProxyConfig
+from ..index.kv_events import KVEventsFollower, KVEventSource
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
-from .index.prefix_index import PrefixIndex
+from ..index.prefix_index import PrefixIndex
 from .prompt_walk import PromptState, PromptWalker
 from .tokenize_cache import ChunkedTokenizer
 

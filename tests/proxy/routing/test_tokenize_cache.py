@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvblocks import get_tokenizer
-from proxy.tokenize_cache import ChunkedTokenizer
+from proxy.routing.tokenize_cache import ChunkedTokenizer
 
 TOK = get_tokenizer()
 ALPHABET = "ab cdé  Ω日本\n\n\r\t.,;:'!?-_0123456789\"()[]{}<|>$€ssttre'sll've"
@@ -49,7 +49,7 @@ def test_other_tokenizers_are_not_chunked():
 
 def test_router_text_context_reuses_prefix_hashes_exactly():
     from proxy.config import ProxyConfig
-    from proxy.router import Router
+    from proxy.routing.router import Router
 
     r = Router(ProxyConfig(backends=[]))
     rng = random.Random(1)
@@ -66,7 +66,7 @@ def test_router_text_context_reuses_prefix_hashes_exactly():
 
 def test_long_distinct_questions_still_reuse_the_documents_hashes():
     from proxy.config import ProxyConfig
-    from proxy.router import Router
+    from proxy.routing.router import Router
 
     r = Router(ProxyConfig(backends=[]))
     rng = random.Random(2)

@@ -89,7 +89,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from ..backends.registry import Backend, now
+from ...backends.registry import Backend, now
 from . import rendezvous
 from .base import Decision, Policy, RequestContext
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..backends.registry import Backend
+from ...backends.registry import Backend
 from .base import Decision, Policy, RequestContext, least_loaded
 
 

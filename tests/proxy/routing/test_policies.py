@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from proxy.config import ProxyConfig
-from proxy.policies import POLICIES, policy_names
-from proxy.router import Router, UnknownStrategy
+from proxy.routing.policies import POLICIES, policy_names
+from proxy.routing.router import Router, UnknownStrategy
 from kvblocks import APIError
 
 BACKENDS = [f"http://127.0.0.1:{9000 + i}" for i in range(4)]
@@ -172,7 +172,7 @@ def test_reset_forgets_prefixes():
 
 def test_splitmix64_is_the_standard_mix():
     """Replicas in different processes must compute identical weights: pin the function's known output."""
-    from proxy.policies.rendezvous import backend_id, splitmix64
+    from proxy.routing.policies.rendezvous import backend_id, splitmix64
 
     assert splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from seed 0
     assert backend_id(BACKENDS[0]) == backend_id(str(BACKENDS[0]))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvblocks import salt_extra_keys
 
-from .index.prefix_index import PendingTail
+from ..index.prefix_index import PendingTail
 
 if TYPE_CHECKING:
     from .router import Router

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 from kvblocks.latency import LatencyProfile
 
-from ..backends.registry import Backend
-from ..index.prefix_index import PrefixIndex
+from ...backends.registry import Backend
+from ...index.prefix_index import PrefixIndex
 
 
 @dataclass
