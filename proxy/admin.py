@@ -21,7 +21,7 @@ from kvblocks.http_errors import bearer_token, json_response
 from .app_keys import STATE_KEY
 from .backends.registry import Backend
 from .config import ProxyConfig, normalize_url
-from .health import BackendMonitor
+from .upstream.health import BackendMonitor
 from .routing.policies import policy_names
 from .routing.router import Router
 

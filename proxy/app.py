@@ -20,16 +20,16 @@ from kvblocks.http_errors import JSONErrorAppRunner
 from .admin import add_admin_routes
 from .admission import Admission
 from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
-from .backend_tokenizer import BackendTokenizer
+from .upstream.tokenizer import BackendTokenizer
 from .config import ProxyConfig
 from .edge.handlers import ProxyHandlers, error_middleware
-from .forward import Forwarder
+from .upstream.forward import Forwarder
 from .front import FrontServer
-from .health import BackendMonitor
+from .upstream.health import BackendMonitor
 from .metrics import ProxyMetrics
 from .passthrough import add_passthrough_routes
 from .routing.router import BACKEND_TOKENIZER, Router
-from .upstream import UpstreamPool
+from .upstream.client import UpstreamPool
 
 log = logging.getLogger("kvroute.proxy")
 # Accept queue: a burst of clients connecting at once is queued, not dropped into SYN retries (1 s each).

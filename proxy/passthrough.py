@@ -18,7 +18,7 @@ from aiohttp import web
 from kvblocks import APIError, error_body
 
 from .backends.registry import Backend
-from .health import note_auth
+from .upstream.health import note_auth
 
 if TYPE_CHECKING:
     from .edge.handlers import ProxyHandlers

@@ -22,13 +22,13 @@ from kvblocks.http_errors import bearer_token, json_response
 
 from ..admission import Admission
 from ..app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY
-from ..backend_tokenizer import BackendTokenizer
+from ..upstream.tokenizer import BackendTokenizer
 from ..backends.registry import Backend
 from ..config import ProxyConfig
-from ..forward import Forwarder
+from ..upstream.forward import Forwarder
 from ..openai_request import ParsedRequest, parse_chat, parse_completion
 from ..routing.policies import RequestContext
-from ..response_sink import AiohttpSink, ResponseSink
+from ..upstream.sink import AiohttpSink, ResponseSink
 from ..routing.router import Router
 
 log = logging.getLogger("kvroute.proxy")

@@ -21,7 +21,7 @@ from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
-from proxy.upstream import UpstreamError, UpstreamProtocolError, _Connection
+from proxy.upstream.client import UpstreamError, UpstreamProtocolError, _Connection
 
 from .helpers import MODEL
 from .test_fuzz import LoopThread
@@ -194,7 +194,7 @@ def test_fuzzed_backend_answers_parse_exactly_or_fail_cleanly(answer, cuts):
 
 
 def test_fuzzed_backend_answers_reach_the_client_exactly_or_as_502():
-    from tests.proxy.test_edge_backend import FakeBackend, ask
+    from tests.proxy.upstream.test_edge_backend import FakeBackend, ask
 
     lt = LoopThread()
 

@@ -8,7 +8,7 @@ import aiohttp
 from emulator.config import EmulatorConfig
 from emulator.server import STATE, start_emulators
 from proxy.config import ProxyConfig
-from proxy.forward import backoff_delay
+from proxy.upstream.forward import backoff_delay
 from proxy.app import start_proxy
 
 from .helpers import MODEL, TIME_SCALE

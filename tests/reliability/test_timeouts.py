@@ -15,7 +15,7 @@ from emulator.config import EmulatorConfig
 from emulator.server import STATE, start_emulators
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
-from proxy.upstream import UpstreamPool
+from proxy.upstream.client import UpstreamPool
 
 from .helpers import MODEL, TIME_SCALE, metric_samples, wait_for
 

@@ -19,13 +19,13 @@ import orjson
 from kvblocks import APIError, error_body
 from kvblocks.logs import get_logger
 
-from .backends.registry import Backend, InFlight
+from ..backends.registry import Backend, InFlight
 from .health import BackendMonitor, note_auth
-from .metrics import ProxyMetrics
-from .routing.policies import Decision, RequestContext
-from .response_sink import ResponseSink
-from .routing.router import Router
-from .upstream import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
+from ..metrics import ProxyMetrics
+from ..routing.policies import Decision, RequestContext
+from .sink import ResponseSink
+from ..routing.router import Router
+from .client import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 
 log = logging.getLogger("kvroute.proxy")
 

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from proxy.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from proxy.upstream.client import UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 async def raw_server(answers, split: int | None = None):
@@ -123,7 +123,7 @@ async def test_large_body_pauses_reading_until_consumed():
 
 
 async def test_chunks_split_anywhere_are_emitted_in_order_and_bad_sizes_fail_the_exchange():
-    from proxy.upstream import _DONE, UpstreamProtocolError, _Connection
+    from proxy.upstream.client import _DONE, UpstreamProtocolError, _Connection
 
     conn = _Connection(asyncio.get_running_loop())
     conn.start()

@@ -16,7 +16,7 @@ import orjson
 
 from kvblocks import APIError
 
-from .backends.registry import Backend
+from ..backends.registry import Backend
 
 CACHE_ENTRIES = 4096
 # The cache's byte budget, as estimated by `_entry_bytes` (a prompt can be megabytes: entries alone do not bound it).

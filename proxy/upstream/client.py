@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .http_fields import UnsafeField, check_value, header_lines
+from ..http_fields import UnsafeField, check_value, header_lines
 
 MAX_HEAD_BYTES = 64 * 1024  # bound on a head, and on the framing and trailers between two body bytes
 MAX_BODY_BYTES = 64 * 1024 * 1024  # default bound on a buffered (non-streamed) body, and on any one chunk

@@ -14,8 +14,8 @@ import re
 
 import aiohttp
 
-from .backends.registry import Backend, now
-from .routing.router import Router
+from ..backends.registry import Backend, now
+from ..routing.router import Router
 
 log = logging.getLogger("kvroute.proxy")
 
