@@ -247,7 +247,7 @@ def edge_parse_costs(n: int = 20000) -> dict[str, float]:
     through the upstream connection. The figures the front/upstream docstrings quote."""
     import orjson
 
-    from proxy import front
+    from proxy.edge import front
     from proxy.upstream import client as upstream
 
     class _Transport:

@@ -17,17 +17,17 @@ from aiohttp import web
 
 from kvblocks.http_errors import JSONErrorAppRunner
 
-from .admin import add_admin_routes
-from .admission import Admission
-from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
+from .edge.admin import add_admin_routes
+from .edge.admission import Admission
+from .edge.app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from .upstream.tokenizer import BackendTokenizer
 from .config import ProxyConfig
 from .edge.handlers import ProxyHandlers, error_middleware
 from .upstream.forward import Forwarder
-from .front import FrontServer
+from .edge.front import FrontServer
 from .upstream.health import BackendMonitor
 from .metrics import ProxyMetrics
-from .passthrough import add_passthrough_routes
+from .edge.passthrough import add_passthrough_routes
 from .routing.router import BACKEND_TOKENIZER, Router
 from .upstream.client import UpstreamPool
 

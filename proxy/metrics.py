@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .admission import Admission
+from .edge.admission import Admission
 from .backends.circuit_breaker import BreakerState
 from .routing.router import Router
 

@@ -20,13 +20,13 @@ from aiohttp import web
 from kvblocks import APIError, error_body
 from kvblocks.http_errors import bearer_token, json_response
 
-from ..admission import Admission
-from ..app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY
+from .admission import Admission
+from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY
 from ..upstream.tokenizer import BackendTokenizer
 from ..backends.registry import Backend
 from ..config import ProxyConfig
 from ..upstream.forward import Forwarder
-from ..openai_request import ParsedRequest, parse_chat, parse_completion
+from .openai_request import ParsedRequest, parse_chat, parse_completion
 from ..routing.policies import RequestContext
 from ..upstream.sink import AiohttpSink, ResponseSink
 from ..routing.router import Router

@@ -6,7 +6,7 @@ from openai import AsyncOpenAI
 
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
-from proxy.app_keys import STATE_KEY
+from proxy.edge.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
 from proxy.routing.router import Router
 from proxy.app import start_proxy

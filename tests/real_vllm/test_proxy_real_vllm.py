@@ -181,7 +181,7 @@ async def test_backend_api_key_right_wrong_and_never_logged(vllm: VLLMPair, tmp_
 
 
 async def test_wrong_key_on_the_only_backend_is_one_clean_502(vllm: VLLMPair, tmp_path):
-    from proxy.app_keys import STATE_KEY
+    from proxy.edge.app_keys import STATE_KEY
     from proxy.config import ProxyConfig
     from proxy.app import start_proxy
 

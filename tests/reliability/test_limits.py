@@ -9,7 +9,7 @@ import pytest
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultConfig
 from emulator.server import STATE, start_emulators
-from proxy.app_keys import ADMISSION_KEY
+from proxy.edge.app_keys import ADMISSION_KEY
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
 

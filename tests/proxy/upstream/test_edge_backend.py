@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from proxy.app_keys import METRICS_KEY
+from proxy.edge.app_keys import METRICS_KEY
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
 
-from ..test_front import read_response
+from ..edge.test_front import read_response
 
 OK_JSON = b'{"id":"x","object":"text_completion","choices":[{"text":"ok","index":0}]}'
 GOOD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(OK_JSON), OK_JSON)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .conftest import MODEL, wait_for
+from ..conftest import MODEL, wait_for
 
 BODY = json.dumps({"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 3}).encode()
 

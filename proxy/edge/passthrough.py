@@ -17,11 +17,11 @@ from aiohttp import web
 
 from kvblocks import APIError, error_body
 
-from .backends.registry import Backend
-from .upstream.health import note_auth
+from ..backends.registry import Backend
+from ..upstream.health import note_auth
 
 if TYPE_CHECKING:
-    from .edge.handlers import ProxyHandlers
+    from .handlers import ProxyHandlers
 
 log = logging.getLogger("kvroute.proxy")
 

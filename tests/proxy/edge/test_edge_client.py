@@ -9,7 +9,7 @@ import json
 import pytest
 from aiohttp import web
 
-from .conftest import MODEL, wait_for
+from ..conftest import MODEL, wait_for
 from .test_front import read_response
 
 BODY = json.dumps({"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 2}).encode()

@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 
 from kvblocks import get_tokenizer
-from proxy.app_keys import STATE_KEY
+from proxy.edge.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
 from proxy.routing.router import Router
 
-from .conftest import MODEL, TIME_SCALE
+from ..conftest import MODEL, TIME_SCALE
 from .test_front import read_response
 
 TOK = get_tokenizer()

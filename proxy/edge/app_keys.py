@@ -4,8 +4,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from .admission import Admission
-from .metrics import ProxyMetrics
-from .routing.router import Router
+from ..metrics import ProxyMetrics
+from ..routing.router import Router
 
 ROUTER_KEY = web.AppKey("router", Router)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)

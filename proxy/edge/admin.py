@@ -19,11 +19,11 @@ from kvblocks import APIError
 from kvblocks.http_errors import bearer_token, json_response
 
 from .app_keys import STATE_KEY
-from .backends.registry import Backend
-from .config import ProxyConfig, normalize_url
-from .upstream.health import BackendMonitor
-from .routing.policies import policy_names
-from .routing.router import Router
+from ..backends.registry import Backend
+from ..config import ProxyConfig, normalize_url
+from ..upstream.health import BackendMonitor
+from ..routing.policies import policy_names
+from ..routing.router import Router
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

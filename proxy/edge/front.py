@@ -33,11 +33,11 @@ import orjson
 from kvblocks import APIError, error_body
 
 from .app_keys import METRICS_KEY
-from .http_fields import check_value, header_lines
+from ..http_fields import check_value, header_lines
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
-    from .edge.handlers import ProxyHandlers
+    from .handlers import ProxyHandlers
 
 log = logging.getLogger("kvroute.proxy")
 
