@@ -28,7 +28,7 @@ from ..config import ProxyConfig
 from ..upstream.forward import Forwarder
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 from ..routing.policies import RequestContext
-from ..upstream.sink import AiohttpSink, ResponseSink
+from ..upstream.sink import ResponseSink
 from ..routing.router import Router
 
 log = logging.getLogger("kvroute.proxy")
@@ -65,6 +65,35 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response(error_body(500, "internal proxy error"), 500)
+
+
+class AiohttpSink:
+    """Builds the aiohttp response the handler returns (`response`); streams are prepared on `start`."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None
+
+    async def send(self, status: int, headers: dict[str, str], body: bytes, content_type: str) -> None:
+        self.response = web.Response(body=body, status=status, headers=headers, content_type=content_type)
+
+    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None) -> None:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = content_type
+        if charset:
+            resp.charset = charset
+        await resp.prepare(self.request)
+        self.response = resp
+
+    async def write(self, data: bytes) -> None:
+        await self.response.write(data)  # type: ignore[union-attr]
+
+    async def end(self) -> None:
+        await self.response.write_eof()  # type: ignore[union-attr]
 
 
 class ProxyHandlers:
