@@ -90,7 +90,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from ...backends.registry import Backend, now
-from . import rendezvous
+from .rendezvous import request_key, weight
 from .base import Decision, Policy, RequestContext
 
 SCRAPE_FRESH_S = 5.0
@@ -325,13 +325,13 @@ class KvAwarePolicy(Policy):
         m_best = ctx.matched(candidates[costs.index(best)])
         tie_s = self.tie_s + 1e-12
         index = self.env.index
-        key = rendezvous.request_key(ctx.hashes, ctx.num_tokens)
+        key = request_key(ctx.hashes, ctx.num_tokens)
         choice, choice_rank = 0, None
         last = self._last_pick
         for i, b in enumerate(candidates):
             gap = costs[i] - best
             if gap <= tol or (gap <= tie_s and ctx.matched(b) == m_best):
-                rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url), -rendezvous.weight(key, b.url))
+                rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url), -weight(key, b.url))
                 if choice_rank is None or rank < choice_rank:
                     choice, choice_rank = i, rank
         choice = self._stay_home(ctx, candidates, raw, choice)
