@@ -1,12 +1,12 @@
-"""KV-cache-aware OpenAI/vLLM-compatible reverse proxy.
+"""KV-cache-aware OpenAI/vLLM-compatible reverse proxy, in wings that follow a request.
 
-config (ProxyConfig: flags = env = file) -> front (HTTP/1.1 front door for the OpenAI POST routes;
-hands other connections to the aiohttp app wired in app, which also holds start_proxy) ->
-edge.handlers (ProxyHandlers.serve) -> openai_request (parse/validate, routing key) -> router (prompt_walk: lazy tokenize_cache + kvblocks
-hashes; prefix_index, policies/, backends) -> forward (failover, streaming, through a
-response_sink) over upstream (keep-alive HTTP/1.1 client); health (checks, vLLM metric scrapes),
-metrics (Prometheus), admin (/admin/ API), kv_events (exact index from backends' KV events), bench
-(`python -m benchmarks.proxy_bench overhead|decide|soak`).
+app (wiring; start_proxy, RunningProxy) over config (ProxyConfig: flags = env = file):
+edge/ (front door, handlers, OpenAI parsing, admission, admin, passthrough: HTTP to clients) ->
+routing/ (router, prompt_walk over tokenize_cache, policies/: the decision, no HTTP) -> index/
+(prefix_index, kv_events: who holds which block) and backends/ (registry, circuit_breaker: state
+the deciders read) -> upstream/ (forward, client, health, tokenizer, sink: HTTP to backends);
+metrics (Prometheus). `python -m proxy` (__main__) is the launcher. Benchmarks live beside the
+package (`python -m benchmarks.proxy_bench overhead|decide|edge|soak`).
 """
 
 # `from proxy import ProxyConfig, start_proxy`; imported on first use so `import proxy.<module>` stays light.
