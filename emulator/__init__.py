@@ -1,6 +1,6 @@
 """Emulated vLLM server: block pool, continuous-batching engine, vLLM API, metrics, KV events."""
 
-# `from emulator import EmulatorConfig, start_emulator` (what the README shows); imported on first use so
+# `from emulator import EmulatorConfig, start_emulator` (what docs/emulator.md shows); imported on first use so
 # `import emulator.<module>` stays light.
 _EXPORTS = {"EmulatorConfig": "config", "start_emulator": "server", "start_emulators": "server",
             "RunningEmulator": "server"}

@@ -39,7 +39,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     d = _env_defaults(WorkloadConfig)
     g = p.add_argument_group("workload (env KVROUTE_LOADGEN_<NAME>)")
     g.add_argument("--workload", dest="name", choices=WORKLOAD_NAMES, default=d.name,
-                   help="what the requests look like (see README); default %(default)s")
+                   help="what the requests look like (see docs/loadgen.md); default %(default)s")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes every prompt's text (default %(default)s)")
     g.add_argument("--requests", type=int, default=d.requests, help="requests to send (default %(default)s)")
     g.add_argument("--output-tokens", type=int, default=d.output_tokens, help="max_tokens, with ignore_eos (default %(default)s)")

@@ -470,7 +470,7 @@ def _noise_note(c: dict[str, Any], lower: bool) -> str:
 
 
 def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> list[str]:
-    """The README's table from sweep folders: goodput per strategy and workload, and the subject's
+    """The docs' sweep table (docs/loadgen.md) from sweep folders: goodput per strategy and workload, and the subject's
     worst regret over the load levels per metric (`python -m loadgen sweep-table docs/results/*-sweep`).
     Folders of one workload share its row: a peer router's sweep joins the kvroute sweep before it."""
     from .results import read_json

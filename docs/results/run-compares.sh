@@ -1,5 +1,5 @@
 #!/bin/bash
-# The one-run strategy comparisons in docs/results/*-compare (the README's tables), one after the
+# The one-run strategy comparisons in docs/results/*-compare (the tables in docs/loadgen.md), one after the
 # other (about 2-5 minutes wall each on the 2-core development machine). From the repository root:
 #   bash docs/results/run-compares.sh [name ...]      # default: all of them
 set -e

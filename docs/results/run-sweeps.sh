@@ -1,5 +1,5 @@
 #!/bin/bash
-# The goodput sweeps in docs/results/*-sweep and the README's table. Each sweep runs 4 strategies x 3
+# The goodput sweeps in docs/results/*-sweep and the table in docs/loadgen.md. Each sweep runs 4 strategies x 3
 # loads x 2 seeds, 3 for burst, sysprompt and trace (`sweep-workloads.sh`; about 8-15 minutes wall each on
 # the 2-core development machine; two can run side by side there: the reports print how late the
 # emulators' steps ran). Run from the repository root:

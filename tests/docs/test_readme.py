@@ -1,9 +1,11 @@
-"""The README cannot rot: its commands work from a clone, its flag table is the parser's.
+"""The README and the docs pages cannot rot: their commands work from a clone, their tables are the code's.
 
-Cheap things run for real against a proxy this module starts (Python snippets, curl lines, the error
-examples with their printed line); servers, benchmarks and long load runs are parsed by the real CLI
-parsers instead (every flag, value, file and URL checked as at start-up); what needs a Docker engine,
-a GPU or the real-vLLM setup (the "Swap in real vLLM" section) is skipped with the reason printed.
+Every page is read: README.md and docs/*.md (docs/results/ holds generated reports, each with the command
+that made it). Cheap things run for real against a proxy this module starts (Python snippets, curl lines,
+the error examples with their printed line); servers, benchmarks and long load runs are parsed by the real
+CLI parsers instead (every flag, value, file and URL checked as at start-up); what needs a Docker engine, a
+GPU or the real-vLLM setup (docs/real-vllm.md) is skipped with the reason printed. Every relative link and
+anchor resolves, and every repository path a page names in backquotes exists.
 """
 from __future__ import annotations
 
@@ -21,29 +23,51 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-README_URL = "http://127.0.0.1:8000"
-VLLM_SECTION = "Swap in real vLLM"
+DOCS = ROOT / "docs"
+PROXY_PAGE = DOCS / "proxy.md"  # the proxy's flag table and headers
+VLLM_PAGE = DOCS / "real-vllm.md"  # the real-vLLM recipe: needs the vLLM venv and servers
+DOCS_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 60
+README_MAX_LINES = 200  # a front page; the rest belongs in a docs/ page
+
+
+def doc_pages() -> list[Path]:
+    """README.md and every page under docs/ but the generated reports in docs/results/."""
+    pages = [p for p in sorted(DOCS.rglob("*.md")) if "results" not in p.relative_to(DOCS).parts[:1]]
+    return [README, *pages]
+
+
+PAGES = doc_pages()
+
+
+def rel(page: Path) -> str:
+    return str(page.relative_to(ROOT))
 
 
 @dataclass(frozen=True)
 class Block:
+    page: str  # path from the repository root, e.g. "docs/proxy.md"
     lang: str
-    section: str  # the enclosing `## ` heading
     line: int
     text: str
 
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line}"
 
-def readme_blocks() -> list[Block]:
-    out, section, lang, start, buf = [], "", None, 0, []
-    for i, line in enumerate(README.read_text().splitlines(), 1):
-        if lang is None and line.startswith("## "):  # subsections (###) belong to their section
-            section = line[3:].strip()
+    @property
+    def needs_vllm(self) -> bool:
+        return self.page == rel(VLLM_PAGE)
+
+
+def page_blocks(page: Path) -> list[Block]:
+    out, lang, start, buf = [], None, 0, []
+    for i, line in enumerate(page.read_text().splitlines(), 1):
         if line.startswith("```"):
             if lang is None:
                 lang, start, buf = line[3:].strip(), i, []
             else:
-                out.append(Block(lang, section, start, "\n".join(buf)))
+                out.append(Block(rel(page), lang, start, "\n".join(buf)))
                 lang = None
             continue
         if lang is not None:
@@ -65,7 +89,7 @@ def shell_commands(block: Block) -> list[tuple[int, str]]:
     return cmds
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [b for page in PAGES for b in page_blocks(page)]
 SHELL = [(b, ln, c) for b in BLOCKS if b.lang in ("bash", "sh") for ln, c in shell_commands(b)]
 PYTHON = [b for b in BLOCKS if b.lang == "python"]
 JSON = [b for b in BLOCKS if b.lang == "json"]
@@ -120,10 +144,11 @@ def check_python_module(argv: list[str], env: dict[str, str]) -> None:
         assert p.returncode == 0, p.stderr.decode()[-2000:]
 
 
-@pytest.mark.parametrize("block,line,command", SHELL, ids=[f"L{ln}" for _, ln, _ in SHELL])
+@pytest.mark.parametrize("block,line,command", SHELL, ids=[f"{b.page}:L{ln}" for b, ln, _ in SHELL])
 def test_shell_command(block: Block, line: int, command: str, request):
-    if block.section == VLLM_SECTION:
-        pytest.skip(f"README line {line}: needs the vLLM venv and servers ('{VLLM_SECTION}'): {command[:60]}")
+    where = f"{block.page} line {line}"
+    if block.needs_vllm:
+        pytest.skip(f"{where}: needs the vLLM venv and servers: {command[:60]}")
     env, argv = _strip_env(shlex.split(command, comments=True))
     tool = argv[0]
     if tool == "docker":
@@ -138,7 +163,7 @@ def test_shell_command(block: Block, line: int, command: str, request):
             elif argv[-1] == "kvroute":
                 check_python_module(["python", "-m", "proxy"], image_env)
             parsed = " (its command parsed)"
-        pytest.skip(f"README line {line}: needs a Docker engine{parsed}")
+        pytest.skip(f"{where}: needs a Docker engine{parsed}")
     elif tool == "make":
         p = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, timeout=TIMEOUT_S)
         assert p.returncode == 0, p.stderr.decode()
@@ -146,7 +171,7 @@ def test_shell_command(block: Block, line: int, command: str, request):
         # The venv `make` creates (VENV ?= .venv); absent only when the tests run from another environment.
         assert argv[1] == ".venv/bin/activate" and "VENV ?= .venv" in (ROOT / "Makefile").read_text()
         if not (ROOT / argv[1]).is_file():
-            pytest.skip(f"README line {line}: no .venv here (tests run from another environment)")
+            pytest.skip(f"{where}: no .venv here (tests run from another environment)")
     elif tool == "python":
         check_python_module(argv, env)
     elif tool == "bash" and len(argv) >= 2 and argv[1].endswith(".sh"):
@@ -166,34 +191,34 @@ def test_shell_command(block: Block, line: int, command: str, request):
         check_python_module(["python", *argv[1:]], env)
     elif tool == "curl":
         url = request.getfixturevalue("live_url")
-        argv = [a.replace(README_URL, url) for a in argv]
+        argv = [a.replace(DOCS_URL, url) for a in argv]
         p = subprocess.run([argv[0], "-sS", "--fail", "--max-time", "30", *argv[1:]], capture_output=True,
                            timeout=TIMEOUT_S)
         assert p.returncode == 0, p.stderr.decode()
         assert p.stdout.strip()
     else:
-        pytest.fail(f"README line {line}: no rule for {tool!r}; add one here (run, parse or skip with a reason)")
+        pytest.fail(f"{where}: no rule for {tool!r}; add one here (run, parse or skip with a reason)")
 
 
-@pytest.mark.parametrize("block", PYTHON, ids=[f"L{b.line}" for b in PYTHON])
+@pytest.mark.parametrize("block", PYTHON, ids=[f"{b.page}:L{b.line}" for b in PYTHON])
 def test_python_snippet(block: Block, live_url: str):
-    if block.section == VLLM_SECTION:
-        pytest.skip(f"README line {block.line}: '{VLLM_SECTION}' needs the vLLM venv")
-    code = block.text.replace(README_URL, live_url)
+    if block.needs_vllm:
+        pytest.skip(f"{block.where}: needs the vLLM venv")
+    code = block.text.replace(DOCS_URL, live_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVROUTE_")}
     p = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, timeout=TIMEOUT_S)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
 
 
-@pytest.mark.parametrize("block", JSON, ids=[f"L{b.line}" for b in JSON])
+@pytest.mark.parametrize("block", JSON, ids=[f"{b.page}:L{b.line}" for b in JSON])
 def test_json_block(block: Block):
-    if block.section == VLLM_SECTION:
-        pytest.skip(f"README line {block.line}: '{VLLM_SECTION}' is the lead's (real vLLM)")
+    if block.needs_vllm:
+        pytest.skip(f"{block.where}: the real-vLLM recipe is the lead's")
     json.loads(block.text)
 
 
-@pytest.mark.parametrize("block", TRANSCRIPTS, ids=[f"L{b.line}" for b in TRANSCRIPTS])
-def test_transcript_prints_what_the_readme_says(block: Block):
+@pytest.mark.parametrize("block", TRANSCRIPTS, ids=[f"{b.page}:L{b.line}" for b in TRANSCRIPTS])
+def test_transcript_prints_what_the_page_says(block: Block):
     lines = block.text.splitlines()
     for i, line in enumerate(lines):
         if not line.startswith("$ "):
@@ -214,8 +239,8 @@ def test_transcript_prints_what_the_readme_says(block: Block):
 # ---- the proxy's flag table --------------------------------------------------------------------------------
 
 
-def _table_rows(heading: str) -> list[list[str]]:
-    text = README.read_text()
+def _table_rows(page: Path, heading: str) -> list[list[str]]:
+    text = page.read_text()
     part = text[text.index(heading):]
     rows = []
     for line in part.splitlines()[1:]:
@@ -248,7 +273,7 @@ def test_proxy_flag_table_matches_the_parser():
     parser = _build_parser()
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(ProxyConfig)}
-    rows = _table_rows("### Configuration")
+    rows = _table_rows(PROXY_PAGE, "## Configuration")
     documented: dict[str, tuple[str, str]] = {}
     for flags_cell, env_cell, default_cell, _meaning in rows:
         flags = re.findall(r"`(--[a-z-]+)`", flags_cell)
@@ -258,7 +283,7 @@ def test_proxy_flag_table_matches_the_parser():
             documented[flag] = (envs[k] if k < len(envs) else "", cells[k] if len(cells) == len(flags) else "")
     in_parser = {a.option_strings[0]: dest for dest, a in actions.items()}
     assert set(documented) == set(in_parser), (
-        f"missing from README: {sorted(set(in_parser) - set(documented))}; "
+        f"missing from {rel(PROXY_PAGE)}: {sorted(set(in_parser) - set(documented))}; "
         f"not flags: {sorted(set(documented) - set(in_parser))}")
     for flag, (env, default) in documented.items():
         dest = in_parser[flag]
@@ -297,3 +322,123 @@ def test_every_flag_of_every_cli_has_help_with_its_default_and_choices():
         blocks = re.split(r"\n  (?=--)", p.stdout.split("options:", 1)[1])
         assert flags and all("(default: " in " ".join(b.split()) for b in blocks if not b.lstrip().startswith("-h")), (module, sub)
 
+
+
+# ---- the front page ----------------------------------------------------------------------------------------
+
+
+def test_readme_is_a_front_page_with_the_two_commands():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): put the detail in the fitting docs/ page "
+        "and link it from README's Documentation table")
+    first_bash = next(b for b in BLOCKS if b.page == "README.md" and b.lang == "bash")
+    assert [c.split()[:2] for _, c in shell_commands(first_bash)] == [["make", "run"], ["make", "test"]]
+    linked = set(re.findall(r"\]\((docs/[\w./-]+\.md)\)", README.read_text()))
+    assert {rel(p) for p in PAGES[1:] if p.parent == DOCS} <= linked, "every docs page is linked from README"
+
+
+# ---- links and paths ---------------------------------------------------------------------------------------
+
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+_CODE = re.compile(r"```.*?```", re.S)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for line in _CODE.sub("", page.read_text()).splitlines():
+        m = re.match(r"#{1,6} (.+)", line)
+        if m:
+            slug = _slug(m.group(1))
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def _links(page: Path) -> list[str]:
+    return [t for t in _LINK.findall(_CODE.sub("", page.read_text())) if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[rel(p) for p in PAGES])
+def test_every_relative_link_resolves(page: Path):
+    broken = []
+    for target in _links(page):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists() or ROOT not in (dest, *dest.parents):
+            broken.append(f"{target}: no such file in the repository")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target}: no heading #{anchor} in {rel(dest)}")
+    assert not broken, f"{rel(page)}: " + "; ".join(broken)
+
+
+# A path in backquotes that starts with one of the repository's top-level folders names a file or folder of
+# the repository (what a reader would open); it must exist. Placeholders (`<workload>`) are not paths.
+_TOP = ("kvblocks", "emulator", "proxy", "loadgen", "benchmarks", "tests", "tools", "docs", "examples", ".ci")
+_PATH = re.compile(r"`((?:%s)/[\w./-]*)`" % "|".join(re.escape(t) for t in _TOP))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[rel(p) for p in PAGES])
+def test_every_repository_path_named_exists(page: Path):
+    missing = [p for p in _PATH.findall(page.read_text()) if not (ROOT / p).exists()]
+    assert not missing, f"{rel(page)} names paths that do not exist: {missing}"
+
+
+# ---- the headers table -------------------------------------------------------------------------------------
+
+
+def _header_table(kind: str) -> dict[str, str]:
+    """`| request header | ...` or `| response header | ...` rows of docs/proxy.md: name -> text."""
+    text = PROXY_PAGE.read_text()
+    part = text[text.index(f"| {kind} header |"):]
+    rows = {}
+    for line in part.splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        cell, what = [c.strip() for c in line.strip().strip("|").split("|", 1)]
+        rows[re.match(r"`([\w-]+)", cell).group(1).lower()] = what
+    return rows
+
+
+def test_headers_table_is_what_the_proxy_sends(live_url: str):
+    """Every `x-kvroute-*` header an answer carries is in the table, and every one in the table is sent."""
+    import urllib.error
+    import urllib.request
+
+    documented = _header_table("response")
+    assert {"x-kvroute-backend", "x-kvroute-strategy", "x-kvroute-matched-blocks", "x-request-id"} <= set(documented)
+    body = json.dumps({"model": "meta-llama/Llama-2-13b-hf", "prompt": "Hello " * 40, "max_tokens": 2}).encode()
+    for stream in (False, True):
+        req = urllib.request.Request(live_url + "/v1/completions", method="POST",
+                                     data=body if not stream else body[:-1] + b', "stream": true}',
+                                     headers={"Content-Type": "application/json", "x-request-id": "docs-1"})
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+            sent = {k.lower(): v for k, v in r.headers.items()}
+            r.read()
+        ours = {k for k in sent if k.startswith("x-kvroute-") or k == "x-request-id"}
+        assert ours == set(documented), (stream, sorted(ours))
+        assert sent["x-request-id"] == "docs-1"
+    # The request headers the table lists are the ones the proxy reads: an unknown strategy is refused.
+    requested = _header_table("request")
+    assert {"x-kvroute-strategy", "x-request-id", "authorization"} <= set(requested)
+    req = urllib.request.Request(live_url + "/v1/completions", method="POST", data=body,
+                                 headers={"Content-Type": "application/json", "x-kvroute-strategy": "no-such"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=TIMEOUT_S)
+    assert e.value.code == 400 and not any(k.lower().startswith("x-kvroute-") for k in e.value.headers)
+
+
+def test_every_x_kvroute_header_in_the_code_is_in_the_table():
+    in_code = set()
+    for path in (ROOT / "proxy").rglob("*.py"):
+        in_code |= set(re.findall(r"""["'](x-kvroute-[a-z-]+)["']""", path.read_text(), re.I))
+    documented = set(_header_table("request")) | set(_header_table("response"))
+    assert {h.lower() for h in in_code} <= documented, sorted({h.lower() for h in in_code} - documented)

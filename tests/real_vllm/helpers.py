@@ -1,4 +1,4 @@
-"""A proxy in front of the two real vLLM servers, configured as the README tells a user to."""
+"""A proxy in front of the two real vLLM servers, configured as docs/real-vllm.md tells a user to."""
 from __future__ import annotations
 
 import json
