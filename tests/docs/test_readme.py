@@ -392,6 +392,18 @@ def test_every_repository_path_named_exists(page: Path):
     assert not missing, f"{rel(page)} names paths that do not exist: {missing}"
 
 
+_MODULE = re.compile(r"python -m ((?:%s)(?:\.\w+)*)" % "|".join(t for t in _TOP if t.isidentifier()))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[rel(p) for p in PAGES])
+def test_every_python_module_named_exists(page: Path):
+    """`python -m X` anywhere on a page (prose, tables, indented blocks too) names a module of ours that exists."""
+    import importlib.util
+
+    missing = sorted({m for m in _MODULE.findall(page.read_text()) if importlib.util.find_spec(m) is None})
+    assert not missing, f"{rel(page)} names modules that do not exist: {missing}"
+
+
 # ---- the headers table -------------------------------------------------------------------------------------
 
 
