@@ -122,7 +122,7 @@ def _strip_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def check_python_module(argv: list[str], env: dict[str, str]) -> None:
-    """`python -m X ARGS`: our CLIs check ARGS as at start-up (no server started); others answer --help."""
+    """`python -m X ARGS`: our CLIs check ARGS as at start-up (no server started); others parse ARGS --help."""
     assert argv[:2] == ["python", "-m"], argv
     module, args = argv[2], argv[3:]
     if module == "proxy":
@@ -140,7 +140,10 @@ def check_python_module(argv: list[str], env: dict[str, str]) -> None:
         with exit_on_usage_error(PROG):
             check_args(args)
     else:
-        p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, timeout=TIMEOUT_S)
+        # A benchmark or tool: its argparse reads ARGS up to the trailing --help (a bad subcommand, flag or
+        # value fails there, exit 2) and stops before running anything.
+        p = subprocess.run([sys.executable, "-m", module, *args, "--help"], cwd=ROOT, capture_output=True,
+                           timeout=TIMEOUT_S)
         assert p.returncode == 0, p.stderr.decode()[-2000:]
 
 
