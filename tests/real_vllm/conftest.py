@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .vllm_server import DIFF_BUDGET, VLLMServer, VLLMUnavailable, required, start_servers, tiny_model, vllm_python
+from ..progress import say
+from .vllm_server import DIFF_BUDGET, VLLMServer, VLLMUnavailable, start_servers, unavailable
 
 API_KEY_A = "vllm-key-a"
 
@@ -49,31 +50,25 @@ class VLLMPair:
                 raise AssertionError(f"vLLM {s.name} never accepted a prefix-cache reset")
 
 
-def _unavailable(reason: str) -> None:
-    if required():
-        pytest.fail(f"real vLLM required (KVROUTE_REQUIRE_VLLM=1) but unavailable: {reason}", pytrace=False)
-    pytest.skip(f"real vLLM unavailable here: {reason}")
+_unavailable = unavailable  # (test_vllm_code.py's name for it)
 
 
 @pytest.fixture(scope="session")
-def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMPair]:
+def vllm_pair(tmp_path_factory: pytest.TempPathFactory, vllm_toolchain, request) -> Iterator[VLLMPair]:
     t0 = time.monotonic()
-    try:
-        py = vllm_python()
-        model = tiny_model(py)
-    except VLLMUnavailable as e:
-        _unavailable(str(e))
+    py, model = vllm_toolchain.python, vllm_toolchain.model
     log_dir = tmp_path_factory.mktemp("vllm")
     # a runs at most 4 sequences, so a burst leaves some waiting (vllm:num_requests_waiting)
     a = VLLMServer("a", py, model, api_key=API_KEY_A, cpu=0, extra_args=["--max-num-seqs", "4"])
     # b prefills at most 256 tokens a step: the emulator differential needs chunked prefill to compare
     b = VLLMServer("b", py, model, cpu=1, extra_args=["--max-num-batched-tokens", str(DIFF_BUDGET)])
+    say(request, f"real vLLM: starting two servers (~1-2 min on 2 cores); logs in {log_dir}")
     try:
         start_servers([a, b], log_dir)
     except VLLMUnavailable as e:
-        _unavailable(str(e))
+        unavailable(str(e))
     pair = VLLMPair(a, b, time.monotonic() - t0, log_dir)
-    print(f"\nreal vLLM: two servers up in {pair.setup_s:.0f}s ({a.url}, {b.url}); logs in {log_dir}")
+    say(request, f"real vLLM: two servers up in {pair.setup_s:.0f}s ({a.url}, {b.url})")
     try:
         yield pair
     finally:

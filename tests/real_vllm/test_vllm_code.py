@@ -18,8 +18,7 @@ from kvblocks import BlockHasher, salt_extra_keys
 from proxy.index.kv_events import KVEventSource, KVEventSubscriber
 
 from ..kv_events.helpers import RecordingSink, eventually
-from .conftest import _unavailable
-from .vllm_server import VLLMUnavailable, free_port, vllm_python
+from .vllm_server import free_port
 
 # Session set-up (venv build, two vLLM start-ups) counts against the first test: give it room.
 pytestmark = pytest.mark.timeout(1800)
@@ -28,11 +27,8 @@ SIDE = Path(__file__).parent / "vllm_side"
 
 
 @pytest.fixture(scope="module")
-def vpy() -> Path:
-    try:
-        return vllm_python()
-    except VLLMUnavailable as e:
-        _unavailable(str(e))
+def vpy(vllm_toolchain) -> Path:
+    return vllm_toolchain.python
 
 
 def _vllm_hashes(vpy: Path, cases: list[dict], hash_seed: str | None) -> list[dict]:

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
@@ -39,6 +40,15 @@ class VLLMUnavailable(RuntimeError):
 
 def required() -> bool:
     return os.environ.get("KVROUTE_REQUIRE_VLLM", "") not in ("", "0")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test saying why vLLM cannot run here; a failure instead under KVROUTE_REQUIRE_VLLM=1."""
+    import pytest
+
+    if required():
+        pytest.fail(f"real vLLM required (KVROUTE_REQUIRE_VLLM=1) but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"real vLLM unavailable here: {reason}")
 
 
 def vllm_python() -> Path:
