@@ -17,6 +17,7 @@ from kvblocks.cli import ArgumentParser, UsageError, error_for, exit_on_usage_er
 from kvblocks.logs import configure_logging
 
 from .config import ENV_PREFIX, WORKLOAD_NAMES, RunConfig, WorkloadConfig, env_overrides
+from .validity import too_many_errors
 
 PROG = "python -m loadgen"
 # Exit status when a run finished but too many of its requests failed (see --max-error-share).
@@ -105,6 +106,10 @@ def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     g.add_argument("--max-error-share", type=float, default=d.max_error_share,
                    help="exit with status 1 when more than this share of a run's requests failed "
                         "(default %(default)s)")
+    g.add_argument("--lateness-limit", type=float, default=d.lateness_limit,
+                   help="mark a run invalid (and say so on the console at once) when the emulators' engine steps, "
+                        "or this load generator's arrivals, run later than this on average, in emulated s: the "
+                        "machine, not the strategy, then sets the latencies (0 = never) (default %(default)s)")
     g.add_argument("--log-format", choices=("console", "json"), default=d.log_format,
                    help="warnings and errors as console lines or JSON objects (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
@@ -207,19 +212,6 @@ def strategy_names(text: str) -> list[str]:
     return names
 
 
-def too_many_errors(summaries: dict[str, dict], max_share: float) -> list[str]:
-    """One line per run whose failed share exceeds `max_share` (cancelled requests are not failures)."""
-    lines = []
-    for name, s in summaries.items():
-        done = s["requests_sent"] - s["cancelled"]
-        share = s["errors"] / done if done else 0.0
-        if share > max_share:
-            first = next(iter(s.get("error_kinds") or {}), "")
-            lines.append(f"{name}: {s['errors']} of {done} requests failed ({share:.1%} > --max-error-share "
-                         f"{max_share:g}){'; first error: ' + first if first else ''}")
-    return lines
-
-
 async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .plots import run_plots
     from .proxy_admin import ProxyAdmin
@@ -247,6 +239,8 @@ async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     print(f"hit rate {summary['hit_rate']:.1%}, TTFT p50 {_s(summary['ttft_p50_emulated'])} / "
           f"p99 {_s(summary['ttft_p99_emulated'])} emulated s, {summary['ok']} ok, {summary['errors']} errors"
           f"{', interrupted' if result.interrupted else ''}; report: {report}")
+    if summary.get("invalid"):
+        print(f"not valid as a routing measurement: {summary['invalid']}")
     if result.interrupted:
         return EXIT_INTERRUPTED
     return _error_exit({cfg.workload.name: summary}, cfg.max_error_share)
@@ -267,6 +261,9 @@ async def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     await _reachable(cfg)
     res = await compare(cfg, strategies, cfg.target or None, command, ns.backends, ns.spawn)
     print("\n".join(compare_table(res.summaries)))
+    for name, s in res.summaries.items():
+        if s.get("invalid"):
+            print(f"not valid as a routing measurement: {name}: {s['invalid']}")
     print(f"report: {res.report}")
     if any(r.interrupted for r in res.results.values()):
         return EXIT_INTERRUPTED
@@ -282,7 +279,7 @@ async def _reachable(cfg: RunConfig) -> None:
 
 
 async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
-    from .sweep import SLO, PeerRouter, sweep, verdict_text
+    from .sweep import SLO, PeerRouter, invalid_points, sweep, verdict_text
 
     strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
     rates = [float(x) for x in ns.rates.split(",") if x.strip()]
@@ -294,12 +291,17 @@ async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     peer = PeerRouter(ns.peer, list(ns.backend)) if ns.peer else None
     res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
                       SLO(ns.slo_ttft_p99, ns.slo_tpot_p50), seeds, ns.keep_records, ns.max_lateness, peer)
-    print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
+    unit = "x" if cfg.workload.name == "trace" else " req/s"
+    print("goodput: " + ", ".join(f"{n} {g:g}{unit}" for n, g in res.goodput.items()))
     if res.goodput_verdict:
         v = res.goodput_verdict
-        print(f"{v['subject']}'s goodput: {verdict_text(v, 'x' if cfg.workload.name == 'trace' else '')}")
+        print(f"{v['subject']}'s goodput: {verdict_text(v, unit)}")
+    for line in invalid_points(res.points):
+        print(f"not valid (machine-bound): {line}")
     print(f"report: {res.report}")
-    return 0
+    for line in res.failed_points:
+        print(f"{PROG}: error: point {line}", file=sys.stderr)
+    return EXIT_TOO_MANY_ERRORS if res.failed_points else 0
 
 
 def _s(v: float | None) -> str:

@@ -104,9 +104,10 @@ async def scrape_all(urls: list[str]) -> dict[str, dict[str, float]]:
 class MetricsSampler:
     """Scrapes every backend every `interval` wall seconds until stopped."""
 
-    def __init__(self, urls: list[str], interval: float = 0.5) -> None:
+    def __init__(self, urls: list[str], interval: float = 0.5, on_scrape=None) -> None:
         self.urls = list(urls)
         self.interval = interval
+        self.on_scrape = on_scrape  # called with {url: metrics} after every round (the lateness watch)
         self.samples: list[MetricsSample] = []
         self._task: asyncio.Task | None = None
         self._stop = asyncio.Event()
@@ -125,9 +126,11 @@ class MetricsSampler:
             while not self._stop.is_set():
                 results = await asyncio.gather(*(scrape(session, u) for u in self.urls), return_exceptions=True)
                 t = time.perf_counter() - run_start
-                for u, r in zip(self.urls, results):
-                    if isinstance(r, dict):
-                        self.samples.append(MetricsSample(t, u, **r))
+                got = {u: r for u, r in zip(self.urls, results) if isinstance(r, dict)}
+                for u, r in got.items():
+                    self.samples.append(MetricsSample(t, u, **r))
+                if self.on_scrape is not None and got:
+                    self.on_scrape(got)
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.interval)
                 except asyncio.TimeoutError:

@@ -15,6 +15,8 @@ from typing import Any
 
 from kvblocks.cli import UsageError, coerce
 
+from .validity import DEFAULT_LATENESS_LIMIT
+
 ENV_PREFIX = "KVROUTE_LOADGEN_"
 TRACE_FILE = "mooncake_fast25_conversation_trace.jsonl"
 # Shipped inside the package (Apache-2.0, source and licence in loadgen/data/), so `trace` runs from a clone.
@@ -114,6 +116,9 @@ class RunConfig:
     metrics_interval: float = 0.5
     # A run whose failed share of requests exceeds this makes the CLI exit 1 (all failing must not look fine).
     max_error_share: float = 0.05
+    # Mean emulated seconds the emulators' steps (or our own arrivals) may run late before the run is
+    # marked invalid: past it the machine, not the strategy, sets the latencies (loadgen.validity).
+    lateness_limit: float = DEFAULT_LATENESS_LIMIT
     log_format: str = "console"
     progress: bool = True
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
@@ -127,6 +132,8 @@ class RunConfig:
             raise ValueError("time_scale must be positive")
         if self.log_format not in ("console", "json"):
             raise ValueError(f"log_format must be console or json, not {self.log_format!r}")
+        if self.lateness_limit < 0:
+            raise ValueError("lateness_limit must be >= 0 (0 = never mark a run invalid)")
         if not 0 <= self.max_error_share <= 1:
             raise ValueError("max_error_share must be within [0, 1]")
         if self.request_timeout <= 0 or self.metrics_interval <= 0 or self.duration < 0:

@@ -14,6 +14,7 @@ import aiohttp
 from kvblocks.cli import UsageError
 
 from .backend_metrics import base_url
+from .peer import resolve_model
 
 PREFLIGHT_TIMEOUT_S = 10.0
 # Emulated figures are wall time / time scale: a mismatch beyond this relative amount skews every latency.
@@ -100,7 +101,12 @@ def check_time_scale(time_scale: float, scales: dict[str, float]) -> None:
 
 
 async def preflight(target: str, model: str, api_key: str, time_scale: float, backends: list[str]) -> Preflight:
+    """`model` if given (checked against the target's list), else the target's first model; a router
+    that lists a placeholder (`unknown`: sglang-router) gets the backends' model instead."""
+    given = model
     model, models = await check_target(target, model, api_key)
+    if not given:
+        model = await resolve_model(model, backends)
     scales = await backend_time_scales(backends)
     check_time_scale(time_scale, scales)
     return Preflight(model, models, scales)

@@ -77,6 +77,7 @@ def per_backend_table(s: dict[str, Any]) -> list[str]:
 def run_report(s: dict[str, Any], command: str, target: str, plots: list[Path], out: Path) -> Path:
     """report.md of one run."""
     lines = _header(f"Load test: `{s['workload']}`", command, s, target)
+    lines += invalid_lines(s)
     if s.get("interrupted"):
         lines += [f"**Interrupted** (Ctrl-C) after {s['requests_sent']} of {s['requests_planned']} requests; "
                   "the figures cover only those.", ""]
@@ -118,6 +119,14 @@ def run_report(s: dict[str, Any], command: str, target: str, plots: list[Path], 
     return path
 
 
+def invalid_lines(s: dict[str, Any], name: str = "") -> list[str]:
+    """The warning a run whose clocks fell behind carries above its figures (loadgen.validity)."""
+    if not s.get("invalid"):
+        return []
+    return [f"**Invalid as a routing measurement{f' ({name})' if name else ''}**: {s['invalid']}. The latencies "
+            "below are the machine's; rerun with a larger `--time-scale`, fewer backends or a quieter machine.", ""]
+
+
 def prediction_line(s: dict[str, Any]) -> list[str]:
     """The router's matched-block prediction against what the backends reported cached."""
     p = s.get("prediction")
@@ -147,15 +156,16 @@ def _consistency(s: dict[str, Any]) -> list[str]:
 def compare_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     """The headline table: one row per strategy (latencies in emulated seconds)."""
     lines = ["| strategy | hit rate | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (s) | E2E p50 (s) | throughput (req/s) "
-             "| errors | mean running / waiting per backend | busiest backend share |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| errors | mean running / waiting per backend | busiest backend share | valid |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         le = s["latency_emulated"]
         shares = [d["share"] for d in s["per_backend"].values()]
         label = f"{name} (interrupted: {s['requests_sent']}/{s['requests_planned']} sent)" if s.get("interrupted") else name
         lines.append(f"| {label} | {_pct(s['hit_rate'])} | {_f(s['ttft_p50_emulated'])} | {_f(s['ttft_p99_emulated'])} | "
                      f"{_f(le['tpot']['p50'], 4)} | {_f(le['e2e']['p50'])} | {_f(s['throughput_rps_emulated'], 2)} | "
-                     f"{s['errors']} | {_busy_line(s)} | {_pct(max(shares) if shares else None)} |")
+                     f"{s['errors']} | {_busy_line(s)} | {_pct(max(shares) if shares else None)} | "
+                     f"{'**no** (machine-bound)' if s.get('invalid') else 'yes'} |")
     return lines
 
 
@@ -164,6 +174,8 @@ def compare_report(summaries: dict[str, dict[str, Any]], command: str, target: s
     """report.md of a strategy comparison; an interrupted one says which strategies did not (fully) run."""
     first = next(iter(summaries.values()))
     lines = _header(f"Routing strategies compared on `{first['workload']}`", command, first, target)
+    for n, s in summaries.items():
+        lines += invalid_lines(s, n)
     cut = [n for n, s in summaries.items() if s.get("interrupted")]
     if cut or not_run:
         lines += [f"**Interrupted**: {', '.join(cut) or 'a run'} stopped early (Ctrl-C)"

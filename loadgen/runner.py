@@ -19,6 +19,7 @@ from .backend_metrics import MetricsSample, MetricsSampler, scrape_all
 from .client import RequestRecord, make_client, send_request
 from .config import RunConfig
 from .peer import resolve_model
+from .validity import LatenessWatch
 from .workloads import RequestSpec, Workload
 
 
@@ -39,6 +40,9 @@ class RunResult:
     duration: float = 0.0
     interrupted: bool = False
     stopped_by_duration: bool = False
+    # Open loop: wall seconds each chain's first request went out after its arrival time.
+    dispatch_lateness: list[float] = field(default_factory=list)
+    lateness_warnings: list[str] = field(default_factory=list)
 
 
 class Progress:
@@ -106,7 +110,8 @@ class Runner:
         result = RunResult(self.label, self.workload, cfg, arrivals.describe(), model)
         self.records_so_far = result.records
         result.metrics_before = await scrape_all(self.backends) if self.backends else {}
-        sampler = MetricsSampler(self.backends, cfg.metrics_interval)
+        self.watch = LatenessWatch(self.label, cfg.lateness_limit, cfg.time_scale, result.metrics_before)
+        sampler = MetricsSampler(self.backends, cfg.metrics_interval, self.watch.on_scrape)
         progress = Progress(len(self.workload.requests), self.label, cfg.progress)
         loop = asyncio.get_running_loop()
         sigint = _install_sigint(loop, self.interrupt)
@@ -130,6 +135,8 @@ class Runner:
             await client.close()
         result.samples = sampler.samples
         result.metrics_after = await scrape_all(self.backends) if self.backends else {}
+        self.watch.on_scrape(result.metrics_after, final=True)  # a run too short for the sampler is judged at its end
+        result.lateness_warnings = self.watch.warned
         result.interrupted = self._interrupted
         result.stopped_by_duration = deadline is not None and not self._interrupted and \
             len(result.records) < len(self.workload.requests)
@@ -177,9 +184,12 @@ class Runner:
 
     async def _open_loop(self, chains, starts, client, model, run_start, deadline, result, progress) -> None:
         for chain, st in sorted(zip(chains, starts), key=lambda cs: cs[1]):
-            delay = run_start + st * self.cfg.time_scale - time.perf_counter()
-            if not await self._wait(delay) or self._past(deadline):
+            due = run_start + st * self.cfg.time_scale
+            if not await self._wait(due - time.perf_counter()) or self._past(deadline):
                 break
+            late = max(0.0, time.perf_counter() - due)
+            result.dispatch_lateness.append(late)
+            self.watch.on_dispatch(late)
             self._spawn(self._chain(chain, client, model, run_start, deadline, result, progress))
         await self._drain()
 

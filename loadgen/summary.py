@@ -13,6 +13,7 @@ import numpy as np
 from .backend_metrics import reported_block_size
 from .client import RequestRecord
 from .runner import RunResult
+from .validity import invalid_reason
 
 LATENCY_FIELDS = ("ttft", "tpot", "e2e")
 
@@ -215,6 +216,10 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "workload_params": result.workload.params,
         "notes": result.workload.notes,
     }
+    summary["dispatch_lateness_emulated"] = (_scaled(stats(result.dispatch_lateness), scale)
+                                             if result.dispatch_lateness else None)
+    summary["lateness_limit"] = result.config.lateness_limit
+    summary["invalid"] = invalid_reason(summary, result.config.lateness_limit)
     summary["ttft_p50_emulated"] = summary["latency_emulated"]["ttft"]["p50"]
     summary["ttft_p99_emulated"] = summary["latency_emulated"]["ttft"]["p99"]
     if result.workload.name == "prefix-sweep":

@@ -30,12 +30,14 @@ import aiohttp
 from .backend_metrics import base_url
 from .compare import DEFAULT_ALIAS, _safe
 from .config import RunConfig
+from .preflight import preflight
 from .proxy_admin import AdminError, ProxyAdmin
 from .report import TIME_NOTE, _f, _header, _pct
 from .results import SUMMARY_JSON, write_json, write_records
 from .runner import run_workload
 from .stack import managed_proxy
 from .summary import summarize
+from .validity import too_many_errors
 from .workloads import build_workload
 
 SWEEP_JSON = "sweep.json"
@@ -70,6 +72,8 @@ class SweepResult:
     regret: dict[str, Any] = field(default_factory=dict)
     regret_baselines: dict[str, Any] = field(default_factory=dict)
     noise: dict[str, Any] = field(default_factory=dict)
+    # One line per point whose failed share exceeded --max-error-share (the CLI then exits 1).
+    failed_points: list[str] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     report: Path | None = None
 
@@ -87,6 +91,7 @@ def point(s: dict[str, Any]) -> dict[str, Any]:
         "busiest_share": max(shares) if shares else None, "prediction_accuracy": pred.get("accuracy"),
         "preemptions": s.get("backend_metrics", {}).get("preemptions_delta_total"),
         "lateness": lateness(s),
+        "invalid": s.get("invalid"),
     }
 
 
@@ -101,6 +106,9 @@ def averaged(ps: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in ps[0]:
         vals = [p[k] for p in ps]
+        if k == "invalid":  # the first seed's reason, if any seed ran machine-bound
+            out[k] = next((v for v in vals if v), None)
+            continue
         out[k] = None if any(v is None for v in vals) else (mean(vals) if k != "seed" else vals)
     out["errors"] = sum(p["errors"] for p in ps)
     out["ok"], out["planned"] = sum(p["ok"] for p in ps), sum(p["planned"] for p in ps)
@@ -140,6 +148,9 @@ def goodput_verdict(points: dict[str, dict[float, list[dict[str, Any]]]], slo: S
     if subject not in points:
         return {}
     mean_g = {n: goodput(p, slo) for n, p in points.items()}
+    if len(points) == 1:  # nothing to be highest among
+        return {"subject": subject, "goodput": mean_g[subject], "per_seed": goodput_by_seed(points[subject], slo),
+                "verdict": "only strategy"}
     best_name = max(mean_g, key=lambda n: (mean_g[n], n == subject))
     mine, theirs = goodput_by_seed(points[subject], slo), goodput_by_seed(points[best_name], slo)
     out = {"subject": subject, "goodput": mean_g[subject], "best": best_name, "best_goodput": mean_g[best_name],
@@ -276,6 +287,7 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     is_trace = config.workload.name == "trace"
+    unit = "x" if is_trace else " req/s"
     res = SweepResult()
     if peer is not None and not target:
         raise ValueError("a peer router sweep needs the router's --target")
@@ -285,6 +297,9 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
         original = await admin.strategy()
         names = [peer.name] if peer else [original if s == DEFAULT_ALIAS else s for s in strategies]
         backend_urls = await admin.backends()
+        # The model once for every point, with the backends' name when the target says `unknown`.
+        config.model = (await preflight(stack.target, config.model, config.api_key, config.time_scale,
+                                        backend_urls)).model
         first_summary = None
         try:
             for seed in seeds:
@@ -319,6 +334,10 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
                             write_records(folder, result)
                         write_json(folder / SUMMARY_JSON, s)
                         res.points.setdefault(name, {}).setdefault(rate, []).append(point(s))
+                        where = f"{name} @ {rate:g}{unit}" + (f" (seed {seed})" if len(seeds) > 1 else "")
+                        for line in too_many_errors({where: s}, config.max_error_share):
+                            print(f"error: point {line}", file=sys.stderr, flush=True)
+                            res.failed_points.append(line)
                         if result.interrupted:
                             raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -339,7 +358,7 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
         "rate_kind": "trace speed-up" if is_trace else "req/s (emulated)",
         "slo": {"ttft_p99": slo.ttft_p99, "tpot_p50": slo.tpot_p50}, "goodput": res.goodput,
         "goodput_seeds": {n: goodput_by_seed(p, slo) for n, p in res.points.items()},
-        "goodput_verdict": res.goodput_verdict, "subject": subject, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
+        "goodput_verdict": res.goodput_verdict, "subject": subject, "failed_points": res.failed_points, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
         "points": {n: {f"{r:g}": ps for r, ps in p.items()} for n, p in res.points.items()},
     })
     if res.points:
@@ -394,11 +413,13 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
         "lowest), from the means over seeds; per seed, from each seed's runs alone.", "",
         *([f"`{subject}`'s goodput: {verdict_text(res.goodput_verdict, unit)}.", ""] if res.goodput_verdict else []),
         "Step lateness = how late the emulators' engine steps ran on average (emulated ms): the CPU the run "
-        "had. High values mean the machine, not the strategy, set the latencies.", "",
+        "had. High values mean the machine, not the strategy, set the latencies: such a point is marked "
+        "not valid (`--lateness-limit`).", "",
+        *_invalid_summary(res),
         "## Every point", "",
         "| load | strategy | hit rate | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | throughput (req/s) | errors "
-        "| busiest backend | prediction accuracy | preemptions | step lateness (ms) | within SLO |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| busiest backend | prediction accuracy | preemptions | step lateness (ms) | within SLO | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rates = sorted({r for p in res.points.values() for r in p})
     for r in rates:
@@ -411,7 +432,8 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
                 f"{_f(a['tpot_p50'], 4)} | {_f(a['e2e_p50'])} | {_f(a['throughput'], 2)} | {a['errors']} | "
                 f"{_pct(a['busiest_share'])} | {_pct(a['prediction_accuracy'])} | "
                 f"{_f(a['preemptions'], 0) if a['preemptions'] is not None else '–'} | "
-                f"{_f(a['lateness'] * 1000, 1) if a['lateness'] is not None else '–'} | {'yes' if slo.met(a) else 'no'} |")
+                f"{_f(a['lateness'] * 1000, 1) if a['lateness'] is not None else '–'} | {'yes' if slo.met(a) else 'no'} | "
+                f"{'**no**: ' + a['invalid'] if a.get('invalid') else 'yes'} |")
     for title, table in ((f"## Regret of `{subject}` against the best other strategy (0 = best or tied)", res.regret),
                          (f"## Regret of `{subject}` against the best of {' and '.join(BASELINES)} (the no-regret bar)",
                           res.regret_baselines)):
@@ -427,6 +449,26 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def invalid_points(points: dict[str, dict[Any, list[dict[str, Any]]]]) -> list[str]:
+    """'kv_aware @ 8 (seed 1): machine-bound: ...' per run that ran machine-bound."""
+    out = []
+    for n, by_rate in points.items():
+        for r, ps in by_rate.items():
+            for p in ps:
+                if p.get("invalid"):
+                    seed = f" (seed {p['seed']})" if len(ps) > 1 else ""
+                    out.append(f"{n} @ {float(r):g}{seed}: {p['invalid']}")
+    return out
+
+
+def _invalid_summary(res: SweepResult) -> list[str]:
+    bad = invalid_points(res.points)
+    if not bad:
+        return []
+    return [f"**{len(bad)} point(s) not valid as routing measurements** (the machine set their latencies):", "",
+            *[f"- {b}" for b in bad], ""]
 
 
 def regret_table(table: dict[str, Any], unit: str) -> list[str]:
@@ -452,7 +494,10 @@ def _seeds_cell(by_seed: dict[str, float]) -> str:
 
 
 def verdict_text(v: dict[str, Any], unit: str) -> str:
-    """'highest', or 'within noise of sglang's 24 req/s (lower on 1 of 2 seeds: 16, 16 against 24, 16)'."""
+    """'highest', 'within noise of sglang's 24 req/s (lower on 1 of 2 seeds: 16, 16 against 24, 16)', or
+    for a sweep of one strategy '8 req/s, the only strategy run (nothing to compare it with)'."""
+    if v["verdict"] == "only strategy":
+        return f"{v['goodput']:g}{unit}, the only strategy run (nothing to compare it with)"
     if v["verdict"] == "highest":
         return "highest"
     seeds = f"{_seeds_cell(v['per_seed'])} against {_seeds_cell(v['best_per_seed'])}"
@@ -499,6 +544,7 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
     unit = {True: "x", False: ""}
     against = "the best of " + " and ".join(BASELINES) if table_key == "regret_baselines" else "the best other"
     subject = rows[0]["subject"] if rows else ""
+    invalid_any = False
     lines = ["| workload | loads | " + " | ".join(strategies) + f" | {subject}'s goodput | worst regret of " +
              subject + f" against {against}: TTFT p50 / TTFT p99 / E2E p50 / hit rate |",
              "|---|---|" + "---|" * len(strategies) + "---|---|"]
@@ -513,7 +559,11 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
             g = d["goodput"].get(n)
             per_seed = goodput_by_seed(points[n], slo) if n in points else {}
             seeds = f" ({_seeds_cell(per_seed)})" if len(per_seed) > 1 else ""
-            cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**{seeds}" if g == best else f"{g:g}{unit[is_trace]}{seeds}"))
+            bad = sum(bool(q.get("invalid")) for ps in points.get(n, {}).values() for q in ps)
+            mark = f" ⚠ {bad} invalid point{'s' * (bad > 1)}" if bad else ""
+            invalid_any = invalid_any or bool(bad)
+            cells.append("–" if g is None else (f"**{g:g}{unit[is_trace]}**{seeds}{mark}" if g == best
+                                                else f"{g:g}{unit[is_trace]}{seeds}{mark}"))
         cells.append(verdict_text(goodput_verdict(points, slo, d["subject"]), unit[is_trace]))
         worst: dict[str, tuple[float, str, Any]] = {}
         for load, row in d.get(table_key, d["regret"]).items():
@@ -533,4 +583,7 @@ def sweep_table(folders: list[Path], table_key: str = "regret_baselines") -> lis
                 parts.append(f"+{r * 100:.0f}% ({at})" if lower else f"-{r * 100:.1f} pts ({at})")
         loads = ",".join(f"{float(x):g}" for x in d["rates"]) + (" (speed-up)" if is_trace else " req/s")
         lines.append(f"| `{d['workload']}` | {loads} | " + " | ".join(cells) + " | " + " / ".join(parts) + " |")
+    if invalid_any:
+        lines += ["", "⚠ invalid point: the emulators' steps (or the load generator's arrivals) ran later than "
+                  "`--lateness-limit`: the machine, not the strategy, set its latencies (see the sweep's report.md)."]
     return lines

@@ -4,6 +4,9 @@ import pytest
 from loadgen.stack import managed_proxy
 
 FAST = 0.02  # wall seconds per emulated second: 50x faster
+# At 50x the 2 cores cannot keep the emulators' steps on time (loadgen.validity would mark every run
+# invalid): tests that check a sweep's tables, not its figures, switch the mark off.
+MECHANICS_ONLY = {"lateness_limit": 0.0}
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from loadgen.summary import summarize
 from loadgen.sweep import SLO, PeerRouter, sweep, sweep_table
 from loadgen.workloads import build_workload
 
-from .conftest import FAST
+from .conftest import FAST, MECHANICS_ONLY
 
 
 async def _peer_router(backends: list[str]) -> tuple[web.AppRunner, str]:
@@ -72,7 +72,7 @@ def _cfg(target: str, **run) -> RunConfig:
     wl = WorkloadConfig(name="rag", requests=8, output_tokens=8, question_tokens=16, documents=2,
                         doc_tokens_min=200, doc_tokens_max=300)
     return RunConfig(target=target, time_scale=FAST, progress=False, metrics_interval=0.05, concurrency=2,
-                     workload=wl, **run)
+                     workload=wl, **{**MECHANICS_ONLY, **run})
 
 
 async def test_unknown_model_without_backends_is_a_clear_error(peer):

@@ -7,7 +7,7 @@ from loadgen.config import RunConfig, WorkloadConfig
 from loadgen.results import read_json
 from loadgen.sweep import SLO, goodput, goodput_by_seed, goodput_verdict, regret, sweep, sweep_table
 
-from .conftest import FAST
+from .conftest import FAST, MECHANICS_ONLY
 
 
 def _p(ttft99, tpot=0.02, errors=0, hit=0.5, ttft50=0.1, e2e=1.0):
@@ -78,7 +78,8 @@ def test_goodput_per_seed_and_its_verdict_against_the_best():
 async def test_sweep_runs_every_strategy_at_every_rate_and_writes_a_report(tmp_path: Path):
     wl = WorkloadConfig(name="burst", requests=16, output_tokens=8, burst=4, burst_prefixes=2,
                         burst_prefix_tokens=160, burst_suffix_tokens=16)
-    cfg = RunConfig(time_scale=FAST, progress=False, metrics_interval=0.05, out=str(tmp_path), workload=wl)
+    cfg = RunConfig(time_scale=FAST, progress=False, metrics_interval=0.05, out=str(tmp_path), workload=wl,
+                    **MECHANICS_ONLY)
     res = await sweep(cfg, ["kv_aware", "round_robin"], [4.0, 8.0], spawn="inprocess", backends=2,
                       slo=SLO(ttft_p99=1e9, tpot_p50=1e9), seeds=[0, 1])
     assert set(res.points) == {"kv_aware", "round_robin"}
