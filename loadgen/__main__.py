@@ -282,11 +282,7 @@ async def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .sweep import SLO, PeerRouter, invalid_points, sweep, verdict_text
 
     strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
-    rates = [float(x) for x in ns.rates.split(",") if x.strip()]
-    seeds = [int(x) for x in ns.seeds.split(",") if x.strip()] or None
-    if not rates or min(rates) <= 0:
-        print("error: --rates needs positive values", file=sys.stderr)
-        return 2
+    rates, seeds = ns.rate_list, ns.seed_list  # checked by check_args
     await _reachable(cfg)
     peer = PeerRouter(ns.peer, list(ns.backend)) if ns.peer else None
     res = await sweep(cfg, strategies, rates, ns.target, command, ns.backends, ns.spawn,
@@ -317,6 +313,9 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig | None]:
                 raise UsageError("folders", f"{folder}: no sweep.json (a `python -m loadgen sweep --out` folder)")
         return ns, None
     cfg = configs(ns)
+    check_trace_flags(ns, cfg)
+    if ns.command == "sweep":
+        sweep_values(ns)
     if ns.command == "sweep" and (ns.peer or ns.backend):
         if not ns.peer:
             raise UsageError("--backend", "is for --peer sweeps (a proxy's backends come from its admin API)")
@@ -337,6 +336,48 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig | None]:
             raise UsageError("--target", f"{ns.command} resets {what} between runs; pass --reset-target to allow "
                              "that on servers this run did not start")
     return ns, cfg
+
+
+TRACE_FLAGS = ("trace_path", "trace_offset", "trace_speedup", "trace_max_output")
+
+
+def check_trace_flags(ns: argparse.Namespace, cfg: RunConfig) -> None:
+    """The trace file is read through before anything runs (a bad line is named, an empty file is an
+    error), and the trace's flags are refused with another workload rather than silently ignored."""
+    from .trace import TraceError, check_trace
+
+    wl = cfg.workload
+    if wl.name != "trace":
+        defaults = WorkloadConfig()
+        given = [f for f in TRACE_FLAGS if getattr(wl, f) != getattr(defaults, f)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(flag, f"is for --workload trace; the workload is {wl.name!r} "
+                             f"(pass --workload trace, or drop {flag})")
+        return
+    try:
+        n = check_trace(wl.trace_path)
+    except TraceError as e:
+        raise UsageError("--trace-path", str(e)) from None
+    except OSError as e:
+        raise UsageError("--trace-path", f"{wl.trace_path}: {e.strerror or e}") from None
+    if wl.trace_offset >= n:
+        raise UsageError("--trace-offset", f"{wl.trace_offset} is past the last line of {wl.trace_path} "
+                         f"({n} records)")
+
+
+def sweep_values(ns: argparse.Namespace) -> None:
+    """--rates and --seeds as numbers (UsageError naming the flag), stored back on `ns` as lists."""
+    try:
+        ns.rate_list = [float(x) for x in ns.rates.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError("--rates", f"{ns.rates!r}: expected comma-separated numbers, e.g. 4,8,16") from None
+    if not ns.rate_list or min(ns.rate_list) <= 0:
+        raise UsageError("--rates", f"{ns.rates!r}: expected positive numbers")
+    try:
+        ns.seed_list = [int(x) for x in ns.seeds.split(",") if x.strip()] or None
+    except ValueError:
+        raise UsageError("--seeds", f"{ns.seeds!r}: expected comma-separated integers") from None
 
 
 def main(argv: list[str] | None = None) -> int:

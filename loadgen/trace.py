@@ -28,16 +28,56 @@ class TraceRecord:
     hash_ids: tuple[int, ...]
 
 
+TRACE_LINE = ('a JSON object {"timestamp": ms >= 0, "input_length": int >= 1, "output_length": int >= 0, '
+              '"hash_ids": [int, ...]}')
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be replayed; the message names the file and line and what was expected."""
+
+
 def read_trace(path: str | Path, offset: int = 0, limit: int | None = None) -> list[TraceRecord]:
-    """Records `offset .. offset+limit` of a Mooncake JSONL trace (blank lines skipped)."""
+    """Records `offset .. offset+limit` of a Mooncake JSONL trace (blank lines skipped); TraceError on
+    the first malformed line, on a file without records and on an offset past its end."""
     out: list[TraceRecord] = []
-    for i, rec in enumerate(_iter_lines(Path(path))):
-        if i < offset:
+    seen = 0
+    for rec in _iter_lines(Path(path)):
+        seen += 1
+        if seen <= offset:
             continue
         if limit is not None and len(out) >= limit:
             break
         out.append(rec)
+    if not seen:
+        raise TraceError(f"{path}: no trace lines (expected one {TRACE_LINE} per line)")
+    if not out:
+        raise TraceError(f"{path}: --trace-offset {offset} is past its last line ({seen} records)")
     return out
+
+
+def check_trace(path: str | Path) -> int:
+    """Every line of the file parsed (TraceError on the first bad one); the number of records."""
+    n = sum(1 for _ in _iter_lines(Path(path)))
+    if not n:
+        raise TraceError(f"{path}: no trace lines (expected one {TRACE_LINE} per line)")
+    return n
+
+
+def _record(d: object) -> TraceRecord:
+    if not isinstance(d, dict):
+        raise ValueError(f"a {type(d).__name__}, not an object")
+    missing = [k for k in ("timestamp", "input_length", "output_length", "hash_ids") if k not in d]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    ts, inp, outp, ids = d["timestamp"], d["input_length"], d["output_length"], d["hash_ids"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts < 0:
+        raise ValueError(f"timestamp {ts!r} is not a number >= 0")
+    for name, v, lo in (("input_length", inp, 1), ("output_length", outp, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} {v!r} is not an integer >= {lo}")
+    if not isinstance(ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in ids):
+        raise ValueError(f"hash_ids {str(ids)[:40]} is not a list of integers")
+    return TraceRecord(float(ts), inp, outp, tuple(ids))
 
 
 def _iter_lines(path: Path) -> Iterator[TraceRecord]:
@@ -46,13 +86,11 @@ def _iter_lines(path: Path) -> Iterator[TraceRecord]:
             if not line.strip():
                 continue
             try:
-                d = orjson.loads(line)
-                yield TraceRecord(
-                    float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
-                    tuple(int(h) for h in d["hash_ids"]),
-                )
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a Mooncake trace line ({e})") from e
+                yield _record(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                raise TraceError(f"{path}:{lineno}: not JSON (expected {TRACE_LINE})") from None
+            except ValueError as e:
+                raise TraceError(f"{path}:{lineno}: {e} (expected {TRACE_LINE})") from None
 
 
 class TracePromptBuilder:

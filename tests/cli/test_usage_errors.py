@@ -199,3 +199,43 @@ def test_wildcard_bind_is_announced_as_such():
     assert announce("http://127.0.0.1:8000", "0.0.0.0") == \
         "kvroute proxy listening on http://127.0.0.1:8000 (bound to 0.0.0.0: every interface)"
     assert announce("http://127.0.0.1:8000", "127.0.0.1") == "kvroute proxy listening on http://127.0.0.1:8000"
+
+
+# A trace file's mistakes: which line, what was expected (issue #25); each a file of its own.
+TRACE_MISTAKES = [
+    ("", ["--trace-path", "no trace lines", "expected one"]),
+    ("\n\n", ["--trace-path", "no trace lines"]),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n{nope\n',
+     ["--trace-path", ":2: not JSON", "expected a JSON object", "hash_ids"]),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 2}\n', ["--trace-path", ":1: no hash_ids"]),
+    ('{"timestamp": 0, "input_length": "ten", "output_length": 2, "hash_ids": [1]}\n',
+     ["--trace-path", ":1: input_length 'ten' is not an integer >= 1"]),
+    ('[1, 2]\n', ["--trace-path", ":1: a list, not an object"]),
+    ('{"timestamp": -5, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n',
+     ["--trace-path", ":1: timestamp -5 is not a number >= 0"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", TRACE_MISTAKES, ids=[f"trace{i}" for i in range(len(TRACE_MISTAKES))])
+def test_a_bad_trace_file_is_one_line_naming_the_line(tmp_path, text, expected):
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    rc, _out, err = _run("loadgen", "run", "--workload", "trace", "--trace-path", str(path))
+    _assert_one_line(rc, err, "loadgen", str(path), *expected)
+
+
+def test_trace_offset_past_the_end_and_trace_flags_without_the_trace_workload(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n' * 3)
+    rc, _out, err = _run("loadgen", "run", "--workload", "trace", "--trace-path", str(path), "--trace-offset", "3")
+    _assert_one_line(rc, err, "loadgen", "--trace-offset", "3 is past the last line", "(3 records)")
+    rc, _out, err = _run("loadgen", "run", "--workload", "rag", "--trace-path", str(path))
+    _assert_one_line(rc, err, "loadgen", "--trace-path", "is for --workload trace", "'rag'")
+    rc, _out, err = _run("loadgen", "compare", "--trace-speedup", "2")
+    _assert_one_line(rc, err, "loadgen", "--trace-speedup", "is for --workload trace")
+
+
+@pytest.mark.parametrize("rates,expected", [("4,fast", "expected comma-separated numbers"), ("0,4", "positive")])
+def test_sweep_rates_that_are_not_positive_numbers(rates, expected):
+    rc, _out, err = _run("loadgen", "sweep", "--rates", rates)
+    _assert_one_line(rc, err, "loadgen", "--rates", expected)
