@@ -14,6 +14,8 @@ from kvblocks import HASH_ALGOS
 from kvblocks.cli import ArgumentParser, exit_on_usage_error, json_object, load_dataclass
 
 from kvblocks.latency import DEFAULT_PROFILE, PROFILES
+
+from .output_length import DEFAULT_NATURAL_LENGTH, FORMS, parse_length_distribution
 from .model_spec import DEFAULT_GPU, DEFAULT_MODEL, GPUS, MODELS, num_gpu_blocks
 
 ENV_PREFIX = "KVROUTE_EMU_"
@@ -41,6 +43,8 @@ class EmulatorConfig:
     max_model_len: int = 4096
     seed: int = 0
     eos_probability: float = 0.0
+    # Output length (EOS) of a request without max_tokens (emulator.output_length); "off": to the cap.
+    natural_length: str = DEFAULT_NATURAL_LENGTH
     prefix_caching_hash_algo: str = "sha256"
     enable_prompt_tokens_details: bool = True
     log_format: str = "console"
@@ -77,6 +81,7 @@ class EmulatorConfig:
             raise ValueError("block_size, max_num_seqs, replicas must be >= 1 and max_model_len >= 2")
         if not 0 <= self.eos_probability <= 1:
             raise ValueError("eos_probability must be within [0, 1]")
+        parse_length_distribution(self.natural_length)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be within (0, 1]")
         if self.num_gpu_blocks is None:
@@ -194,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-model-len", type=int, help="max prompt + output tokens (default 4096)")
     a("--seed", type=int, help="seed of the dummy token generator (default 0)")
     a("--eos-probability", type=float, help="chance per token of a natural EOS after min_tokens (default 0)")
+    a("--natural-length", help="output length of a request that sets no max_tokens, ended by EOS as a model ends "
+      f"its answer: {FORMS} (default {DEFAULT_NATURAL_LENGTH}: realistic chat answers; ignore_eos and min_tokens "
+      "honoured as vLLM does)")
     a("--prefix-caching-hash-algo", choices=HASH_ALGOS, help=f"block hash algorithm: {', '.join(HASH_ALGOS)} (default sha256)")
     a("--enable-prompt-tokens-details", dest="enable_prompt_tokens_details", action="store_const", const=True,
       help="fill usage.prompt_tokens_details.cached_tokens (default on)")

@@ -21,6 +21,7 @@ from kvblocks.kv_events import KVEvent
 from .block_pool import BlockPool
 from .config import EmulatorConfig
 from .detokenizer import OutputText
+from .output_length import parse_length_distribution
 from .generator import TokenGenerator
 from .kv_cache_manager import KVCacheManager, KVSequence, cdiv
 from kvblocks.latency import LatencyProfile, get_profile
@@ -53,6 +54,7 @@ class Engine:
         self.kv_cache_manager = KVCacheManager(self.block_pool, config.prefix_caching_hash_algo)
         self.tokenizer = tokenizer or get_tokenizer()
         self.generator = TokenGenerator(self.tokenizer, config.seed, config.eos_probability)
+        self.natural_lengths = parse_length_distribution(config.natural_length)
         self.metrics = metrics
         self.requests: dict[str, EngineRequest] = {}
         self.num_preemptions = 0
@@ -152,6 +154,9 @@ class Engine:
             event_extra_keys_block0=(cache_salt,) if cache_salt else None,
             skip_prefix_cache=params.prompt_logprobs is not None,
         )
+        natural = None
+        if not params.max_tokens_set and not params.ignore_eos:  # a model's own end of answer (output_length)
+            natural = self.natural_lengths.draw(self.generator.length_rng(prompt, params.seed))
         return EngineRequest(
             request_id=request_id,
             prompt_token_ids=prompt,
@@ -160,6 +165,7 @@ class Engine:
             generator=self.generator.for_prompt(prompt, params.seed),
             text=OutputText(params.stop, params.include_stop_str_in_output),
             client_request_id=client_request_id or request_id,
+            natural_length=natural,
         )
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
@@ -212,7 +218,10 @@ class Engine:
         p = req.params
         n_before = req.num_output_tokens
         allow_eos = not p.ignore_eos and n_before >= p.min_tokens
-        tok = req.generator.next_token(allow_eos)
+        if allow_eos and req.natural_length is not None and n_before + 1 >= req.natural_length:
+            tok = self.tokenizer.eos_token_id  # the answer's natural end (not before min_tokens, as vLLM)
+        else:
+            tok = req.generator.next_token(allow_eos)
         req.output_token_ids.append(tok)
         req.seq.token_ids.append(tok)
         n = n_before + 1

@@ -66,6 +66,12 @@ class TokenGenerator:
         rng = random.Random(h.digest())
         return SequenceGenerator(rng, self.words, self.tokenizer.eos_token_id, self.eos_probability)
 
+    def length_rng(self, prompt_token_ids: Sequence[int], request_seed: int | None = None) -> random.Random:
+        """The RNG a request's natural output length is drawn from: same key as its tokens, another stream."""
+        h = hashlib.sha256(f"length:{self.seed}:{request_seed}:".encode())
+        h.update(array("q", prompt_token_ids).tobytes())
+        return random.Random(h.digest())
+
     def token_text(self, token_id: int) -> str:
         """Text of one generated token; special tokens (EOS) add no text, as with skip_special_tokens."""
         if token_id == self.tokenizer.eos_token_id:

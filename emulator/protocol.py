@@ -219,7 +219,10 @@ class RequestParser:
         return ids, texts
 
     def _sampling(self, body: Mapping[str, Any], max_tokens: int | None, prompt_lens: list[int],
-                  logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+                  logprobs: int | None = None, prompt_logprobs: int | None = None,
+                  max_tokens_set: bool | None = None) -> SamplingParams:
+        """`max_tokens_set` False: the client gave no max_tokens (`max_tokens` is a default cap), so the
+        answer ends at a natural length (emulator.output_length); None: given unless `max_tokens` is None."""
         n = _opt_int(body, "n", lo=1) or 1
         if n > MAX_N:
             raise _bad("n", f"n must be at most {MAX_N}, got {n}. To increase this limit, set the "
@@ -264,6 +267,8 @@ class RequestParser:
                 f"{requested} tokens ({longest} in the messages, {max_tokens or 0} in the completion). "
                 "Please reduce the length of the messages or completion.",
             )
+        if max_tokens_set is None:
+            max_tokens_set = max_tokens is not None
         if max_tokens is None:
             max_tokens = self.max_model_len - longest
         if min_tokens > max_tokens:
@@ -279,6 +284,7 @@ class RequestParser:
             n=n,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            max_tokens_set=max_tokens_set,
         )
 
     def _stream_flags(self, body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
@@ -302,10 +308,11 @@ class RequestParser:
         max_tokens: int | None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        max_tokens_set: bool | None = None,
     ) -> GenerateRequest:
         """The fields completions and chat share, validated once."""
         model = self.check_model(body)
-        params = self._sampling(body, max_tokens, [len(p) for p in prompts], logprobs, prompt_logprobs)
+        params = self._sampling(body, max_tokens, [len(p) for p in prompts], logprobs, prompt_logprobs, max_tokens_set)
         stream, include_usage, continuous = self._stream_flags(body)
         request_id = _opt_str(body, "request_id")
         return GenerateRequest(
@@ -329,14 +336,14 @@ class RequestParser:
         if body.get("prompt_embeds") is not None:
             raise _bad("prompt_embeds", "prompt_embeds are not supported by this emulated server")
         prompts, texts = self._prompts(body.get("prompt"))
-        max_tokens = _opt_int(body, "max_tokens", lo=1)
-        if max_tokens is None:
-            max_tokens = 16
+        given = _opt_int(body, "max_tokens", lo=1)
+        max_tokens = 16 if given is None else given  # vLLM's completions default
         logprobs = _logprobs_count(body, "logprobs")
         prompt_logprobs = _prompt_logprobs(body)
         if prompt_logprobs is None and _opt_bool(body, "echo"):
             prompt_logprobs = logprobs  # vLLM: echo with logprobs returns the prompt's logprobs too
-        return self._common(body, "completion", COMPLETION_FIELDS, prompts, texts, max_tokens, logprobs, prompt_logprobs)
+        return self._common(body, "completion", COMPLETION_FIELDS, prompts, texts, max_tokens, logprobs, prompt_logprobs,
+                            max_tokens_set=given is not None)
 
     def chat(self, body: Mapping[str, Any]) -> GenerateRequest:
         self.check_model(body)

@@ -25,6 +25,7 @@ class SamplingParams:
     n: int = 1  # parallel samples; the engine sees one request per sample
     logprobs: int | None = None  # top alternatives per sampled token (None: no logprobs)
     prompt_logprobs: int | None = None  # vLLM skips the prefix cache for these requests
+    max_tokens_set: bool = True  # False: max_tokens is the default cap; the answer ends at a natural length
 
 
 class RequestStatus(enum.Enum):
@@ -128,6 +129,7 @@ class EngineRequest:
     token_times: list[float] = field(default_factory=list)
     outputs: OutputChannel = field(default_factory=OutputChannel)
     client_request_id: str = ""
+    natural_length: int | None = None  # EOS after this many output tokens (no max_tokens from the client)
 
     @property
     def num_prompt_tokens(self) -> int:
