@@ -1,4 +1,5 @@
-"""CLI: `python -m loadgen run ...` (one workload, one target) and `python -m loadgen compare ...` (per strategy).
+"""CLI: `python -m loadgen run ...` (one workload, one target), `compare` (the workload once per strategy),
+`sweep` (every strategy at every offered load: goodput and regret) and `sweep-table` (sweeps as one table).
 
 Without --rate or --concurrency the load is one request at a time (concurrency 1), and --time-scale 1
 means the backends run in real GPU time: a 200-request run then takes minutes.
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(prog=PROG, description=__doc__,
                             epilog="Every flag is also the env var KVROUTE_LOADGEN_<FLAG_IN_UPPER_SNAKE>.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    sub = parser.add_subparsers(dest="command", required=True)  # argparse lists every subcommand
     run = sub.add_parser("run", help="send one workload to one target", description=__doc__)
     _add_workload_args(run)
     _add_run_args(run, target_required=True)

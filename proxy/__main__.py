@@ -51,6 +51,13 @@ def _loopback_for(host: str) -> str:
     return host if host not in ("0.0.0.0", "::") else "127.0.0.1"
 
 
+def how_to_use(url: str, access_log: bool) -> str:
+    """The second start-up line: the base URL an OpenAI SDK needs (with /v1) and how to see requests."""
+    seen = ("one access-log line per request (--access-log)" if access_log else
+            "requests are not logged one by one: add --access-log to see each")
+    return f"  OpenAI base URL for clients and SDKs: {url}/v1 (e.g. OpenAI(base_url=\"{url}/v1\")); {seen}"
+
+
 async def launch(config: ProxyConfig) -> RunningProxy:
     """`start_proxy(config)`; with no backend configured, first `config.emulators` embedded emulators on this
     loop, which the proxy then routes to and stops (after itself) in `stop()`."""
@@ -89,6 +96,7 @@ async def serve(config: ProxyConfig) -> None:
     gc.set_threshold(20_000, 20, 20)
     router = proxy.router
     print(f"{announce(proxy.url, config.host)} (strategy {router.strategy})", flush=True)
+    print(how_to_use(proxy.url, config.access_log), flush=True)
     get_logger("proxy").info("routing", backends=[b.url for b in router.registry],
                              embedded_emulators=bool(proxy.emulators), strategy=router.strategy)
     stop = asyncio.Event()

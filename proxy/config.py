@@ -305,6 +305,14 @@ def _choices(name: str) -> tuple[str, ...] | None:
             "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}.get(name)
 
 
+def _help(name: str) -> str | None:
+    if name == "policy_param":  # the tunables that exist, with their defaults (they live on the policy classes)
+        from .policies import tunables_text
+
+        return f"{_HELP[name]}. Tunables (default): {tunables_text()}".replace("%", "%%")
+    return _HELP.get(name)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m proxy",
@@ -318,7 +326,7 @@ def _build_parser() -> argparse.ArgumentParser:
         kind = _field_kind(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         choices = _choices(f.name)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": with_default(_HELP.get(f.name), default, choices)}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": with_default(_help(f.name), default, choices)}
         if choices and f.name != "log_level":
             kwargs["choices"] = choices
             kwargs["metavar"] = f.name.upper()

@@ -26,6 +26,7 @@ from ..upstream.tokenizer import BackendTokenizer
 from ..backends.registry import Backend
 from ..config import ProxyConfig
 from ..upstream.forward import Forwarder
+from ..url_hints import not_found_message
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 from ..routing.policies import RequestContext
 from ..upstream.sink import ResponseSink
@@ -59,7 +60,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return json_response(error_body(e.status, e.reason or "error"), e.status)
+        msg = not_found_message(request.method, request.path, request.host) if e.status == 404 else e.reason
+        return json_response(error_body(e.status, msg or "error"), e.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

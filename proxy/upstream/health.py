@@ -16,6 +16,7 @@ import aiohttp
 
 from ..backends.registry import Backend, now
 from ..routing.router import Router
+from ..url_hints import backend_url_hint
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -134,6 +135,8 @@ class BackendMonitor:
             await self.fetch_models(b)
             if b.auth_error:
                 ok, err = False, b.auth_error
+        if err is not None:
+            err += backend_url_hint(b.url)
         if ok:
             if self.router.registry.set_health(b, True):
                 log.info("backend %s is healthy again", b.url)
