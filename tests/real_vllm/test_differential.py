@@ -26,6 +26,7 @@ from emulator.config import EmulatorConfig
 from emulator.server import STATE, RunningEmulator, start_emulator
 from kvblocks.kv_events import REPLAY_END_SEQ, BlockStored, EventBatch, decode_batch, parse_replay_reply, replay_request
 
+from ..progress import say
 from .conftest import VLLMPair
 from .vllm_server import BLOCK_SIZE, DIFF_BUDGET, MAX_MODEL_LEN, MODEL_NAME, NUM_BLOCKS, VLLMServer
 
@@ -200,18 +201,19 @@ def _sides(b: VLLMServer, em: RunningEmulator) -> list[Side]:
     return [Side("vLLM", b.url, b.replay_endpoint), Side("emulator", em.url, em.app[STATE].kv_events.replay_last_endpoint)]
 
 
-async def test_emulator_equals_real_vllm_request_for_request(vllm_pair: VLLMPair):
+async def test_emulator_equals_real_vllm_request_for_request(vllm_pair: VLLMPair, request):
     em = await emulator_twin()
     try:
-        await _differential(_sides(vllm_pair.b, em))
+        await _differential(_sides(vllm_pair.b, em), lambda msg: say(request, msg))
     finally:
         await em.stop()
 
 
-async def _differential(sides: list[Side]) -> None:
+async def _differential(sides: list[Side], progress=lambda msg: None) -> None:
     compared = {"requests": 0, "batches": 0, "events": 0, "cached_tokens": 0, "chunked": 0}
     for seed in range(SCENARIOS):
         ops = scenario(seed)
+        progress(f"real-vLLM differential: scenario {seed + 1} of {SCENARIOS} ({len(ops)} operations on both sides)")
         await _settle(sides)
         results, events = await _play(sides, ops, END_MARKER)
         problem = _first_divergence(results, events)
