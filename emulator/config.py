@@ -12,11 +12,10 @@ from typing import Any
 
 from kvblocks import HASH_ALGOS
 from kvblocks.cli import ArgumentParser, exit_on_usage_error, json_object, load_dataclass
-
 from kvblocks.latency import DEFAULT_PROFILE, PROFILES
 
-from .output_length import DEFAULT_NATURAL_LENGTH, FORMS, parse_length_distribution
 from .model_spec import DEFAULT_GPU, DEFAULT_MODEL, GPUS, MODELS, num_gpu_blocks
+from .output_length import DEFAULT_NATURAL_LENGTH, FORMS, parse_length_distribution
 
 ENV_PREFIX = "KVROUTE_EMU_"
 ENGINES = ("batched", "simple")

@@ -307,7 +307,7 @@ def _choices(name: str) -> tuple[str, ...] | None:
 
 def _help(name: str) -> str | None:
     if name == "policy_param":  # the tunables that exist, with their defaults (they live on the policy classes)
-        from .policies import tunables_text
+        from .routing.policies import tunables_text
 
         return f"{_HELP[name]}. Tunables (default): {tunables_text()}".replace("%", "%%")
     return _HELP.get(name)

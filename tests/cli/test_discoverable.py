@@ -16,8 +16,8 @@ import aiohttp
 from emulator import EmulatorConfig, start_emulator
 from loadgen.config import RunConfig
 from proxy.config import ProxyConfig
-from proxy.policies import policy_tunables
-from proxy.server import start_proxy
+from proxy.routing.policies import policy_tunables
+from proxy import start_proxy
 
 from ..kv_events.helpers import eventually
 from .test_usage_errors import _assert_one_line, _run
