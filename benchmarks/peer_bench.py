@@ -120,14 +120,16 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu_s(pid: int) -> float:
+def tree_cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process tree: system is mostly the socket syscalls."""
     tck = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    user = system = 0.0
     for p in tree_pids(pid):
         with contextlib.suppress(OSError):
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / tck
-    return total
+            user += int(f[11]) / tck
+            system += int(f[12]) / tck
+    return user, system
 
 
 def machine_busy_s() -> float:
@@ -178,11 +180,13 @@ async def load(url: str, c: int, n: int, warmup: int, seed: int, max_s: float, w
         mb1 = machine_busy_s()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu1 = [tree_cpu_s(p) for p in watch]
-    used = [b - a for a, b in zip(cpu0, cpu1)]
+    used = [(b[0] - a[0]) + (b[1] - a[1]) for a, b in zip(cpu0, cpu1)]
+    sys_s = [b[1] - a[1] for a, b in zip(cpu0, cpu1)]
     client = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     other = (mb1 - mb0) - client - sum(used)
     return {"ok": ok, "err": err, "wall_s": wall, "rps": ok / wall if wall else 0.0,
             "cpu_us": [u / ok * 1e6 if ok else float("nan") for u in used],
+            "sys_us": [u / ok * 1e6 if ok else float("nan") for u in sys_s],
             "other_cores": other / wall if wall else float("nan"), "timed_out": time.monotonic() >= deadline}
 
 
@@ -198,38 +202,50 @@ def spread(xs: list[float], nd: int = 0) -> str:
 
 
 def report(results: dict[str, dict[str, list[dict]]], names: list[str], env: dict) -> str:
-    """results[target][kind] = one record per round; kind in cpu32, c64, c128."""
+    """results[target][kind] = one record per round; kind in cpu32, c64, c128.
+
+    Ratios are taken per round (the target against sglang-router measured in the same round, minutes
+    apart at most), then the median over rounds with their range: drift in the machine's background
+    load between rounds cancels out of a ratio better than out of medians taken separately."""
     lines = [f"peer_bench: {env['rounds']} rounds, n={env['n_cpu']} (c=32) / {env['n_thrpt']} (c=64, c=128) "
              f"non-stream requests per run, 4 zero-delay stubs, {env['ncpu']} cores, nice {env['nice']}",
-             f"loadavg before {env['load_before']} / after {env['load_after']}; "
-             f"'other cores' = CPU the rest of the machine used during the runs (median / max)", ""]
-    base = results.get(BASELINE, {})
+             f"loadavg before {env['load_before']} / after {env['load_after']}; 'other cores': CPU the rest of "
+             "the machine used during the runs besides the client, router and stubs (median / max)", ""]
 
-    def col(target: str, kind: str, key: str) -> list[float]:
-        recs = results.get(target, {}).get(kind, [])
-        return [r["cpu_us"][0] if key == "cpu" else r["rps"] for r in recs]
+    def by_round(target: str, kind: str, f) -> dict[int, float]:
+        return {r["round"]: f(r) for r in results.get(target, {}).get(kind, [])}
 
-    b_cpu = med(col(BASELINE, "cpu32", "cpu"))
-    b64, b128 = med(col(BASELINE, "c64", "rps")), med(col(BASELINE, "c128", "rps"))
-    hdr = ("| target | CPU us/req c=32 (median, range) | x sglang-rr | req/s c=64 (range) | x sglang-rr "
-           "| req/s c=128 (range) | x sglang-rr | errors | other cores |")
-    lines += [hdr, "|" + "---|" * 9]
+    def cell(target: str, kind: str, f, nd: int = 0) -> tuple[str, str]:
+        mine = by_round(target, kind, f)
+        base = by_round(BASELINE, kind, f)
+        vals = list(mine.values())
+        ratios = [mine[r] / base[r] for r in mine if r in base and base[r]]
+        v = f"{med(vals):.{nd}f} ({spread(vals, nd)})" if vals else "-"
+        x = f"{med(ratios):.2f} ({spread(ratios, 2)})" if ratios else "-"
+        return v, x
+
+    def cpu(r: dict) -> float:
+        return r["cpu_us"][0]
+
+    def rps(r: dict) -> float:
+        return r["rps"]
+
+    lines += ["| target | CPU us/req c=32 | x sglang-rr | of it system (syscalls) | req/s c=64 | x sglang-rr "
+              "| req/s c=128 | x sglang-rr | errors | other cores |", "|" + "---|" * 10]
     for t in names:
         if t not in results:
-            lines.append(f"| {t} | did not start | | | | | | | |")
+            lines.append(f"| {t} | did not start |" + " |" * 8)
             continue
-        cpu, r64, r128 = col(t, "cpu32", "cpu"), col(t, "c64", "rps"), col(t, "c128", "rps")
+        c32, x32 = cell(t, "cpu32", cpu)
+        sys_share = [r["sys_us"][0] / r["cpu_us"][0] for r in results[t].get("cpu32", []) if r["cpu_us"][0]]
+        r64, x64 = cell(t, "c64", rps)
+        r128, x128 = cell(t, "c128", rps)
         recs = [r for k in ("cpu32", "c64", "c128") for r in results[t].get(k, [])]
-        errs = sum(r["err"] for r in recs)
         oc = [r["other_cores"] for r in recs]
-
-        def ratio(x: float, b: float) -> str:
-            return f"{x / b:.2f}" if b == b and b and x == x else "-"
-        lines.append(f"| {t} | {med(cpu):.0f} ({spread(cpu)}) | {ratio(med(cpu), b_cpu)} | "
-                     f"{med(r64):.0f} ({spread(r64)}) | {ratio(med(r64), b64)} | "
-                     f"{med(r128):.0f} ({spread(r128)}) | {ratio(med(r128), b128)} | {errs} | "
-                     f"{med(oc):.2f} / {max(oc):.2f} |")
-    if not base:
+        lines.append(f"| {t} | {c32} | {x32} | {med(sys_share):.0%} | {r64} | {x64} | {r128} | {x128} | "
+                     f"{sum(r['err'] for r in recs)} | {med(oc):.2f} / {max(oc):.2f} |")
+    lines += ["", "Cells: median over rounds (range). Ratios: per round against sglang-rr, then the median."]
+    if BASELINE not in results:
         lines.append("(sglang-router round_robin did not run: no ratios)")
     return "\n".join(lines)
 
@@ -330,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             for t in order:
                 assert t.proc is not None
                 for kind, c, n in (("cpu32", 32, args.n_cpu), ("c64", 64, args.n_thrpt), ("c128", 128, args.n_thrpt)):
-                    rec = run(load(t.url, c, n, args.warmup, r, args.max_seconds, [t.proc.pid]))
+                    rec = run(load(t.url, c, n, args.warmup, r, args.max_seconds, [t.proc.pid, stub.proc.pid]))
+                    rec["round"] = r
                     results.setdefault(t.name, {}).setdefault(kind, []).append(rec)
                     print(f"  {t.name:16s} c={c:<3d} ok={rec['ok']:<5d} err={rec['err']:<3d} {rec['rps']:7.0f} req/s "
                           f"cpu {rec['cpu_us'][0]:5.0f} us/req other_cores {rec['other_cores']:.2f}",
