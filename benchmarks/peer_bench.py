@@ -283,7 +283,9 @@ def build_targets(args: argparse.Namespace, venv: Path | None, stubs: list[str],
         ts.append(kvroute(f"kvroute-w{w}", ROOT, ["--workers", str(w)]))
     for spec in args.compare_tree:
         label, _, tree = spec.partition("=")
-        ts.append(kvroute(label, Path(tree).resolve(), []))
+        for strat in args.strategies:
+            ts.append(kvroute(label if strat == "kv_aware" else f"{label}-{strat}", Path(tree).resolve(),
+                              ["--strategy", strat]))
     return ts
 
 
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", nargs="*", default=["kv_aware"], help="kvroute strategies to run")
     ap.add_argument("--workers", type=int, nargs="*", default=[], help="also run kvroute --workers N")
     ap.add_argument("--compare-tree", action="append", default=[], metavar="LABEL=DIR",
-                    help="also run kvroute (kv_aware) from another checkout, e.g. the commit before a change")
+                    help="also run kvroute (each of --strategies) from another checkout, e.g. the commit before a change")
     ap.add_argument("--nice", type=int, default=0, help="lower this command's (and its children's) priority")
     ap.add_argument("--json", type=Path, help="write every run's record here")
     args = ap.parse_args(argv)

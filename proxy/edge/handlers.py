@@ -230,7 +230,7 @@ class ProxyHandlers:
                 ids = await self._backend_tokens(parsed)
                 ctx = router.context(ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
             else:
-                ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt)
+                ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt, strategy=strategy)
             self._check_length(parsed, ctx)
             await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self._request_id(headers),
                                          check_tokens=not parsed.multi)

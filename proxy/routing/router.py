@@ -129,11 +129,20 @@ class Router:
 
     def text_context(
         self, text: str, max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None,
-        lazy: bool = True,
+        lazy: bool = True, strategy: str | None = None,
     ) -> RequestContext:
         """The routing view of a prompt given as text. Lazy (the default): tokenized and hashed only as
-        far as any backend can match it (`prompt_walk.py`); `complete(ctx)` finishes the job."""
+        far as any backend can match it (`prompt_walk.py`); `complete(ctx)` finishes the job.
+
+        Blind when `strategy` names a policy that does not read the prompt: nothing is tokenized (the
+        count is estimated; `complete(ctx)` still tokenizes on demand, e.g. for the length check)."""
         st = PromptState(text, cache_salt or None)
+        if lazy and text and not self.policies[strategy or self.strategy].reads_prompt:
+            return RequestContext(
+                st.hashes, st.estimated_tokens(),
+                max_tokens if max_tokens is not None else self.config.default_max_tokens,
+                model, self.index, {}, tail=st, completer=self.complete, blind=True,
+            )
         matches = None
         if lazy:
             matches = self.walker.walk(st)
@@ -222,14 +231,16 @@ class Router:
         )
         b.add(rec)
         b.processed += 1
-        if self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
+        if ctx.blind:  # the policy did not read the prompt: nothing to record in the index
+            pass
+        elif self.kv_events.is_exact(b.url):  # an in-sync event-fed backend reports its cache itself
             tail = ctx.tail
             self.kv_events.routed(rec.id, b.url, ctx.hashes, tail, self.walker.tail_blocks(tail) if tail is not None else 0)
         elif ctx.tail is not None:
             self.index.record_routed(b.url, ctx.hashes, ctx.tail, self.walker.tail_blocks(ctx.tail))
         else:
             self.index.record_routed(b.url, ctx.hashes)
-        if ctx.tail is None and ctx.hashes:
+        if ctx.tail is None and ctx.hashes and not ctx.blind:
             self.index.mark_prompt_end(ctx.hashes[-1])
         self.policies[strategy or self.strategy].observe(ctx, b)
         return rec

@@ -132,7 +132,7 @@ class Forwarder:
             verdict = None
             try:
                 verdict = await self._attempt(sink, path, raw, {**headers, **b.auth_headers} if b.api_key else headers,
-                                              decision, rec, stream, strategy, request_id, t0, tokens)
+                                              decision, rec, stream, strategy, request_id, t0, tokens, ctx.blind)
                 return
             except _Failed as f:
                 verdict = False
@@ -176,8 +176,11 @@ class Forwarder:
     async def _attempt(
         self, sink: ResponseSink, path: str, raw: bytes, headers: dict[str, str], decision: Decision,
         rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float, tokens: int | None = None,
+        blind: bool = False,
     ) -> bool:
-        """One try on `decision.backend`: answered (returns whether the backend served it well) or `_Failed`."""
+        """One try on `decision.backend`: answered (returns whether the backend served it well) or `_Failed`.
+
+        `blind`: the policy did not read the prompt, so no matched-block count is reported."""
         b = decision.backend
         upstream: UpstreamResponse | None = None
         done = False
@@ -209,13 +212,16 @@ class Forwarder:
             t_first = time.perf_counter()
             m = self.metrics
             m.child(m.ttft, strategy).observe(t_first - t0)
-            m.child(m.matched, strategy).observe(decision.matched_blocks)
-            out_headers = {
-                "x-kvroute-backend": b.url,
-                "x-kvroute-strategy": strategy,
-                "x-kvroute-matched-blocks": str(decision.matched_blocks),
-                "x-request-id": request_id,
-            }
+            if blind:
+                out_headers = {"x-kvroute-backend": b.url, "x-kvroute-strategy": strategy, "x-request-id": request_id}
+            else:
+                m.child(m.matched, strategy).observe(decision.matched_blocks)
+                out_headers = {
+                    "x-kvroute-backend": b.url,
+                    "x-kvroute-strategy": strategy,
+                    "x-kvroute-matched-blocks": str(decision.matched_blocks),
+                    "x-request-id": request_id,
+                }
             status = upstream.status
             ok = True
             if status in (401, 403):  # our credentials, not the client's: a clean 502, no retry elsewhere
@@ -234,7 +240,8 @@ class Forwarder:
             m.child(m.latency, strategy).observe(time.perf_counter() - t0)
             if self.access is not None:
                 self.access.info("request", request_id=request_id, path=path, backend=b.url, strategy=strategy,
-                                 matched_blocks=decision.matched_blocks, status=status if ok else "stream_error",
+                                 matched_blocks=None if blind else decision.matched_blocks,
+                                 status=status if ok else "stream_error",
                                  latency_s=round(time.perf_counter() - t0, 6), stream=stream)
             return ok
         finally:

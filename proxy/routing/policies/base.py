@@ -44,6 +44,9 @@ class RequestContext:
     _matches: dict | None = field(default=None, repr=False)
     tail: Any = field(default=None, repr=False)  # the router's untokenized rest of the prompt
     completer: Callable[[RequestContext], None] | None = field(default=None, repr=False)
+    # Routed by a policy that does not read the prompt: nothing was tokenized or looked up, so no
+    # matched-block count is claimed (no x-kvroute-matched-blocks header, no kvroute_matched_blocks sample).
+    blind: bool = False
 
     @property
     def complete(self) -> bool:
@@ -80,6 +83,9 @@ class Policy:
     """Base class: subclasses set `name` and implement `pick`; `observe`/`reset` are optional hooks."""
 
     name: ClassVar[str] = ""
+    # False for policies that never look at the prompt's blocks (round_robin, random, least_loaded):
+    # the proxy then skips tokenizing and hashing it, and the prefix index does not learn from their routes.
+    reads_prompt: ClassVar[bool] = True
 
     def __init__(self, env: RoutingEnv) -> None:
         self.env = env

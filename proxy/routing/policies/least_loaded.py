@@ -9,6 +9,7 @@ from .base import Decision, Policy, RequestContext, least_loaded
 
 class LeastLoadedPolicy(Policy):
     name = "least_loaded"
+    reads_prompt = False
 
     def __init__(self, env) -> None:
         super().__init__(env)

@@ -9,6 +9,7 @@ from .base import Decision, Policy, RequestContext
 
 class RandomPolicy(Policy):
     name = "random"
+    reads_prompt = False
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
         b = candidates[self.env.rng.randrange(len(candidates))]

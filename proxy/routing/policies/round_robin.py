@@ -9,6 +9,7 @@ from .base import Decision, Policy, RequestContext
 
 class RoundRobinPolicy(Policy):
     name = "round_robin"
+    reads_prompt = False
 
     def __init__(self, env) -> None:
         super().__init__(env)
