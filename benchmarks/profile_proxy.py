@@ -30,11 +30,40 @@ def frame_name(frame: str) -> str:
     return f"{short}:{func}" if where else func
 
 
+# Where a request's CPU goes, by stage: inclusive samples of these functions (file:function, as
+# frame_name prints them). The event loop's own C code (epoll, socket reads, task stepping) shows as
+# the self time of asyncio's runner, the frame under which uvloop runs.
+STAGES = (
+    ("tokenize + hash + index walk", ("proxy/router.py:text_context",)),
+    ("policy decision", ("proxy/router.py:decide",)),
+    ("in-flight bookkeeping + index record", ("proxy/router.py:begin", "proxy/router.py:end",
+                                              "proxy/router.py:first_byte")),
+    ("request parse + checks", ("proxy/openai_request.py:parse_completion", "proxy/server.py:_check_length",
+                                "proxy/server.py:_check_model", "proxy/server.py:_check_api_key")),
+    ("upstream request (build + write)", ("proxy/upstream.py:post",)),
+    ("upstream answer (parse + read)", ("proxy/upstream.py:data_received", "proxy/upstream.py:read")),
+    ("client answer (build + write)", ("proxy/front.py:send",)),
+    ("client request (HTTP parse)", ("proxy/front.py:data_received",)),
+    ("metrics", ("metrics.py:inc", "metrics.py:observe", "proxy/metrics.py:child")),
+)
+
+
+def stages(frames_counts: list[tuple[list[str], int]], total: int, cpu_us: float) -> list[str]:
+    out = ["| stage | share | us/req |", "|---|---|---|"]
+    for label, names in STAGES:
+        n = sum(k for frames, k in frames_counts if any(f in names for f in frames))
+        out.append(f"| {label} | {n / total:.1%} | {n / total * cpu_us:.0f} |")
+    loop = sum(k for frames, k in frames_counts if frames and frames[-1] == "runners.py:run")
+    out.append(f"| event loop itself (uvloop: epoll, reads, task steps) | {loop / total:.1%} | {loop / total * cpu_us:.0f} |")
+    return out
+
+
 def summarize(raw: Path, top: int, cpu_us: float) -> str:
     """Collapsed stacks (`a;b;c N`) -> top self and inclusive functions."""
     self_n: collections.Counter[str] = collections.Counter()
     incl_n: collections.Counter[str] = collections.Counter()
     total = 0
+    kept: list[tuple[list[str], int]] = []
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
@@ -44,13 +73,15 @@ def summarize(raw: Path, top: int, cpu_us: float) -> str:
         frames = [frame_name(f) for f in stack.split(";") if f]
         if not frames:
             continue
+        kept.append((frames, k))
         self_n[frames[-1]] += k
         for f in set(frames):
             incl_n[f] += k
     if not total:
         return "no samples"
-    out = [f"{total} samples; CPU per request {cpu_us:.0f} us (c=32 non-stream)", "",
-           "| self: function | share | us/req |", "|---|---|---|"]
+    out = [f"{total} samples; CPU per request {cpu_us:.0f} us (c=32 non-stream)", ""]
+    out += stages(kept, total, cpu_us)
+    out += ["", "| self: function | share | us/req |", "|---|---|---|"]
     out += [f"| {f} | {n / total:.1%} | {n / total * cpu_us:.0f} |" for f, n in self_n.most_common(top)]
     out += ["", "| inclusive: function | share | us/req |", "|---|---|---|"]
     out += [f"| {f} | {n / total:.1%} | {n / total * cpu_us:.0f} |" for f, n in incl_n.most_common(top)]
@@ -65,11 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="include native (C) frames")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--summarize", type=Path, metavar="STACKS", help="only summarize stacks kept by --raw earlier")
+    ap.add_argument("--cpu-us", type=float, default=0.0, help="with --summarize: the CPU per request measured then")
     ap.add_argument("--raw", type=Path, help="keep the collapsed stacks here (for a flame graph)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.seconds <= 0 or args.rate < 1:
         print(f"{ap.prog}: error: --n, --seconds and --rate must be positive", file=sys.stderr)
         return 2
+    if args.summarize:
+        print(summarize(args.summarize, args.top, args.cpu_us))
+        return 0
     spy = peer_venv() / "bin" / "py-spy"
     logdir = Path(tempfile.mkdtemp(prefix="profile_proxy-"))
     raw = args.raw or logdir / "stacks.txt"
