@@ -282,10 +282,11 @@ def build_targets(args: argparse.Namespace, venv: Path | None, stubs: list[str],
     for w in args.workers:
         ts.append(kvroute(f"kvroute-w{w}", ROOT, ["--workers", str(w)]))
     for spec in args.compare_tree:
-        label, _, tree = spec.partition("=")
+        label, _, rest = spec.partition("=")
+        tree, *extra = rest.split(",")
         for strat in args.strategies:
             ts.append(kvroute(label if strat == "kv_aware" else f"{label}-{strat}", Path(tree).resolve(),
-                              ["--strategy", strat]))
+                              ["--strategy", strat, *extra]))
     return ts
 
 
@@ -300,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip the peer routers (no venv needed)")
     ap.add_argument("--strategies", nargs="*", default=["kv_aware"], help="kvroute strategies to run")
     ap.add_argument("--workers", type=int, nargs="*", default=[], help="also run kvroute --workers N")
-    ap.add_argument("--compare-tree", action="append", default=[], metavar="LABEL=DIR",
-                    help="also run kvroute (each of --strategies) from another checkout, e.g. the commit before a change")
+    ap.add_argument("--compare-tree", action="append", default=[], metavar="LABEL=DIR[,ARG...]",
+                    help="also run kvroute (each of --strategies, with ARGs) from another checkout, e.g. the "
+                         "commit before a change: base=/tmp/kvroute-base or w2=../other,--workers,2")
     ap.add_argument("--nice", type=int, default=0, help="lower this command's (and its children's) priority")
     ap.add_argument("--json", type=Path, help="write every run's record here")
     args = ap.parse_args(argv)
