@@ -325,15 +325,25 @@ class KvAwarePolicy(Policy):
         m_best = ctx.matched(candidates[costs.index(best)])
         tie_s = self.tie_s + 1e-12
         index = self.env.index
-        key = request_key(ctx.hashes, ctx.num_tokens)
+        # Ties ranked by (last picked, blocks held), then the highest rendezvous weight; the weights
+        # are computed only when the first two are equal (with rotation on, rarely after warm-up).
+        key = choice_w = None
         choice, choice_rank = 0, None
         last = self._last_pick
         for i, b in enumerate(candidates):
             gap = costs[i] - best
             if gap <= tol or (gap <= tie_s and ctx.matched(b) == m_best):
-                rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url), -weight(key, b.url))
+                rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url))
                 if choice_rank is None or rank < choice_rank:
-                    choice, choice_rank = i, rank
+                    choice, choice_rank, choice_w = i, rank, None
+                elif rank == choice_rank:
+                    if key is None:
+                        key = request_key(ctx.hashes, ctx.num_tokens)
+                    if choice_w is None:
+                        choice_w = weight(key, candidates[choice].url)
+                    w = weight(key, b.url)
+                    if w > choice_w:
+                        choice, choice_w = i, w
         choice = self._stay_home(ctx, candidates, raw, choice)
         b = candidates[choice]
         return Decision(b, ctx.matched(b), f"cost={raw[choice]:.4f}s")
