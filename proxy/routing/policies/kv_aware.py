@@ -198,10 +198,12 @@ class KvAwarePolicy(Policy):
             m = matches.get(b.url, 0)
             if m > max_hit:
                 m = max_hit
+            held = index.num_blocks(b.url)  # read once each: nothing below changes the index
+            cap = index.capacity(b.url)
             own = (prompt_blocks - m) * ppb
             cost = self.overlap_weight * own
             saved = 0.0
-            if hot and m < deepest and index.num_blocks(b.url) + (full_blocks - m) <= index.capacity(b.url):
+            if hot and m < deepest and held + (full_blocks - m) <= cap:
                 saved = self.replicate_weight * (1.0 - keep) * (deepest - m) * ppb
                 cost -= self.overlap_weight * saved
             if b.requests:
@@ -226,7 +228,6 @@ class KvAwarePolicy(Policy):
                 if unseen > 0:
                     cost += unseen * self._mean_prefill
                     ttft += unseen * self._mean_prefill
-            cap = index.capacity(b.url)
             pinned = b.held_blocks
             if fresh and s.kv_usage is not None and s.kv_usage * cap > pinned:
                 pinned = s.kv_usage * cap
@@ -235,7 +236,7 @@ class KvAwarePolicy(Policy):
                 wait = b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0
                 cost += self.memory_weight * short * ppb + wait
                 ttft += wait
-            overflow = index.num_blocks(b.url) + (full_blocks - m) - cap
+            overflow = held + (full_blocks - m) - cap
             if overflow > 0:
                 cost += self.eviction_weight * overflow * ppb
             out.append(cost)
