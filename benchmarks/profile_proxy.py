@@ -21,29 +21,32 @@ from benchmarks.peer_bench import ROOT, Target, free_port, load, peer_venv, star
 
 
 def frame_name(frame: str) -> str:
-    """`func (path/to/file.py:123)` -> `file.py:func` (line dropped: one row per function)."""
+    """`func (path/to/proxy/edge/front.py:123)` -> `proxy/edge/front.py:func`: our packages by their path
+    from the repository root, others by file name (line dropped: one row per function)."""
     func, _, where = frame.partition(" (")
-    path = where.rstrip(")").rsplit(":", 1)[0]
-    parts = Path(path).parts
-    short = "/".join(parts[-2:]) if parts and parts[-2:-1] and parts[-2] in ("policies", "proxy", "kvblocks") \
-        else (parts[-1] if parts else path)
-    return f"{short}:{func}" if where else func
+    if not where:
+        return func
+    parts = Path(where.rstrip(")").rsplit(":", 1)[0]).parts
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in ("proxy", "kvblocks", "emulator"):
+            return "/".join(parts[i:]) + ":" + func
+    return f"{parts[-1] if parts else where}:{func}"
 
 
 # Where a request's CPU goes, by stage: inclusive samples of these functions (file:function, as
 # frame_name prints them). The event loop's own C code (epoll, socket reads, task stepping) shows as
 # the self time of asyncio's runner, the frame under which uvloop runs.
 STAGES = (
-    ("tokenize + hash + index walk", ("proxy/router.py:text_context",)),
-    ("policy decision", ("proxy/router.py:decide",)),
-    ("in-flight bookkeeping + index record", ("proxy/router.py:begin", "proxy/router.py:end",
-                                              "proxy/router.py:first_byte")),
-    ("request parse + checks", ("proxy/openai_request.py:parse_completion", "proxy/server.py:_check_length",
-                                "proxy/server.py:_check_model", "proxy/server.py:_check_api_key")),
-    ("upstream request (build + write)", ("proxy/upstream.py:post",)),
-    ("upstream answer (parse + read)", ("proxy/upstream.py:data_received", "proxy/upstream.py:read")),
-    ("client answer (build + write)", ("proxy/front.py:send",)),
-    ("client request (HTTP parse)", ("proxy/front.py:data_received",)),
+    ("tokenize + hash + index walk", ("proxy/routing/router.py:text_context",)),
+    ("policy decision", ("proxy/routing/router.py:decide",)),
+    ("in-flight bookkeeping + index record", ("proxy/routing/router.py:begin", "proxy/routing/router.py:end",
+                                              "proxy/routing/router.py:first_byte")),
+    ("request parse + checks", ("proxy/edge/openai_request.py:parse_completion", "proxy/edge/handlers.py:_check_length",
+                                "proxy/edge/handlers.py:_check_model", "proxy/edge/handlers.py:_check_api_key")),
+    ("upstream request (build + write)", ("proxy/upstream/client.py:post",)),
+    ("upstream answer (parse + read)", ("proxy/upstream/client.py:data_received", "proxy/upstream/client.py:read")),
+    ("client answer (build + write)", ("proxy/edge/front.py:send",)),
+    ("client request (HTTP parse)", ("proxy/edge/front.py:data_received",)),
     ("metrics", ("metrics.py:inc", "metrics.py:observe", "proxy/metrics.py:child")),
 )
 
