@@ -64,7 +64,16 @@ def create_app(config: ProxyConfig) -> web.Application:
         await monitor.check_all_health()
         monitor.start()
         router.kv_events.start()
+        replicas = None
+        if config.replica_bind_address():
+            from .replicas import ReplicaSync
+
+            replicas = ReplicaSync(router, config.replica_bind_address(), config.peers, config.replica_heartbeat)
+            await replicas.start()
+        app[STATE_KEY]["replicas"] = replicas
         yield
+        if replicas is not None:
+            await replicas.close()
         await router.kv_events.close()
         await monitor.stop()
         pool.close()

@@ -82,6 +82,13 @@ class ProxyConfig:
     policy_param: list[str] = field(default_factory=list)
     # On SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
     shutdown_grace: float = 30.0
+    # Replicas that share what they route (proxy/replicas/): this one's PUB address and its peers'.
+    peers: list[str] = field(default_factory=list)
+    replica_bind: str | None = None
+    replica_heartbeat: float = 0.5
+    # `--workers N|auto`: N processes on one port (SO_REUSEPORT), each a replica of the others over ipc://.
+    workers: str = "1"
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -141,6 +148,43 @@ class ProxyConfig:
         from .routing.policies import parse_policy_params
 
         parse_policy_params(self.policy_param)
+        self._check_replicas()
+
+    def _check_replicas(self) -> None:
+        from .replicas.sync import parse_peer
+
+        try:
+            self.peers = [parse_peer(p) for p in self.peers]
+        except ValueError as e:
+            raise ValueError(f"peers: {e}") from None
+        if self.replica_bind is not None:
+            scheme, _, rest = self.replica_bind.partition("://")
+            if scheme not in ("tcp", "ipc") or not rest or (scheme == "tcp" and not rest.rpartition(":")[2]):
+                raise ValueError(f"replica_bind {self.replica_bind!r} must be a ZMQ address to bind, such as "
+                                 "tcp://*:5600 or ipc:///run/kvroute/replica-0")
+        elif self.peers and not self.replica_bind_address():
+            raise ValueError("replica_bind is needed with peers (where this replica publishes for them, e.g. tcp://*:5600)")
+        if not self.replica_heartbeat > 0:
+            raise ValueError(f"replica_heartbeat must be > 0 (got {self.replica_heartbeat})")
+        self.worker_count()
+
+    def replica_bind_address(self) -> str | None:
+        """Where this replica publishes: --replica-bind, else the port of a dns:// peer on every interface."""
+        if self.replica_bind:
+            return self.replica_bind
+        for p in self.peers:
+            if p.startswith("dns://"):
+                return f"tcp://*:{p.rpartition(':')[2]}"
+        return None
+
+    def worker_count(self) -> int:
+        """--workers as a number (auto = the cores this process may run on)."""
+        w = str(self.workers).strip().lower()
+        if w == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        if not w.isdigit() or int(w) < 1:
+            raise ValueError(f"workers must be a number >= 1 or auto (got {self.workers!r})")
+        return int(w)
 
     def all_backends(self) -> list[str]:
         """Backends from the flag list plus the backends file."""
@@ -246,7 +290,7 @@ def normalize_url(url: str) -> str:
 
 
 # Dataclass field -> CLI flag stem (and env suffix) when they differ.
-_FLAG_NAMES = {"backends": "backend", "api_keys": "api_key"}
+_FLAG_NAMES = {"backends": "backend", "api_keys": "api_key", "peers": "peer"}
 _HELP = {
     "backends": "backend base URL (repeatable); none = start embedded emulators",
     "backends_file": "file with one backend URL per line (# comments), or a JSON list of URLs or "
@@ -293,6 +337,13 @@ _HELP = {
     "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
     "policy_param": "a routing policy's tunable, POLICY.NAME=VALUE (repeatable), e.g. kv_aware.decode_weight=0.5",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
+    "peers": "another replica of this proxy to share routing facts with (repeatable): its --replica-bind address "
+    "tcp://HOST:PORT, ipc://PATH, or dns://NAME:PORT for every address a name resolves to (a headless Service)",
+    "replica_bind": "ZMQ address this replica publishes its routing facts on, e.g. tcp://*:5600 "
+    "(default with a dns:// peer: tcp://*:ITS_PORT); its replay socket takes an ephemeral port next to it",
+    "replica_heartbeat": "seconds between a replica's messages when idle; a peer silent for 3x this is lost",
+    "workers": "proxy processes sharing the port (SO_REUSEPORT), each a replica of the others; auto = cores",
+    "reuse_port": "bind the port with SO_REUSEPORT so several proxies can share it (--workers sets it)",
 }
 
 

@@ -42,6 +42,26 @@ class _BackendCollector(Collector):
             yield GaugeMetricFamily("kvroute_requests_in_flight", "Client requests accepted and not yet answered", value=a.in_flight)
             yield GaugeMetricFamily("kvroute_api_keys_in_flight", "API keys with at least one request in flight", value=len(a.per_key))
         yield from self._kv_events()
+        yield from self._replicas()
+
+    def _replicas(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Peer replicas followed and lost (a lost one: routing goes on with what this replica knows)."""
+        sync = self.router.replicas
+        if sync is None:
+            return
+        lost = len(sync.lost)
+        peers = GaugeMetricFamily("kvroute_replica_peers", "Peer replicas by state (synced: its routing facts are applied; "
+                                  "lost: routing goes on without them)", labels=["state"])
+        peers.add_metric(["synced"], len(sync.peers) - lost)
+        peers.add_metric(["lost"], lost)
+        yield peers
+        desync = CounterMetricFamily("kvroute_replica_desync", "Times a peer replica's stream was lost (gap, restart, "
+                                     "undecodable, silence, disconnect)", labels=["peer", "reason"])
+        for (peer, reason), n in sync.desync_counts().items():
+            desync.add_metric([peer, reason], n)
+        yield desync
+        yield CounterMetricFamily("kvroute_replica_facts_published", "Routing facts this replica published", value=sync.published_facts)
+        yield CounterMetricFamily("kvroute_replica_facts_applied", "Routing facts applied from peer replicas", value=sync.applied_facts)
 
     def _breakers(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = GaugeMetricFamily(

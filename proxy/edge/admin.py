@@ -85,7 +85,10 @@ class AdminHandlers:
 
     async def list_backends(self, request: web.Request) -> web.Response:
         self._guard(request)
-        return json_response({"backends": self.describe(), "strategy": self.router.strategy})
+        out: dict[str, Any] = {"backends": self.describe(), "strategy": self.router.strategy}
+        if self.router.replicas is not None:
+            out["replicas"] = self.router.replicas.status()
+        return json_response(out)
 
     async def _url(self, request: web.Request) -> str:
         url = request.query.get("url")
@@ -104,6 +107,8 @@ class AdminHandlers:
         url = await self._url(request)
         b, created = self.router.add_backend(url)
         if created:
+            if self.router.replicas is not None:
+                self.router.replicas.backend_added(url)
             await self._monitor.check_health(b)
             await self._monitor.scrape(b)
         return json_response({"backend": url, "created": created, "healthy": b.healthy}, 201 if created else 200)
@@ -113,6 +118,8 @@ class AdminHandlers:
         url = await self._url(request)
         if self.router.remove_backend(url) is None:
             raise APIError(404, f"unknown backend {url!r}", "url", "NotFoundError")
+        if self.router.replicas is not None:
+            self.router.replicas.backend_removed(url)
         self.app[STATE_KEY]["pool"].close_origin(url)
         return json_response({"removed": url})
 
@@ -123,12 +130,17 @@ class AdminHandlers:
     async def put_strategy(self, request: web.Request) -> web.Response:
         self._guard(request)
         name = (await _json_body(request)).get("strategy")
-        return json_response({"strategy": self.router.set_strategy(name)})
+        strategy = self.router.set_strategy(name)
+        if self.router.replicas is not None:
+            self.router.replicas.strategy(strategy)
+        return json_response({"strategy": strategy})
 
     async def reset(self, request: web.Request) -> web.Response:
         """Clear the prefix index and every backend's prefix cache (POST /reset_prefix_cache)."""
         self._guard(request)
         self.router.reset()
+        if self.router.replicas is not None:
+            self.router.replicas.reset()
         timeout = aiohttp.ClientTimeout(total=10)
 
         async def reset_one(b: Backend) -> dict[str, Any]:

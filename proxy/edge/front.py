@@ -470,9 +470,10 @@ class FrontServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sweep: asyncio.TimerHandle | None = None
 
-    async def start(self, host: str, port: int, backlog: int) -> list[tuple[str, int]]:
+    async def start(self, host: str, port: int, backlog: int, reuse_port: bool = False) -> list[tuple[str, int]]:
         self.loop = loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: FrontProtocol(self), host, port, reuse_address=True, backlog=backlog)
+        self.server = await loop.create_server(lambda: FrontProtocol(self), host, port, reuse_address=True, backlog=backlog,
+                                               reuse_port=reuse_port or None)
         self._sweep = loop.call_later(self.sweep_s, self._check_connections)
         return [s.getsockname()[:2] for s in self.server.sockets]
 

@@ -18,7 +18,7 @@ chat's next turn still learns where the previous prompt ended.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,6 +323,18 @@ class PrefixIndex:
             i += 1
         _emit(out, mask, n, slot_backend)
         return out
+
+    def lru(self, backend: Hashable) -> list[int]:
+        """The backend's blocks, least recently used first (a replica's snapshot for its peers)."""
+        st = self._stores.get(backend)
+        return list(st.lru) if st else []
+
+    def tails(self) -> Iterator[tuple[Hashable, PendingTail]]:
+        """Pending tails of approximate (routing-fed) entries, with their backend."""
+        for tails in self._pending.values():
+            for p in tails:
+                if p.on_resolve is None:
+                    yield self._slot_backend[p.slot], p
 
     def contains(self, backend: Hashable, h: int) -> bool:
         st = self._stores.get(backend)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
+from typing import Protocol
 
 from kvblocks.latency import get_profile
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
@@ -27,6 +28,16 @@ FIRST_TOKEN_MARGIN = 1.5
 
 
 log = logging.getLogger("kvroute.proxy")
+
+
+class ReplicaHooks(Protocol):
+    """What the router tells its peer replicas (`proxy.replicas.ReplicaSync`); each call only queues a fact."""
+
+    def begun(self, rec: InFlight, ctx: RequestContext, matched: int, strategy: str) -> None: ...
+
+    def first_byte(self, rec: InFlight) -> None: ...
+
+    def ended(self, rec: InFlight) -> None: ...
 
 
 class UnknownStrategy(APIError):
@@ -52,6 +63,7 @@ class Router:
         self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
         self.policies: dict[str, Policy] = create_policies(self.env, config.policy_param)
         self.strategy = self.policy(config.strategy).name
+        self.replicas: ReplicaHooks | None = None  # set when replicas share what they route (proxy/replicas/)
 
     # -- configuration --------------------------------------------------------------------------
     def policy(self, name: object) -> Policy:
@@ -243,13 +255,18 @@ class Router:
         if ctx.tail is None and ctx.hashes and not ctx.blind:
             self.index.mark_prompt_end(ctx.hashes[-1])
         self.policies[strategy or self.strategy].observe(ctx, b)
+        if self.replicas is not None:
+            self.replicas.begun(rec, ctx, decision.matched_blocks, strategy or self.strategy)
         return rec
 
-    @staticmethod
-    def first_byte(rec: InFlight) -> None:
+    def first_byte(self, rec: InFlight) -> None:
         if rec.first_byte_at is None:
             rec.backend.started(rec, now())
+            if self.replicas is not None:
+                self.replicas.first_byte(rec)
 
     def end(self, rec: InFlight) -> None:
         rec.backend.remove(rec)
         self.kv_events.finished(rec.id)
+        if self.replicas is not None:
+            self.replicas.ended(rec)

@@ -208,7 +208,7 @@ class Forwarder:
             except OSError as e:
                 self.monitor.mark_failure(b, f"{type(e).__name__}: {e}", immediate=True)
                 raise _Failed("connect") from None
-            Router.first_byte(rec)
+            self.router.first_byte(rec)
             t_first = time.perf_counter()
             m = self.metrics
             m.child(m.ttft, strategy).observe(t_first - t0)
