@@ -340,7 +340,7 @@ _HELP = {
     "peers": "another replica of this proxy to share routing facts with (repeatable): its --replica-bind address "
     "tcp://HOST:PORT, ipc://PATH, or dns://NAME:PORT for every address a name resolves to (a headless Service)",
     "replica_bind": "ZMQ address this replica publishes its routing facts on, e.g. tcp://*:5600 "
-    "(default with a dns:// peer: tcp://*:ITS_PORT); its replay socket takes an ephemeral port next to it",
+    "(default with a dns:// peer: tcp://*:ITS_PORT); its replay socket binds the next port (ephemeral for port *)",
     "replica_heartbeat": "seconds between a replica's messages when idle; a peer silent for 3x this is lost",
     "workers": "proxy processes sharing the port (SO_REUSEPORT), each a replica of the others; auto = cores",
     "reuse_port": "bind the port with SO_REUSEPORT so several proxies can share it (--workers sets it)",

@@ -26,12 +26,15 @@ RING_BATCHES = 4096
 SNDHWM = 100_000
 
 
-def replay_bind(endpoint: str) -> str:
-    """Where the ROUTER binds next to a PUB endpoint: an ephemeral port on the same interface, or `<path>.replay`."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme == "tcp":
-        return f"tcp://{rest.rpartition(':')[0]}:*"
-    return f"{endpoint}.replay"
+def replay_bind(requested: str, bound: str) -> str:
+    """Where the ROUTER binds next to a PUB endpoint: the next port when the PUB's was fixed (a firewall
+    or NetworkPolicy can name both), an ephemeral one when it was, or `<path>.replay` for ipc://."""
+    scheme, _, rest = bound.partition("://")
+    if scheme != "tcp":
+        return f"{bound}.replay"
+    host, _, port = rest.rpartition(":")
+    fixed = requested.rpartition(":")[2]
+    return f"tcp://{host}:{int(port) + 1}" if fixed.isdigit() and int(fixed) else f"tcp://{host}:*"
 
 
 class FactPublisher:
@@ -51,7 +54,7 @@ class FactPublisher:
         self.endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._router = self._actx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(replay_bind(self.endpoint))
+        self._router.bind(replay_bind(bind, self.endpoint))
         self.replay_endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._topic = facts.topic(epoch, self.replay_endpoint)
         self._task: asyncio.Task[None] | None = None

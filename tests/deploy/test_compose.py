@@ -1,4 +1,4 @@
-"""compose.yaml wires the proxy to 4 emulators that publish KV events; checked through our own config parsers."""
+"""compose.yaml wires two proxy replicas to 4 emulators that publish KV events; checked through our own config parsers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +34,7 @@ def test_proxy_routes_to_every_emulator_with_exact_kv_events(services):
     for url, src in sources.items():
         assert urlparse(src.endpoint).hostname == urlparse(url).hostname
         assert src.replay_endpoint and urlparse(src.replay_endpoint).hostname == urlparse(url).hostname
-    assert proxy.host == "0.0.0.0" and "8000:8000" in services["proxy"]["ports"]
+    assert proxy.host == "0.0.0.0" and "8000-8001:8000" in services["proxy"]["ports"]
     for name in emulators:
         assert services["proxy"]["depends_on"][name]["condition"] == "service_healthy"
 
@@ -49,3 +49,15 @@ def test_emulator_services_publish_where_the_proxy_subscribes(services):
         assert ev.enable_kv_cache_events and ev.topic == src.topic
         assert urlparse(ev.endpoint.replace("*", "x")).port == urlparse(src.endpoint).port
         assert f":{cfg.port}/health" in " ".join(emu["healthcheck"]["test"])
+
+
+def test_two_proxy_replicas_share_what_they_route(services):
+    """Two replicas of one service; the service's DNS name resolves to both, so each follows the other."""
+    proxy_service = services["proxy"]
+    replicas = proxy_service["deploy"]["replicas"]
+    assert replicas == 2
+    lo, _, hi = proxy_service["ports"][0].partition(":")[0].partition("-")
+    assert int(hi) - int(lo) + 1 == replicas  # one host port per replica
+    proxy = ProxyConfig.from_cli([], env=_env(proxy_service))
+    assert proxy.peers == ["dns://proxy:5600"] and proxy.replica_bind_address() == "tcp://*:5600"
+    assert proxy.worker_count() == 1
