@@ -13,6 +13,7 @@ import errno
 import gc
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,16 @@ def how_to_use(url: str, access_log: bool) -> str:
     return f"  OpenAI base URL for clients and SDKs: {url}/v1 (e.g. OpenAI(base_url=\"{url}/v1\")); {seen}"
 
 
+async def embedded_emulators(config: ProxyConfig) -> list:
+    """`config.emulators` emulators on this loop, shaped by the proxy's flags (profile, time scale, hashing)."""
+    from emulator import embedded
+
+    return await embedded.start(
+        config.emulators, host=_loopback_for(config.host), profile=config.profile, time_scale=config.time_scale,
+        block_size=config.block_size, hash_algo=config.hash_algo, model=config.emulator_model,
+    )
+
+
 async def launch(config: ProxyConfig) -> RunningProxy:
     """`start_proxy(config)`; with no backend configured, first `config.emulators` embedded emulators on this
     loop, which the proxy then routes to and stops (after itself) in `stop()`."""
@@ -65,12 +76,7 @@ async def launch(config: ProxyConfig) -> RunningProxy:
 
     if config.all_backends():
         return await start_proxy(config)
-    from emulator import embedded
-
-    emulators = await embedded.start(
-        config.emulators, host=_loopback_for(config.host), profile=config.profile, time_scale=config.time_scale,
-        block_size=config.block_size, hash_algo=config.hash_algo, model=config.emulator_model,
-    )
+    emulators = await embedded_emulators(config)
     try:
         proxy = await start_proxy(dataclasses.replace(config, backends=[e.url for e in emulators], backends_file=None))
     except BaseException:
@@ -118,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError:
         uvloop = None
     with exit_on_usage_error(PROG):
+        if config.worker_count() > 1:
+            from .replicas.workers import supervise
+
+            sys.exit(asyncio.run(supervise(config, list(sys.argv[1:] if argv is None else argv), embedded_emulators)))
         if uvloop is not None:
             uvloop.run(serve(config))
         else:

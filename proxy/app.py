@@ -68,7 +68,8 @@ def create_app(config: ProxyConfig) -> web.Application:
         if config.replica_bind_address():
             from .replicas import ReplicaSync
 
-            replicas = ReplicaSync(router, config.replica_bind_address(), config.peers, config.replica_heartbeat)
+            replicas = ReplicaSync(router, config.replica_bind_address(), config.peers, config.replica_heartbeat,
+                                   metrics=app[METRICS_KEY].exposition)
             await replicas.start()
         app[STATE_KEY]["replicas"] = replicas
         yield
@@ -145,7 +146,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         await runner.setup()
         front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
                             config.client_read_timeout)
-        addresses = await front.start(config.host, config.port, LISTEN_BACKLOG)
+        addresses = await front.start(config.host, config.port, LISTEN_BACKLOG, config.reuse_port)
     except BaseException:
         if runner is not None:
             await runner.cleanup()

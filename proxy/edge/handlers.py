@@ -277,4 +277,6 @@ class ProxyHandlers:
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = self.app[METRICS_KEY].exposition()
+        if self.router.replicas is not None:  # --workers: the other workers' counters too
+            body = await self.router.replicas.local_metrics(body)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

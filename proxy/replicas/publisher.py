@@ -20,6 +20,7 @@ import zmq.asyncio
 from kvblocks.kv_events import encode_seq, parse_replay_request, replay_end, replay_reply
 
 from . import facts
+from .aggregate import METRICS_REQUEST
 
 log = logging.getLogger("kvroute.proxy.replicas")
 RING_BATCHES = 4096
@@ -41,10 +42,12 @@ class FactPublisher:
     """PUB `[topic, seq, payload]` per batch (never blocks: above the high-water mark ZMQ drops and the
     peers see a gap) and answers replay requests from the ring, or with `snapshot()`."""
 
-    def __init__(self, bind: str, epoch: str, snapshot: Callable[[], bytes], ring: int | None = None) -> None:
+    def __init__(self, bind: str, epoch: str, snapshot: Callable[[], bytes], ring: int | None = None,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self._ctx = zmq.Context.instance()
         self._actx = zmq.asyncio.Context.instance()
         self._snapshot = snapshot
+        self._metrics = metrics  # this replica's own /metrics, for a worker answering for all (aggregate.py)
         self._ring: deque[tuple[int, bytes]] = deque(maxlen=ring or RING_BATCHES)
         self.next_seq = 0
         self._pub = self._ctx.socket(zmq.PUB)
@@ -101,6 +104,10 @@ class FactPublisher:
         sock = self._router
         while True:
             frames = await sock.recv_multipart()
+            if len(frames) == 3 and frames[1:] == [b"", METRICS_REQUEST]:
+                text = self._metrics() if self._metrics is not None else b""
+                await sock.send_multipart((frames[0], b"", METRICS_REQUEST, text))
+                continue
             start = parse_replay_request(frames)
             if start is None:
                 log.warning("replica replay: invalid request with %d frames", len(frames))

@@ -17,8 +17,11 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
 
 from kvblocks import APIError
 
@@ -26,7 +29,7 @@ from ..backends.registry import InFlight, now
 from ..index.kv_events import DESYNC_REASONS, ZMQ_TRANSPORTS
 from ..routing.policies import RequestContext
 from ..routing.prompt_walk import PromptState
-from . import facts
+from . import aggregate, facts
 from .facts import ADD, BEGIN, END, FIRST, REMOVE, RESET, SNAPSHOT, STRATEGY
 from .peer import PeerSubscriber
 from .publisher import FactPublisher
@@ -64,8 +67,10 @@ def parse_peer(spec: str) -> str:
 class ReplicaSync:
     """Publishes this replica's facts on `bind` and follows every peer in `peers` (see `parse_peer`)."""
 
-    def __init__(self, router: Router, bind: str, peers: Sequence[str] = (), heartbeat: float = 0.5) -> None:
+    def __init__(self, router: Router, bind: str, peers: Sequence[str] = (), heartbeat: float = 0.5,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self.router = router
+        self.metrics = metrics
         self.bind = bind
         self.peer_specs = [parse_peer(p) for p in peers]
         self.heartbeat = heartbeat
@@ -88,7 +93,7 @@ class ReplicaSync:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.publisher = FactPublisher(self.bind, self.epoch, self.snapshot)
+        self.publisher = FactPublisher(self.bind, self.epoch, self.snapshot, metrics=self.metrics)
         self.publisher.start()
         self.publisher.publish(facts.encode([]))  # seq 0: a snapshot always has a seq to carry
         self._last_publish = self._loop.time()
@@ -375,6 +380,32 @@ class ReplicaSync:
         self._tasks.append(self._loop.create_task(self._unfollow(peer)))
 
     # ---- what /admin and /metrics show --------------------------------------------------------------
+
+    async def local_metrics(self, own: bytes, timeout: float = 1.0) -> bytes:
+        """`own` exposition merged with the other workers' (ipc:// peers: replicas of one proxy on this host;
+        a peer that does not answer in `timeout` is left out, and the answer says how many answered)."""
+        peers = [s for a, s in self.peers.items() if a.startswith("ipc://") and s.source.replay_endpoint]
+        if not peers:
+            return own
+        texts = await asyncio.gather(*(self._peer_metrics(s.source.replay_endpoint, timeout) for s in peers))
+        got = [t.decode() for t in texts if t is not None]
+        merged = aggregate.merge(own.decode(), got)
+        return (merged + "# HELP kvroute_workers_answering Workers whose counters this answer sums\n"
+                "# TYPE kvroute_workers_answering gauge\n" f"kvroute_workers_answering {1 + len(got)}.0\n").encode()
+
+    @staticmethod
+    async def _peer_metrics(endpoint: str, timeout: float) -> bytes | None:
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(endpoint)
+            await sock.send_multipart([b"", aggregate.METRICS_REQUEST])
+            if not await sock.poll(int(timeout * 1000), zmq.POLLIN):
+                return None
+            frames = await sock.recv_multipart()
+            return frames[2] if len(frames) == 3 and frames[1] == aggregate.METRICS_REQUEST else None
+        finally:
+            sock.close(linger=0)
 
     @property
     def lost(self) -> list[str]:
