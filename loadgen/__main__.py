@@ -83,6 +83,10 @@ def _add_run_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     g.add_argument("--target", default=None if not target_required else d.target,
                    help="OpenAI base URL of the proxy, ending in /v1 (default "
                         + (f"{d.target})" if target_required else "none: start a proxy with --backends emulators)"))
+    if target_required:
+        g.add_argument("--also-target", action="append", default=[u for u in d.also_targets.split(",") if u],
+                       metavar="URL", help="another replica of the proxy (repeatable): requests are spread round robin "
+                                           "over --target and these (default: none)")
     g.add_argument("--out", default=d.out, help="results folder (default %(default)s)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, default=d.rate,
@@ -188,6 +192,7 @@ def configs(ns: argparse.Namespace) -> RunConfig:
         raise UsageError("--prefix-lengths", f"{ns.prefix_lengths!r}: expected comma-separated integers") from None
     run = {f.name: getattr(ns, f.name) for f in fields(RunConfig) if hasattr(ns, f.name) and f.name != "workload"}
     run["target"] = http_url("--target", ns.target) if ns.target else ""
+    run["also_targets"] = ",".join(http_url("--also-target", u) for u in getattr(ns, "also_target", None) or [])
     run["progress"] = not ns.no_progress
     for url in getattr(ns, "backend", []):
         http_url("--backend", url)
@@ -222,7 +227,7 @@ async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .summary import summarize
     from .workloads import build_workload
 
-    from .preflight import preflight
+    from .preflight import check_target, preflight
 
     backends = list(ns.backend)
     if not backends:
@@ -231,6 +236,11 @@ async def _run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
         except Exception:
             backends = []
     cfg.model = (await preflight(cfg.target, cfg.model, cfg.api_key, cfg.time_scale, backends)).model
+    for url in cfg.targets()[1:]:
+        try:
+            await check_target(url, cfg.model, cfg.api_key)
+        except UsageError as e:
+            raise UsageError("--also-target", e.message) from None
     result = await run_workload(build_workload(cfg.workload), cfg, backends)
     out = Path(cfg.out)
     write_records(out, result)

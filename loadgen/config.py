@@ -104,6 +104,8 @@ class RunConfig:
     """How the requests are sent: target, arrival process, bounds and where results go."""
 
     target: str = "http://127.0.0.1:8000/v1"
+    # More replicas of the same proxy (comma-separated base URLs): requests go round robin over target and these.
+    also_targets: str = ""
     out: str = "loadgen-results"
     rate: float = 0.0
     concurrency: int = 0
@@ -138,6 +140,10 @@ class RunConfig:
             raise ValueError("max_error_share must be within [0, 1]")
         if self.request_timeout <= 0 or self.metrics_interval <= 0 or self.duration < 0:
             raise ValueError("request_timeout and metrics_interval must be > 0, duration >= 0")
+
+    def targets(self) -> list[str]:
+        """Every URL requests are spread over, round robin: `target` first."""
+        return [self.target, *(u.strip() for u in self.also_targets.split(",") if u.strip())]
 
     @property
     def load_description(self) -> str:

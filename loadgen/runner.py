@@ -89,6 +89,8 @@ class Runner:
         self._tasks: set[asyncio.Task] = set()
         self._interrupted = False
         self.records_so_far: list[RequestRecord] = []
+        self._clients: list = []
+        self._next_client = 0
 
     def interrupt(self) -> None:
         """Stop issuing requests and cancel those in flight (what Ctrl-C does)."""
@@ -100,10 +102,14 @@ class Runner:
     async def run(self) -> RunResult:
         cfg = self.cfg
         client = make_client(cfg.target, cfg.api_key, cfg.request_timeout)
+        # Replicas of one proxy: each request goes to the next (round robin); one client per URL.
+        self._clients = [client] + [make_client(u, cfg.api_key, cfg.request_timeout) for u in cfg.targets()[1:]]
+        self._next_client = 0
         try:
             model = cfg.model or await resolve_model(await discover_model(client), self.backends) or "default"
         except BaseException:
-            await client.close()
+            for c in self._clients:
+                await c.close()
             raise
         arrivals = make_arrivals(self.workload.name, cfg.rate, cfg.concurrency, cfg.workload.seed,
                                  cfg.workload.burst_size)
@@ -132,7 +138,8 @@ class Runner:
             _remove_sigint(loop, sigint)
             progress.close()
             await sampler.stop()
-            await client.close()
+            for c in self._clients:
+                await c.close()
         result.samples = sampler.samples
         result.metrics_after = await scrape_all(self.backends) if self.backends else {}
         self.watch.on_scrape(result.metrics_after, final=True)  # a run too short for the sampler is judged at its end
@@ -165,6 +172,9 @@ class Runner:
             if self._past(deadline):
                 return
             try:
+                if len(self._clients) > 1:
+                    client = self._clients[self._next_client % len(self._clients)]
+                    self._next_client += 1
                 rec = await send_request(client, model, spec, run_start)
             except asyncio.CancelledError:
                 rec = RequestRecord(spec.index, spec.chain, spec.turn, spec.api, time.perf_counter() - run_start,
