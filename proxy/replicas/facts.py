@@ -10,12 +10,13 @@ A payload is a list of facts, each a list whose first item is its kind:
 
     BEGIN  rid url strategy hashes matched tail num_tokens max_tokens prompt_blocks uncached
            prefill_s expect_in decode_wall held_blocks started
-           (tail: None or [text, salt, cut, tail_blocks], the prompt's unhashed rest; expect_in: seconds
-           until the expected first token, -1 for a stream, which waits for its first chunk)
+           (tail: None or the prompt's unread rest after its last hash, `remote_prompt.tail_wire`;
+           expect_in: seconds until the expected first token, -1 for a stream, which waits for its first chunk)
     FIRST  rid                 END  rid
     RESET                      STRATEGY name
     ADD    url                 REMOVE url
-    SNAPSHOT blocks tails begins  (the whole index, oldest block first per backend, and the sender's
+    SNAPSHOT blocks tails begins  (the whole index, oldest block first per backend, its pending tails
+           [url, anchor, tail], and the sender's
            own requests in flight: what a replica that joined late or lost the stream starts from)
 """
 from __future__ import annotations

@@ -47,6 +47,7 @@ class PeerSubscriber(KVEventSubscriber):
                          busy=lambda: True, silence_timeout=max(3 * heartbeat, 0.1), replay_timeout=replay_timeout)
         self.epoch: str | None = None
         self._covered: int | None = None  # a snapshot's seq: live batches up to it are already in it
+        self._replay_answered = False  # whether the last resync reached the peer
 
     # ---- live stream --------------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class PeerSubscriber(KVEventSubscriber):
             return False
         start = 0 if self._applied is None else self._applied + 1
         items = await self._fetch_replay(start)
+        self._replay_answered = items is not None
         if items is None:
             return False
         if missed:
@@ -123,9 +125,10 @@ class PeerSubscriber(KVEventSubscriber):
     def _desync(self, reason: str) -> None:
         was = self.stats.synced
         super()._desync(reason)
-        if was and reason in (DISCONNECT, SILENCE):
-            # The peer's requests in flight cannot be followed any more (and a restarted one lost them):
-            # drop them, and ask for a snapshot when it is back.
+        if was and (reason == DISCONNECT or (reason == SILENCE and not self._replay_answered)):
+            # The peer is gone: its requests in flight cannot be followed any more (and a restarted one
+            # lost them): drop them, and ask for a snapshot when it is back. (Silence that a replay
+            # bridged was lost batches from a live peer: caught up, nothing to drop.)
             self.sink.clear(self.backend)
             self._applied = None
             self._covered = None

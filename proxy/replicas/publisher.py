@@ -2,9 +2,10 @@
 
 As vLLM's `ZmqEventPublisher` (and the emulator's): every batch gets the next sequence number and
 a place in a ring buffer; a peer that saw a gap asks the ROUTER for every batch from a seq on.
-Unlike KV events, a replica's state is more than its recent batches, so a request from before the
-ring's start (a peer that joined late, or fell far behind) is answered with one snapshot batch
-tagged with the last published seq, from which the live stream continues.
+Unlike KV events, a replica's state is more than its recent batches, so a request from seq 0 (a
+peer that joined late or lost us) or from before the ring's start (one that fell far behind) is
+answered with one snapshot batch tagged with the last published seq, from which the live stream
+continues.
 """
 from __future__ import annotations
 
@@ -92,9 +93,10 @@ class FactPublisher:
         return seq
 
     def backlog(self, start_seq: int) -> list[tuple[int, bytes]]:
-        """Every buffered batch from `start_seq`, or one snapshot when the ring no longer reaches back to it."""
+        """Every buffered batch from `start_seq`, or one snapshot when the ring no longer reaches back to it
+        or the peer starts from nothing (seq 0): replaying old history would make old prompts look recent."""
         ring = self._ring
-        if ring and ring[0][0] <= start_seq <= self.next_seq:
+        if ring and 0 < start_seq and ring[0][0] <= start_seq <= self.next_seq:
             return [(s, p) for s, p in ring if s >= start_seq]
         payload = self._snapshot()  # flushes pending facts first, so it covers every seq published so far
         self.snapshots_served += 1

@@ -28,11 +28,11 @@ from kvblocks import APIError
 from ..backends.registry import InFlight, now
 from ..index.kv_events import DESYNC_REASONS, ZMQ_TRANSPORTS
 from ..routing.policies import RequestContext
-from ..routing.prompt_walk import PromptState
 from . import aggregate, facts
 from .facts import ADD, BEGIN, END, FIRST, REMOVE, RESET, SNAPSHOT, STRATEGY
 from .peer import PeerSubscriber
 from .publisher import FactPublisher
+from .remote_prompt import RemotePrompt, tail_wire
 
 if TYPE_CHECKING:
     from ..routing.router import Router
@@ -225,11 +225,10 @@ class ReplicaSync:
         assert self._loop is not None
         self._last_publish = self._loop.time()
 
-    @staticmethod
-    def _begin_fact(entry: tuple[InFlight, RequestContext, int, str, int], t: float) -> list[Any]:
+    def _begin_fact(self, entry: tuple[InFlight, RequestContext, int, str, int], t: float) -> list[Any]:
         rec, ctx, matched, strategy, tail_blocks = entry
         st = ctx.tail
-        tail = None if st is None or st.done else [st.text, st.salt, max(st.pos, st.cut), tail_blocks]
+        tail = None if st is None else tail_wire(st, self.router.hasher.block_size, tail_blocks)
         exp = rec.expected_first_token
         return [BEGIN, rec.id, rec.backend.url, strategy, list(ctx.hashes), matched, tail, ctx.num_tokens,
                 rec.max_tokens, rec.prompt_blocks, rec.uncached_blocks, rec.prefill_s,
@@ -245,8 +244,18 @@ class ReplicaSync:
         r = self.router
         approx = [url for url in r.index.backends() if not r.kv_events.is_exact(url)]
         blocks = [[url, r.index.lru(url)] for url in approx]
-        tails = [[url, p.anchor, p.prompt.text, p.prompt.salt, max(p.prompt.pos, p.prompt.cut), p.blocks]
-                 for url, p in r.index.tails() if url in approx and isinstance(p.prompt, PromptState)]
+        bs = r.hasher.block_size
+        tails = []
+        for url, p in r.index.tails():
+            if url not in approx:
+                continue
+            try:
+                w = p.prompt.wire(p.anchor, p.blocks) if isinstance(p.prompt, RemotePrompt) \
+                    else tail_wire(p.prompt, bs, p.blocks, p.anchor)
+            except ValueError:  # hashed otherwise since (the backends' hashing changed)
+                continue
+            if w is not None:
+                tails.append([url, p.anchor, w])
         t = now()
         begins = [self._begin_fact(e, t) for e in self._own.values()]
         return facts.encode([[SNAPSHOT, blocks, tails, begins]])
@@ -307,9 +316,11 @@ class ReplicaSync:
             b.started(rec, t)
         st = None
         tail_blocks = 0
-        if tail is not None:
-            text, salt, cut, tail_blocks = tail
-            st = PromptState(text, salt, cut=cut)
+        if tail is not None and hashes:
+            st = RemotePrompt(hashes[-1], tail)
+            tail_blocks = tail[6]
+        if r.index.pending_map():
+            self._settle_tails(hashes)
         # As Router.begin records its own prompt.
         if r.kv_events.is_exact(url):
             r.kv_events.routed(rec.id, url, hashes, st, tail_blocks)
@@ -325,23 +336,41 @@ class ReplicaSync:
                                  tail=st, completer=self._complete)
             policy.observe(ctx, b)
 
+    def _settle_tails(self, hashes: list[int]) -> None:
+        """A peer's prompt ran through the anchors of pending tails: its sender resolved them (its walk
+        went on past them), so resolve them here too rather than keep guessing their size (a tail's
+        estimate counts against its backend's capacity until it is hashed)."""
+        r = self.router
+        pending = r.index.pending_map()
+        for h in hashes[:-1]:
+            tails = pending.get(h)
+            if not tails:
+                continue
+            for p in list(tails):
+                other = p.prompt
+                if isinstance(other, RemotePrompt):
+                    other.finish(None, r)
+                else:
+                    r.walker.finish(other)
+                if h in other.hashes:
+                    r.index.resolve(p, other.hashes[other.hashes.index(h) + 1:])
+
     def _complete(self, ctx: RequestContext, stop_at: int | None = None) -> None:
         """A peer's lazy prompt, hashed to the end when a policy needs all of it (sglang's tree)."""
         st = ctx.tail
         if st is None:
             return
-        self.router.walker.finish(st, stop_at)
-        if st.done:
-            ctx.hashes = st.hashes
-            ctx.tail = None
+        st.finish(None, self.router)
+        ctx.hashes = [*ctx.hashes, *st.hashes[1:]]
+        ctx.tail = None
 
     def _apply_snapshot(self, remote: dict[int, InFlight], f: list[Any]) -> None:
         _, blocks, tails, begins = f
         r = self.router
         approx = {url for url in r.index.backends() if not r.kv_events.is_exact(url)}
-        for url, anchor, text, salt, cut, n in tails:
+        for url, anchor, w in tails:
             if url in approx:
-                r.index.record_routed(url, [anchor], PromptState(text, salt, cut=cut), n)
+                r.index.record_routed(url, [anchor], RemotePrompt(anchor, w), w[6])
         for b in begins:
             self._apply_begin(remote, b)
         for url, lru in blocks:

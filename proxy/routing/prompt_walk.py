@@ -37,7 +37,6 @@ class PromptState:
     ids: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)
-    cut: int = 0  # a peer replica's prompt (proxy/replicas/): where its sender stopped tokenizing
 
     @property
     def done(self) -> bool:
@@ -142,17 +141,16 @@ class PromptWalker:
             # Both chains agree up to the anchor; the next block holds the other's token at its cut
             # (`pos`), so unless this text agrees up to and including that character it cannot match.
             # (A prompt already finished, e.g. for another policy, costs nothing to resolve.)
-            if not other.done:
-                if not st.text.startswith(other.text[: max(other.pos, other.cut) + 1]):
+            if type(other) is not PromptState:  # a peer replica's prompt (proxy/replicas/remote_prompt.py)
+                if not other.finish(st.text, self.router):
+                    continue
+            elif not other.done:
+                if not st.text.startswith(other.text[: other.pos + 1]):
                     continue
                 self.finish(other)
             if other.hashes:
                 index.mark_prompt_end(other.hashes[-1])
-            try:
-                at = other.hashes.index(p.anchor)
-            except ValueError:  # a peer's prompt hashed otherwise (its hashing changed since): nothing to add
-                at = len(other.hashes) - 1
-            index.resolve(p, other.hashes[at + 1 :])
+            index.resolve(p, other.hashes[other.hashes.index(p.anchor) + 1 :])
 
     def tail_blocks(self, st: PromptState) -> int:
         """Estimated full blocks after the known ones (what a pending tail occupies on its backend)."""

@@ -21,7 +21,7 @@ def children(pid: int) -> list[int]:
 @pytest.fixture
 def workers():
     p = ServerProcess("proxy", ["--workers", "2", "--port", "0", "--emulators", "2", "--time-scale", "0.01",
-                                "--replica-heartbeat", "0.1"], "listening on")
+                                "--replica-heartbeat", "0.25"], "listening on")
     yield p
     p.stop()
 
