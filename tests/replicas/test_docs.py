@@ -31,6 +31,14 @@ def test_command_parses(command, monkeypatch):
 
         monkeypatch.setattr(replicas, "one_run", lambda *a, **k: pytest.skip("parsed; the runs take minutes"))
         replicas.main(argv[3:])
+    elif argv[:3] == ["python", "-m", "benchmarks.replica_cost"]:
+        from benchmarks import replica_cost
+
+        async def parsed(*a, **k):
+            pytest.skip("parsed; the run takes a minute")
+
+        monkeypatch.setattr(replica_cost, "run", parsed)
+        replica_cost.main(argv[3:])
     elif argv[0] == "kubectl":
         assert argv[1] in ("apply", "scale")
         if argv[1] == "apply":
