@@ -20,7 +20,7 @@ import time
 
 from proxy.config import ProxyConfig
 from proxy.replicas import ReplicaSync
-from proxy.router import Router
+from proxy.routing.router import Router
 
 URLS = [f"http://127.0.0.1:{20000 + i}" for i in range(4)]
 

@@ -10,7 +10,7 @@ from loadgen.config import RunConfig, WorkloadConfig
 from loadgen.runner import run_workload
 from loadgen.workloads import build_workload
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 
 
 def test_also_target_flags_become_targets():

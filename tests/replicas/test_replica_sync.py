@@ -16,7 +16,7 @@ import pytest
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
 from proxy.config import ProxyConfig
-from proxy.server import start_proxy
+from proxy.app import start_proxy
 from tests.reliability.helpers import ServerProcess, metric_samples, wait_for, wait_for_async
 
 TIME_SCALE = 0.01
