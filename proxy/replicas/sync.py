@@ -173,7 +173,9 @@ class ReplicaSync:
     # ---- the router's hooks (request path: queue only) ---------------------------------------------
 
     def begun(self, rec: InFlight, ctx: RequestContext, matched: int, strategy: str) -> None:
-        entry = (rec, ctx, matched, strategy, self.router.walker.tail_blocks(ctx.tail) if ctx.tail is not None else 0)
+        # A blind context (a policy that does not read prompts) has no hashes: peers record nothing either.
+        tail = ctx.tail if not ctx.blind else None
+        entry = (rec, ctx, matched, strategy, self.router.walker.tail_blocks(tail) if tail is not None else 0)
         self._own[rec.id] = entry
         self._queue(BEGIN, entry)
 
