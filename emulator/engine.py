@@ -9,13 +9,12 @@ paced on an absolute clock. `SimpleEngine` is the seed's independent per-request
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvblocks import APIError, Tokenizer, get_tokenizer, salt_extra_keys
+from kvblocks import APIError, Tokenizer, clock, get_tokenizer, salt_extra_keys
 from kvblocks.kv_events import KVEvent
 
 from .block_pool import BlockPool
@@ -62,13 +61,13 @@ class Engine:
         self._kv_event_sink: KVEventSink | None = None
         self.waiting: deque[EngineRequest] = deque()
         self.running: Collection[EngineRequest] = ()
-        self._wall0 = time.monotonic()
+        self._wall0 = clock.monotonic()
         self._timer_bias = 0.0
 
     # --- clock -----------------------------------------------------------------------------
     def emu_now(self) -> float:
         """Emulated seconds since the engine started (wall time divided by the time scale)."""
-        return (time.monotonic() - self._wall0) / self.time_scale
+        return (clock.monotonic() - self._wall0) / self.time_scale
 
     async def sleep_until(self, emu_t: float) -> None:
         """Wait until emulated time `emu_t` on the wall clock.
@@ -78,12 +77,12 @@ class Engine:
         timer that much early, instead of busy-waiting.
         """
         target = self._wall0 + emu_t * self.time_scale
-        delay = target - time.monotonic()
+        delay = target - clock.monotonic()
         if delay <= self._timer_bias:
             await asyncio.sleep(0)
             return
         await asyncio.sleep(delay - self._timer_bias)
-        late = time.monotonic() - target
+        late = clock.monotonic() - target
         step = max(-TIMER_BIAS_MAX_S, min(TIMER_BIAS_MAX_S, late))  # a CPU-starved wake-up is not timer bias
         self._timer_bias = max(0.0, min(TIMER_BIAS_MAX_S, self._timer_bias + TIMER_BIAS_GAIN * step))
 
@@ -409,7 +408,7 @@ class BatchedEngine(Engine):
                 finally:
                     self._in_step = False
                 if self.metrics is not None:
-                    self.metrics.on_step_lateness(time.monotonic() - (self._wall0 + self._clock * self.time_scale))
+                    self.metrics.on_step_lateness(clock.monotonic() - (self._wall0 + self._clock * self.time_scale))
                 self.complete(step, self._clock)
                 # vLLM publishes a step's events (with any queued between steps) after the step ran.
                 self._flush_step_events()

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--reset-target", action="store_true",
                     help="allow resetting the prefix index and the backends' prefix caches of a --target this run "
                          "did not start (the sweep resets them between points; default: refuse)")
+    from .simulate_cli import add_simulate_parser
+
+    add_simulate_parser(sub, _add_workload_args, __doc__)
     tab = sub.add_parser("sweep-table", help="markdown table of goodput and regret from sweep folders")
     tab.add_argument("folders", nargs="+", help="folders holding a sweep.json")
     return parser
@@ -325,6 +328,11 @@ def check_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig | None]:
         return ns, None
     cfg = configs(ns)
     check_trace_flags(ns, cfg)
+    if ns.command == "simulate":
+        from .simulate_cli import check
+
+        check(ns, cfg)
+        return ns, cfg
     if ns.command == "sweep":
         sweep_values(ns)
     if ns.command == "sweep" and (ns.peer or ns.backend):
@@ -406,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         # Results go to stdout and the report; warnings (ours, aiohttp's) through the shared log stack.
         configure_logging(cfg.log_format, "warning")
         command = "python -m loadgen " + shlex.join(argv)
+        if ns.command == "simulate":  # its own virtual-time loop: not inside asyncio.run
+            from .simulate_cli import run as simulate
+
+            return simulate(ns, cfg, command)
         runner = {"run": _run, "compare": _compare, "sweep": _sweep}[ns.command]
         try:
             return asyncio.run(runner(ns, cfg, command))

@@ -347,6 +347,17 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
                 await admin.set_strategy(original)
             except (AdminError, OSError, aiohttp.ClientError) as e:
                 print(f"warning: could not restore strategy {original!r}: {e}", file=sys.stderr)
+    where = f"{stack.target} ({peer.name}: another router, not kvroute)" if peer else stack.description
+    return finish_sweep(res, config, names, rates, seeds, slo, first_summary, command, where, peer is not None)
+
+
+def finish_sweep(res: SweepResult, config: RunConfig, names: list[str], rates: list[float], seeds: list[int],
+                 slo: SLO, first_summary: dict[str, Any] | None, command: str, where: str,
+                 peer: bool = False) -> SweepResult:
+    """Goodput, regret and noise from `res.points`; sweep.json, the plot and report.md in `config.out`
+    (shared by the wall-clock sweep and `simulate --sweep`)."""
+    out = Path(config.out)
+    is_trace = config.workload.name == "trace"
     res.goodput = {n: goodput(p, slo) for n, p in res.points.items()}
     subject = names[0]
     res.goodput_verdict = goodput_verdict(res.points, slo, subject)
@@ -361,10 +372,9 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
         "goodput_verdict": res.goodput_verdict, "subject": subject, "failed_points": res.failed_points, "regret": res.regret, "regret_baselines": res.regret_baselines, "noise": res.noise,
         "points": {n: {f"{r:g}": ps for r, ps in p.items()} for n, p in res.points.items()},
     })
-    if res.points:
+    if res.points and first_summary is not None:
         res.plots = [sweep_plot(res.points, config.workload.name, is_trace, out)]
-        where = f"{stack.target} ({peer.name}: another router, not kvroute)" if peer else stack.description
-        res.report = sweep_report(res, first_summary, command, where, slo, subject, is_trace, out, peer is not None)
+        res.report = sweep_report(res, first_summary, command, where, slo, subject, is_trace, out, peer)
     return res
 
 

@@ -8,9 +8,10 @@ open), and closes again after `success_threshold` successful probes. A failed pr
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from kvblocks import clock as _clock
 
 
 class BreakerState(enum.Enum):
@@ -26,7 +27,7 @@ class CircuitBreaker:
     failure_threshold: int = 5
     cooldown: float = 5.0
     success_threshold: int = 2
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = _clock.monotonic
     state: BreakerState = BreakerState.CLOSED
     consecutive_failures: int = 0
     probe_successes: int = 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from kvblocks import clock
 from kvblocks.latency import LatencyProfile
 
 from .circuit_breaker import CircuitBreaker
@@ -308,4 +308,4 @@ class BackendRegistry:
 
 
 def now() -> float:
-    return time.monotonic()
+    return clock.monotonic()

@@ -238,6 +238,11 @@ class KVEventSubscriber:
 
     # ---- live stream --------------------------------------------------------------------------------
 
+    async def receive(self, frames: list[bytes]) -> None:
+        """Apply one [topic, seq, payload] message as if read from the socket (an in-process publisher:
+        `loadgen simulate` hands each engine step's batch here instead of over ZMQ)."""
+        await self._on_message(frames)
+
     async def _on_message(self, frames: list[bytes]) -> None:
         self._last_heard = asyncio.get_running_loop().time()
         self.stats.messages += 1

@@ -1,0 +1,229 @@
+"""`python -m loadgen simulate`: compare or sweep strategies on a simulated fleet (see `simulate.py`).
+
+Without --sweep it writes what `compare` writes (OUT/<strategy>/summary.json, records.jsonl,
+report.md, plots; OUT/report.md across strategies); with --sweep what `sweep` writes (sweep.json,
+goodput and regret tables). Every figure is in emulated seconds and reproducible from the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kvblocks.cli import UsageError
+
+from .config import RunConfig
+
+DEFAULT_STRATEGIES = "default,round_robin,least_loaded"
+SWEEP_STRATEGIES = "default,sglang,round_robin,least_loaded"
+
+
+def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentParser:
+    from emulator.latency import PROFILES
+    from emulator.model_spec import GPUS, MODELS
+    from proxy.policies import POLICIES
+
+    p = sub.add_parser("simulate", help="strategies on N emulated backends in virtual time (no sockets, deterministic)",
+                       description=__doc__)
+    add_workload_args(p)
+    g = p.add_argument_group("simulation")
+    g.add_argument("--out", default="loadgen-results", help="results folder (default %(default)s)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, default=0.0,
+                      help="Poisson arrivals per emulated second (default: neither this nor --concurrency = concurrency 1)")
+    mode.add_argument("--concurrency", type=int, default=0, help="closed loop: requests (multiturn: sessions) in flight")
+    g.add_argument("--duration", type=float, default=0.0, help="stop sending after this many emulated seconds (0 = no limit)")
+    g.add_argument("--strategies", default=None,
+                   help=f"comma-separated: 'default' (kv_aware, the proxy's default) or {', '.join(POLICIES)} "
+                        f"(default {DEFAULT_STRATEGIES}; with --sweep {SWEEP_STRATEGIES})")
+    g.add_argument("--seeds", default="", help="comma-separated workload seeds, each run separately (default: --seed)")
+    g.add_argument("--backends", type=int, default=4, help="emulated backends (default %(default)s)")
+    g.add_argument("--model", default=None, help=f"emulator model spec (KV cache size): {', '.join(MODELS)} (default: the emulator's)")
+    g.add_argument("--gpu", default=None, choices=sorted(GPUS), help="emulator GPU spec (default: the emulator's)")
+    g.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                   help="latency profile of the emulators and of the router's cost model (default: the emulator's)")
+    g.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks per backend (default: from --model and --gpu)")
+    g.add_argument("--kv-events", action="store_true",
+                   help="the proxy follows every backend's KV events (exact index), as with --kv-events on python -m proxy")
+    g.add_argument("--policy-param", action="append", default=[], metavar="POLICY.NAME=VALUE",
+                   help="a policy tunable, as python -m proxy --policy-param (repeatable)")
+    g.add_argument("--metrics-interval", type=float, default=0.5,
+                   help="emulated s between the load generator's samples of the backends' metrics (default %(default)s)")
+    g.add_argument("--max-error-share", type=float, default=0.05,
+                   help="exit 1 when more than this share of a run's requests failed (default %(default)s)")
+    g.add_argument("--sweep", action="store_true", help="every strategy at every --rates load: goodput and regret tables")
+    g.add_argument("--rates", default="", help="with --sweep: comma-separated offered loads, req/s emulated (trace: speed-ups)")
+    g.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
+    g.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
+    g.add_argument("--keep-records", action="store_true", help="with --sweep: also write every point's records")
+    p.set_defaults(target=None, no_progress=True, log_format="console", time_scale=1.0)
+    return p
+
+
+def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
+    """Flag checks that need no run (UsageError naming the flag)."""
+    from proxy.policies import parse_policy_params
+
+    from .__main__ import strategy_names
+
+    if ns.strategies is None:
+        ns.strategies = SWEEP_STRATEGIES if ns.sweep else DEFAULT_STRATEGIES
+    strategy_names(ns.strategies)
+    if ns.backends < 1:
+        raise UsageError("--backends", f"must be >= 1 (got {ns.backends})")
+    if ns.num_gpu_blocks is not None and ns.num_gpu_blocks < 2:
+        raise UsageError("--num-gpu-blocks", f"must be >= 2 (got {ns.num_gpu_blocks})")
+    seeds(ns)
+    rates(ns)
+    if ns.sweep and not ns.rates:
+        raise UsageError("--rates", "--sweep needs --rates (comma-separated offered loads)")
+    if ns.rates and not ns.sweep:
+        raise UsageError("--rates", "is for --sweep (a single run takes --rate)")
+    try:
+        parse_policy_params(ns.policy_param)
+    except ValueError as e:
+        raise UsageError("--policy-param", str(e)) from None
+    from emulator.model_spec import MODELS
+
+    if ns.model is not None and ns.model not in MODELS and ns.num_gpu_blocks is None:
+        raise UsageError("--model", f"unknown model {ns.model!r}; choose one of {', '.join(MODELS)} or pass --num-gpu-blocks")
+    try:
+        fleet_spec(ns, cfg).emulator_config()
+    except ValueError as e:
+        raise UsageError("--max-model-len", str(e)) from None
+
+
+def seeds(ns: argparse.Namespace) -> list[int]:
+    try:
+        return [int(x) for x in ns.seeds.split(",") if x.strip()] or [ns.seed]
+    except ValueError:
+        raise UsageError("--seeds", f"{ns.seeds!r}: expected comma-separated integers") from None
+
+
+def rates(ns: argparse.Namespace) -> list[float]:
+    try:
+        out = [float(x) for x in ns.rates.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError("--rates", f"{ns.rates!r}: expected comma-separated numbers") from None
+    if any(r <= 0 for r in out):
+        raise UsageError("--rates", "needs positive values")
+    return out
+
+
+def fleet_spec(ns: argparse.Namespace, cfg: RunConfig, backends: int | None = None):
+    from .simulate import FleetSpec
+
+    return FleetSpec(backends=backends or ns.backends, profile=ns.profile, model=ns.model, gpu=ns.gpu,
+                     num_gpu_blocks=ns.num_gpu_blocks, max_model_len=cfg.workload.max_model_len,
+                     kv_events=ns.kv_events, policy_params=list(ns.policy_param))
+
+
+def describe(spec) -> str:
+    emu = spec.emulator_config()
+    return (f"simulated in virtual time: the proxy's router over {spec.backends} emulated backends "
+            f"({emu.model} on {emu.gpu}, {emu.resolved_num_gpu_blocks} KV blocks, profile {emu.profile}"
+            f"{', KV events followed' if spec.kv_events else ''})")
+
+
+def _names(text: str) -> list[str]:
+    from proxy.policies import DEFAULT_POLICY
+
+    from .compare import DEFAULT_ALIAS
+
+    return [DEFAULT_POLICY if s.strip() == DEFAULT_ALIAS else s.strip() for s in text.split(",") if s.strip()]
+
+
+def run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    check(ns, cfg)
+    wall0 = time.perf_counter()
+    code = _sweep(ns, cfg, command) if ns.sweep else _compare(ns, cfg, command)
+    print(f"simulated in {time.perf_counter() - wall0:.1f} s wall", file=sys.stderr)
+    return code
+
+
+def _compare(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    from .__main__ import _error_exit
+    from .compare import _safe
+    from .plots import compare_plots, run_plots
+    from .report import compare_report, compare_table, run_report
+    from .results import SUMMARY_JSON, write_json, write_records
+    from .simulate import simulate_run
+    from .summary import summarize
+    from .workloads import build_workload
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = fleet_spec(ns, cfg)
+    where = describe(spec)
+    seed_list = seeds(ns)
+    summaries: dict[str, dict[str, Any]] = {}
+    for seed in seed_list:
+        c = replace(cfg, workload=replace(cfg.workload, seed=seed))
+        workload = build_workload(c.workload)
+        results, sums = {}, {}
+        for name in _names(ns.strategies):
+            result = simulate_run(workload, c, spec, name)
+            s = summarize(result)
+            s["strategy"], s["is_default"], s["simulated"] = name, name == _names("default")[0], True
+            s["workload_params"] = {**s["workload_params"], "seed": seed}
+            results[name], sums[name] = result, s
+            folder = out / _safe(name) / (f"seed-{seed}" if len(seed_list) > 1 else "")
+            write_records(folder, result)
+            write_json(folder / SUMMARY_JSON, s)
+            run_report(s, command, where, run_plots(result, folder), folder)
+        sub = out if len(seed_list) == 1 else out / f"seed-{seed}"
+        sub.mkdir(parents=True, exist_ok=True)
+        write_json(sub / SUMMARY_JSON, sums)
+        report = compare_report(sums, command, where, compare_plots(results, sums, sub), sub, [])
+        if len(seed_list) > 1:
+            print(f"seed {seed}:")
+        print("\n".join(compare_table(sums)))
+        print(f"report: {report}")
+        summaries.update({f"{n}@{seed}" if len(seed_list) > 1 else n: s for n, s in sums.items()})
+    return _error_exit(summaries, cfg.max_error_share)
+
+
+def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    from .compare import _safe
+    from .results import SUMMARY_JSON, write_json, write_records
+    from .simulate import simulate_run
+    from .summary import summarize
+    from .sweep import SLO, SweepResult, finish_sweep, point, verdict_text
+    from .workloads import build_workload
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = fleet_spec(ns, cfg)
+    slo = SLO(ns.slo_ttft_p99, ns.slo_tpot_p50)
+    names = _names(ns.strategies)
+    seed_list, rate_list = seeds(ns), rates(ns)
+    is_trace = cfg.workload.name == "trace"
+    res = SweepResult(target=describe(spec))
+    first = None
+    for seed in seed_list:
+        for rate in rate_list:
+            wl = replace(cfg.workload, seed=seed, **({"trace_speedup": rate} if is_trace else {}))
+            c = replace(cfg, rate=0.0 if is_trace else rate, concurrency=0, workload=wl)
+            workload = build_workload(wl)
+            for name in names:
+                result = simulate_run(workload, c, spec, name, label=f"{name} @ {rate:g}")
+                s = summarize(result)
+                s["strategy"], s["offered_rate"], s["simulated"] = name, rate, True
+                s["workload_params"] = {**s["workload_params"], "seed": seed}
+                first = first or s
+                folder = out / _safe(name) / f"rate-{rate:g}" / (f"seed-{seed}" if len(seed_list) > 1 else "")
+                folder.mkdir(parents=True, exist_ok=True)
+                if ns.keep_records:
+                    write_records(folder, result)
+                write_json(folder / SUMMARY_JSON, s)
+                res.points.setdefault(name, {}).setdefault(rate, []).append(point(s))
+    res = finish_sweep(res, cfg, names, rate_list, seed_list, slo, first, command, res.target)
+    print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
+    if res.goodput_verdict:
+        v = res.goodput_verdict
+        print(f"{v['subject']}'s goodput: {verdict_text(v, 'x' if is_trace else '')}")
+    print(f"report: {res.report}")
+    return 0
