@@ -59,6 +59,9 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
     g.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
     g.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
     g.add_argument("--keep-records", action="store_true", help="with --sweep: also write every point's records")
+    g.add_argument("--against-wall", action="store_true",
+                   help="also run every strategy for real (python -m proxy with --backends embedded emulators, time "
+                        "scale 1, OUT/wall) and print how far the simulation is from it (OUT/parity.json)")
     p.set_defaults(target=None, no_progress=True, log_format="console", time_scale=1.0)
     return p
 
@@ -80,6 +83,10 @@ def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
     rates(ns)
     if ns.sweep and not ns.rates:
         raise UsageError("--rates", "--sweep needs --rates (comma-separated offered loads)")
+    if ns.against_wall and (ns.sweep or ns.kv_events or ns.model or ns.gpu or ns.profile or ns.num_gpu_blocks
+                            or ns.policy_param):
+        raise UsageError("--against-wall", "compares the proxy's default setup: no --sweep, --kv-events, --model, "
+                         "--gpu, --profile, --num-gpu-blocks or --policy-param with it")
     if ns.rates and not ns.sweep:
         raise UsageError("--rates", "is for --sweep (a single run takes --rate)")
     try:
@@ -139,7 +146,10 @@ def _names(text: str) -> list[str]:
 def run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     check(ns, cfg)
     wall0 = time.perf_counter()
-    code = _sweep(ns, cfg, command) if ns.sweep else _compare(ns, cfg, command)
+    if ns.against_wall:
+        code = against_wall(ns, cfg, command)
+    else:
+        code = _sweep(ns, cfg, command) if ns.sweep else _compare(ns, cfg, command)
     print(f"simulated in {time.perf_counter() - wall0:.1f} s wall", file=sys.stderr)
     return code
 
@@ -227,3 +237,64 @@ def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
         print(f"{v['subject']}'s goodput: {verdict_text(v, 'x' if is_trace else '')}")
     print(f"report: {res.report}")
     return 0
+
+
+# Agreement the simulation must reach with a wall-clock run of the same seeded workload (issue #21).
+PARITY = {"hit_rate": 0.01, "ttft_p50": 0.10, "ttft_p99": 0.10, "e2e_p50": 0.10, "per_backend": 0.05}
+
+
+def parity(sim: dict[str, Any], wall: dict[str, Any]) -> dict[str, Any]:
+    """How far one simulated summary is from its wall-clock twin: hit rate in points, latencies and
+    requests per backend (sorted, busiest first: the backends are identical) relative to the wall run."""
+    def rel(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else abs(a - b) / b
+
+    le_s, le_w = sim["latency_emulated"], wall["latency_emulated"]
+    out: dict[str, Any] = {"hit_rate": abs(sim["hit_rate"] - wall["hit_rate"]),
+                           "ttft_p50": rel(le_s["ttft"]["p50"], le_w["ttft"]["p50"]),
+                           "ttft_p99": rel(le_s["ttft"]["p99"], le_w["ttft"]["p99"]),
+                           "e2e_p50": rel(le_s["e2e"]["p50"], le_w["e2e"]["p50"])}
+    cs = sorted((d["requests"] for d in sim["per_backend"].values()), reverse=True)
+    cw = sorted((d["requests"] for d in wall["per_backend"].values()), reverse=True)
+    out["per_backend"] = max((abs(a - b) / b for a, b in zip(cs, cw) if b), default=None) if len(cs) == len(cw) else 1.0
+    out["requests_per_backend"] = {"sim": cs, "wall": cw}
+    out["ok"] = all(out[k] is not None and out[k] <= lim for k, lim in PARITY.items())
+    return out
+
+
+def against_wall(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    """Each strategy simulated (OUT/sim) and run for real at time scale 1 (OUT/wall); OUT/parity.json."""
+    import asyncio
+
+    from .compare import compare
+    from .report import _f, _pct
+    from .results import write_json
+
+    out = Path(cfg.out)
+    sim_cfg = replace(cfg, out=str(out / "sim"))
+    ns_sim = argparse.Namespace(**{**vars(ns), "seeds": str(cfg.workload.seed)})
+    _compare(ns_sim, sim_cfg, command)
+    from .results import read_json
+    sims = read_json(out / "sim" / "summary.json")
+    wall_cfg = replace(cfg, out=str(out / "wall"), time_scale=1.0, progress=False)
+    res = asyncio.run(compare(wall_cfg, _names(ns.strategies), None, command, ns.backends, "subprocess"))
+    table = {name: parity(sims[name], res.summaries[name]) for name in res.summaries}
+    write_json(out / "parity.json", {"workload": cfg.workload.name, "limits": PARITY, "strategies": table,
+                                     "sim": {n: _key_figures(s) for n, s in sims.items()},
+                                     "wall": {n: _key_figures(s) for n, s in res.summaries.items()}})
+    print("| strategy | hit rate sim / wall | TTFT p50 sim / wall | TTFT p99 sim / wall | E2E p50 sim / wall "
+          "| requests per backend sim / wall | within limits |")
+    print("|---|---|---|---|---|---|---|")
+    for name, p in table.items():
+        a, b = _key_figures(sims[name]), _key_figures(res.summaries[name])
+        print(f"| {name} | {_pct(a['hit_rate'])} / {_pct(b['hit_rate'])} | {_f(a['ttft_p50'])} / {_f(b['ttft_p50'])} "
+              f"| {_f(a['ttft_p99'])} / {_f(b['ttft_p99'])} | {_f(a['e2e_p50'])} / {_f(b['e2e_p50'])} "
+              f"| {p['requests_per_backend']['sim']} / {p['requests_per_backend']['wall']} | {'yes' if p['ok'] else 'no'} |")
+    return 0 if all(p["ok"] for p in table.values()) else 1
+
+
+def _key_figures(s: dict[str, Any]) -> dict[str, Any]:
+    le = s["latency_emulated"]
+    return {"hit_rate": s["hit_rate"], "ttft_p50": le["ttft"]["p50"], "ttft_p99": le["ttft"]["p99"],
+            "e2e_p50": le["e2e"]["p50"], "ok": s["ok"], "errors": s["errors"],
+            "lateness_ms": (s.get("backend_metrics", {}).get("step_lateness_mean_s") or 0.0) * 1000}
