@@ -70,6 +70,12 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--burst-suffix-tokens", type=int, default=d.burst_suffix_tokens, help="burst: unique tokens per request (default %(default)s)")
     g.add_argument("--mixed-rag", type=float, default=d.mixed_rag, help="mixed: share of rag requests (default %(default)s)")
     g.add_argument("--mixed-chat", type=float, default=d.mixed_chat, help="mixed: share of chat turns, the rest unique prompts (default %(default)s)")
+    g.add_argument("--rotate-prefix-tokens", type=int, default=d.rotate_prefix_tokens,
+                   help="rotating-prefix: tokens of the shared prefix (default %(default)s)")
+    g.add_argument("--rotate-after", type=int, default=d.rotate_after,
+                   help="rotating-prefix: requests on one prefix before the next replaces it (default %(default)s)")
+    g.add_argument("--rotate-suffix-tokens", type=int, default=d.rotate_suffix_tokens,
+                   help="rotating-prefix: unique tokens per request (default %(default)s)")
     g.add_argument("--trace-path", default=d.trace_path,
                    help="trace: Mooncake JSONL file (default: the conversation trace shipped in loadgen/data/)")
     g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay (default %(default)s)")

@@ -21,7 +21,8 @@ ENV_PREFIX = "KVROUTE_LOADGEN_"
 TRACE_FILE = "mooncake_fast25_conversation_trace.jsonl"
 # Shipped inside the package (Apache-2.0, source and licence in loadgen/data/), so `trace` runs from a clone.
 DEFAULT_TRACE = str(files("loadgen").joinpath("data", TRACE_FILE))
-WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace", "burst", "mixed")
+WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace", "burst", "mixed",
+                  "rotating-prefix")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class WorkloadConfig:
     # mixed: shares of rag / chat / unique requests (the rest is unique prompts)
     mixed_rag: float = 0.4
     mixed_chat: float = 0.3
+    # rotating-prefix: one shared prefix at a time, replaced by a new one every `rotate_after` requests
+    rotate_prefix_tokens: int = 1000
+    rotate_after: int = 30
+    rotate_suffix_tokens: int = 32
     # trace
     trace_path: str = DEFAULT_TRACE
     trace_offset: int = 0
@@ -88,6 +93,8 @@ class WorkloadConfig:
             raise ValueError("doc_tokens_min must not exceed doc_tokens_max")
         if self.name == "trace" and not os.path.isfile(self.trace_path):
             raise ValueError(f"trace_path {self.trace_path}: no such file")
+        if self.rotate_after < 1 or self.rotate_prefix_tokens < 0 or self.rotate_suffix_tokens < 1:
+            raise ValueError("rotate_after and rotate_suffix_tokens must be >= 1, rotate_prefix_tokens >= 0")
         if self.burst < 0:
             raise ValueError("burst must not be negative")
         if not (0 <= self.mixed_rag and 0 <= self.mixed_chat and self.mixed_rag + self.mixed_chat <= 1):

@@ -246,6 +246,25 @@ def burst(cfg: WorkloadConfig) -> Workload:
     })
 
 
+def rotating_prefix(cfg: WorkloadConfig) -> Workload:
+    """One shared prefix at a time: every request is the current prefix plus a unique suffix, and the
+    prefix is replaced by a new one every `rotate_after` requests (under --rate 10 and 30 requests, every
+    ~3 s). The shape of a public trace where a light load fits every cache: spreading costs one prefill
+    per backend per prefix, concentrating queues requests behind each other."""
+    rng = random.Random(repr((cfg.seed, "rotating-prefix")))
+    size = min(cfg.rotate_prefix_tokens, _prompt_budget(cfg) - cfg.rotate_suffix_tokens)
+    reqs = []
+    for i in range(cfg.requests):
+        p = i // cfg.rotate_after
+        prompt = seeded_words(size, cfg.seed, "rotating-prefix", p) + words(rng, cfg.rotate_suffix_tokens)
+        reqs.append(RequestSpec(i, "completions", cfg.output_tokens, prompt=prompt, chain=i,
+                                prompt_tokens=size + cfg.rotate_suffix_tokens, tags={"prefix": p}))
+    return Workload("rotating-prefix", reqs, {
+        "prefix_tokens": size, "rotate_after": cfg.rotate_after, "suffix_tokens": cfg.rotate_suffix_tokens,
+        "prefixes": -(-cfg.requests // cfg.rotate_after), "output_tokens": cfg.output_tokens,
+    })
+
+
 def mixed(cfg: WorkloadConfig) -> Workload:
     """RAG questions, chat sessions and unique prompts at once, interleaved in a seeded order (a chat
     session is one chain: its turns follow each other with think time)."""
@@ -287,6 +306,7 @@ WORKLOADS = {
     "trace": trace,
     "burst": burst,
     "mixed": mixed,
+    "rotating-prefix": rotating_prefix,
 }
 
 
