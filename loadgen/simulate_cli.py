@@ -59,6 +59,10 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
     g.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
     g.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
     g.add_argument("--keep-records", action="store_true", help="with --sweep: also write every point's records")
+    g.add_argument("--find-backends", action="store_true",
+                   help="capacity planning: per strategy, the fewest backends (up to --max-backends) meeting "
+                        "--slo-ttft-p99 and --slo-tpot-p50 with no failed request (OUT/capacity.json, table, plot)")
+    g.add_argument("--max-backends", type=int, default=64, help="with --find-backends: the most to try (default %(default)s)")
     g.add_argument("--against-wall", action="store_true",
                    help="also run every strategy for real (python -m proxy with --backends embedded emulators, time "
                         "scale 1, OUT/wall) and print how far the simulation is from it (OUT/parity.json)")
@@ -87,6 +91,10 @@ def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
                             or ns.policy_param):
         raise UsageError("--against-wall", "compares the proxy's default setup: no --sweep, --kv-events, --model, "
                          "--gpu, --profile, --num-gpu-blocks or --policy-param with it")
+    if ns.find_backends and ns.sweep:
+        raise UsageError("--find-backends", "plans one load (--rate or the trace's speed-up), not a --sweep")
+    if ns.max_backends < 1:
+        raise UsageError("--max-backends", f"must be >= 1 (got {ns.max_backends})")
     if ns.rates and not ns.sweep:
         raise UsageError("--rates", "is for --sweep (a single run takes --rate)")
     try:
@@ -148,6 +156,8 @@ def run(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     wall0 = time.perf_counter()
     if ns.against_wall:
         code = against_wall(ns, cfg, command)
+    elif ns.find_backends:
+        code = find_backends(ns, cfg, command)
     else:
         code = _sweep(ns, cfg, command) if ns.sweep else _compare(ns, cfg, command)
     print(f"simulated in {time.perf_counter() - wall0:.1f} s wall", file=sys.stderr)
@@ -298,3 +308,85 @@ def _key_figures(s: dict[str, Any]) -> dict[str, Any]:
     return {"hit_rate": s["hit_rate"], "ttft_p50": le["ttft"]["p50"], "ttft_p99": le["ttft"]["p99"],
             "e2e_p50": le["e2e"]["p50"], "ok": s["ok"], "errors": s["errors"],
             "lateness_ms": (s.get("backend_metrics", {}).get("step_lateness_mean_s") or 0.0) * 1000}
+
+
+def find_backends(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
+    """Per strategy, the fewest backends that meet the SLO on this workload and load: doubling from 1, then
+    bisection (assumes more backends never hurt). Every run tried is in OUT/capacity.json."""
+    from .results import write_json
+    from .simulate import simulate_run
+    from .summary import summarize
+    from .sweep import SLO, point
+    from .workloads import build_workload
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slo = SLO(ns.slo_ttft_p99, ns.slo_tpot_p50)
+    workload = build_workload(cfg.workload)
+    tried: dict[str, dict[int, dict[str, Any]]] = {}
+    needed: dict[str, int | None] = {}
+    for name in _names(ns.strategies):
+        runs = tried.setdefault(name, {})
+
+        def meets(n: int) -> bool:
+            if n not in runs:
+                s = summarize(simulate_run(workload, cfg, fleet_spec(ns, cfg, backends=n), name))
+                runs[n] = {**point(s), "met": None}
+                runs[n]["met"] = slo.met(runs[n])
+            return runs[n]["met"]
+
+        lo, hi = 0, 1  # lo fails (0 backends serve nothing), hi is the candidate
+        while hi < ns.max_backends and not meets(hi):
+            lo, hi = hi, min(2 * hi, ns.max_backends)
+        if not meets(hi):
+            needed[name] = None
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+        needed[name] = hi
+    write_json(out / "capacity.json", {"workload": cfg.workload.name, "load": cfg.load_description,
+                                       "slo": {"ttft_p99": slo.ttft_p99, "tpot_p50": slo.tpot_p50},
+                                       "backends_needed": needed,
+                                       "runs": {n: {str(k): v for k, v in sorted(r.items())} for n, r in tried.items()}})
+    plot = _capacity_plot(tried, slo, out)
+    print(f"backends needed for TTFT p99 <= {slo.ttft_p99:g} s and TPOT p50 <= {slo.tpot_p50:g} s "
+          f"({cfg.workload.name}, {cfg.load_description}):")
+    print("| strategy | backends | TTFT p99 there (s) | TPOT p50 there (s) |")
+    print("|---|---|---|---|")
+    for name, n in needed.items():
+        p = tried[name].get(n) if n else None
+        print(f"| {name} | {n if n else f'more than {ns.max_backends}'} | "
+              f"{p['ttft_p99']:.3f} | {p['tpot_p50']:.4f} |" if p else f"| {name} | more than {ns.max_backends} | - | - |")
+    found = [n for n in needed.values() if n]
+    if found:
+        fewest = min(found)
+        print(f"fewest: {fewest} backends ({', '.join(k for k, n in needed.items() if n == fewest)}); plot: {plot}")
+    return 0
+
+
+def _capacity_plot(tried: dict[str, dict[int, dict[str, Any]]], slo, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, limit, label in ((axes[0], "ttft_p99", slo.ttft_p99, "TTFT p99 (emulated s)"),
+                                  (axes[1], "tpot_p50", slo.tpot_p50, "TPOT p50 (emulated s)")):
+        for name, runs in tried.items():
+            ns_ = sorted(runs)
+            ax.plot(ns_, [runs[n][key] for n in ns_], marker="o", label=name)
+        ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="SLO")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("backends")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Capacity: the SLO metrics against the number of backends, per strategy")
+    fig.tight_layout()
+    path = out / "capacity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

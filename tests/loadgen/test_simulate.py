@@ -164,3 +164,20 @@ def test_simulation_agrees_with_a_wall_clock_run(tmp_path):
     for key in ("ttft", "e2e") if quiet else ("e2e",):
         a, b = sim["latency_emulated"][key]["p50"], w["latency_emulated"][key]["p50"]
         assert abs(a - b) <= max(0.10 * b, 0.030), (key, a, b, late)
+
+
+def test_find_backends_gives_the_smallest_fleet_meeting_the_slo(tmp_path, capsys):
+    """The answer meets the SLO and one backend fewer does not (when the answer is above 1)."""
+    from loadgen.__main__ import main
+
+    code = main(["simulate", "--find-backends", "--workload", "sysprompt", "--rate", "12", "--requests", "60",
+                 "--strategies", "round_robin", "--slo-ttft-p99", "0.3", "--slo-tpot-p50", "0.03",
+                 "--max-backends", "8", "--out", str(tmp_path)])
+    assert code == 0
+    cap = orjson.loads((tmp_path / "capacity.json").read_bytes())
+    n = cap["backends_needed"]["round_robin"]
+    runs = cap["runs"]["round_robin"]
+    assert n is not None and runs[str(n)]["met"]
+    if n > 1:
+        assert not runs[str(n - 1)]["met"]
+    assert (tmp_path / "capacity.png").is_file() and f"| round_robin | {n} |" in capsys.readouterr().out
