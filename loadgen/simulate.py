@@ -36,13 +36,13 @@ from emulator.metrics import EngineMetrics
 from emulator.protocol import RequestParser, parse_json_object
 from kvblocks import APIError, clock, get_tokenizer
 from kvblocks.kv_events import EventBatch, encode_batch, encode_seq
-from proxy.backends import Backend
+from proxy.backends.registry import Backend
 from proxy.config import ProxyConfig
-from proxy.health import BackendMonitor
-from proxy.kv_events import KVEventSource
-from proxy.openai_request import parse_chat, parse_completion
-from proxy.router import Router
-from proxy.tokenize_cache import ChunkedTokenizer
+from proxy.upstream.health import BackendMonitor
+from proxy.index.kv_events import KVEventSource
+from proxy.edge.openai_request import parse_chat, parse_completion
+from proxy.routing.router import Router
+from proxy.routing.tokenize_cache import ChunkedTokenizer
 
 from .arrivals import ConcurrencyArrivals, make_arrivals
 from .backend_metrics import CACHE_CONFIG, GAUGES, MetricsSample, parse_metrics

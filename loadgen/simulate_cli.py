@@ -22,9 +22,9 @@ SWEEP_STRATEGIES = "default,sglang,round_robin,least_loaded"
 
 
 def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentParser:
-    from emulator.latency import PROFILES
+    from kvblocks.latency import PROFILES
     from emulator.model_spec import GPUS, MODELS
-    from proxy.policies import POLICIES
+    from proxy.routing.policies import POLICIES
 
     p = sub.add_parser("simulate", help="strategies on N emulated backends in virtual time (no sockets, deterministic)",
                        description=__doc__)
@@ -72,7 +72,7 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
 
 def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
     """Flag checks that need no run (UsageError naming the flag)."""
-    from proxy.policies import parse_policy_params
+    from proxy.routing.policies import parse_policy_params
 
     from .__main__ import strategy_names
 
@@ -144,7 +144,7 @@ def describe(spec) -> str:
 
 
 def _names(text: str) -> list[str]:
-    from proxy.policies import DEFAULT_POLICY
+    from proxy.routing.policies import DEFAULT_POLICY
 
     from .compare import DEFAULT_ALIAS
 
