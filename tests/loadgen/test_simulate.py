@@ -143,27 +143,33 @@ def test_simulate_cli_bad_flags_exit_2_naming_the_flag(args, flag, capsys):
 
 
 def test_simulation_agrees_with_a_wall_clock_run(tmp_path):
-    """The same seeded rag workload through `python -m proxy --emulators 4` at time scale 1 and simulated:
-    the same routing (hit rate, requests per backend) and the same latencies up to the wall run's own
-    overhead (HTTP, tokenizing, a shared CPU), bounded here at 10% or 30 ms."""
+    """The same seeded rag workload through `python -m proxy --emulators 4` at time scale 1 and simulated.
+
+    Round robin's routing does not depend on timing: its hit rate and requests per backend must agree
+    however busy the machine is. The rest holds when the wall run had the CPU it models (its engine
+    steps late by under 2 ms on average): kv_aware's load-dependent routing agrees too (hit rate within
+    1 point, requests per backend within 5%), and the latencies up to the wall run's own overhead (HTTP,
+    tokenizing, the proxy's CPU time), bounded here at 10% or 30 ms. On a starved machine the wall
+    run's timing drifts and only round robin's routing is asserted."""
     from loadgen.compare import compare
 
     cfg = RunConfig(rate=4.0, progress=False, out=str(tmp_path / "wall"), time_scale=1.0,
                     workload=WorkloadConfig(name="rag", requests=40, seed=5, documents=6))
-    wall = asyncio.run(compare(cfg, ["kv_aware"], None, "test", 4, "subprocess"))
-    sim = summarize(simulate_run(build_workload(cfg.workload), cfg, FleetSpec(backends=4), "kv_aware"))
-    w = wall.summaries["kv_aware"]
-    p = parity(sim, w)
-    # The full limits hold when the wall run had the CPU it needed; on a starved machine (engine steps
-    # late on average by more than 2 ms) its timing drifts, kv_aware's load-dependent choices with it,
-    # and only looser bounds are asserted (the figures for docs come from a quiet machine).
-    late = w["backend_metrics"].get("step_lateness_mean_s") or 0.0
-    quiet = late < 0.002
-    assert p["hit_rate"] <= (0.01 if quiet else 0.05), (p, late)
-    assert p["per_backend"] <= (0.05 if quiet else 0.25), (p["requests_per_backend"], late)
-    for key in ("ttft", "e2e") if quiet else ("e2e",):
-        a, b = sim["latency_emulated"][key]["p50"], w["latency_emulated"][key]["p50"]
-        assert abs(a - b) <= max(0.10 * b, 0.030), (key, a, b, late)
+    wall = asyncio.run(compare(cfg, ["round_robin", "kv_aware"], None, "test", 4, "subprocess"))
+    wl = build_workload(cfg.workload)
+    for name in ("round_robin", "kv_aware"):
+        sim = summarize(simulate_run(wl, cfg, FleetSpec(backends=4), name))
+        w = wall.summaries[name]
+        p = parity(sim, w)
+        late = w["backend_metrics"].get("step_lateness_mean_s") or 0.0
+        if name == "round_robin":
+            assert p["hit_rate"] <= 0.01 and p["per_backend"] == 0, (p, late)
+        if late >= 0.002:
+            continue
+        assert p["hit_rate"] <= 0.01 and p["per_backend"] <= 0.05, (name, p, late)
+        for key in ("ttft", "e2e"):
+            a, b = sim["latency_emulated"][key]["p50"], w["latency_emulated"][key]["p50"]
+            assert abs(a - b) <= max(0.10 * b, 0.030), (name, key, a, b, late)
 
 
 def test_find_backends_gives_the_smallest_fleet_meeting_the_slo(tmp_path, capsys):
