@@ -34,8 +34,8 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, default=0.0,
                       help="Poisson arrivals per emulated second (default: neither this nor --concurrency = concurrency 1)")
-    mode.add_argument("--concurrency", type=int, default=0, help="closed loop: requests (multiturn: sessions) in flight")
-    g.add_argument("--duration", type=float, default=0.0, help="stop sending after this many emulated seconds (0 = no limit)")
+    mode.add_argument("--concurrency", type=int, default=0, help="closed loop: requests (multiturn: sessions) in flight (default %(default)s)")
+    g.add_argument("--duration", type=float, default=0.0, help="stop sending after this many emulated seconds (default %(default)s = no limit)")
     g.add_argument("--strategies", default=None,
                    help=f"comma-separated: 'default' (kv_aware, the proxy's default) or {', '.join(POLICIES)} "
                         f"(default {DEFAULT_STRATEGIES}; with --sweep {SWEEP_STRATEGIES})")
@@ -47,25 +47,25 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
                    help="latency profile of the emulators and of the router's cost model (default: the emulator's)")
     g.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks per backend (default: from --model and --gpu)")
     g.add_argument("--kv-events", action="store_true",
-                   help="the proxy follows every backend's KV events (exact index), as with --kv-events on python -m proxy")
+                   help="the proxy follows every backend's KV events (exact index), as with --kv-events on python -m proxy (default: off, as python -m proxy without it)")
     g.add_argument("--policy-param", action="append", default=[], metavar="POLICY.NAME=VALUE",
-                   help="a policy tunable, as python -m proxy --policy-param (repeatable)")
+                   help="a policy tunable, as python -m proxy --policy-param (repeatable; default: none)")
     g.add_argument("--metrics-interval", type=float, default=0.5,
                    help="emulated s between the load generator's samples of the backends' metrics (default %(default)s)")
     g.add_argument("--max-error-share", type=float, default=0.05,
                    help="exit 1 when more than this share of a run's requests failed (default %(default)s)")
-    g.add_argument("--sweep", action="store_true", help="every strategy at every --rates load: goodput and regret tables")
-    g.add_argument("--rates", default="", help="with --sweep: comma-separated offered loads, req/s emulated (trace: speed-ups)")
+    g.add_argument("--sweep", action="store_true", help="every strategy at every --rates load: goodput and regret tables (default: off, one run per strategy)")
+    g.add_argument("--rates", default="", help="with --sweep: comma-separated offered loads, req/s emulated (trace: speed-ups); default: none")
     g.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
     g.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
-    g.add_argument("--keep-records", action="store_true", help="with --sweep: also write every point's records")
+    g.add_argument("--keep-records", action="store_true", help="with --sweep: also write every point's records (default: off)")
     g.add_argument("--find-backends", action="store_true",
                    help="capacity planning: per strategy, the fewest backends (up to --max-backends) meeting "
-                        "--slo-ttft-p99 and --slo-tpot-p50 with no failed request (OUT/capacity.json, table, plot)")
+                        "--slo-ttft-p99 and --slo-tpot-p50 with no failed request (OUT/capacity.json, table, plot; default: off)")
     g.add_argument("--max-backends", type=int, default=64, help="with --find-backends: the most to try (default %(default)s)")
     g.add_argument("--against-wall", action="store_true",
                    help="also run every strategy for real (python -m proxy with --backends embedded emulators, time "
-                        "scale 1, OUT/wall) and print how far the simulation is from it (OUT/parity.json)")
+                        "scale 1, OUT/wall) and print how far the simulation is from it (OUT/parity.json; default: off)")
     p.set_defaults(target=None, no_progress=True, log_format="console", time_scale=1.0)
     return p
 
