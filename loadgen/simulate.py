@@ -282,7 +282,7 @@ class Fleet:
         sb.engine.add_request(er)
         first = await er.outputs.get()
         if first.finish_reason != "abort":
-            Router.first_byte(inflight)
+            self.router.first_byte(inflight)
             rec.ttft = loop.time() - t0
         await done
         rec.e2e = loop.time() - t0
