@@ -19,7 +19,8 @@ RUN pip install --upgrade pip && pip install ".[${EXTRAS}]" \
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN groupadd --system --gid 10001 kvroute \
-    && useradd --system --uid 10001 --gid kvroute --home-dir /home/kvroute --create-home kvroute
+    && useradd --system --uid 10001 --gid kvroute --home-dir /home/kvroute --create-home kvroute \
+    && install -d -o kvroute -g kvroute -m 700 /var/lib/kvroute
 COPY --from=build /opt/kvroute /opt/kvroute
 ENV PATH=/opt/kvroute/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -27,6 +28,9 @@ ENV PATH=/opt/kvroute/bin:$PATH \
     KVROUTE_HOST=0.0.0.0 \
     KVROUTE_PORT=8000 \
     KVROUTE_LOG_FORMAT=json
+# The image binds 0.0.0.0, so the admin API (/admin/: backends, strategy, cache resets) answers 403 to
+# everyone until it has a key: pass KVROUTE_ADMIN_KEY_FILE (a mounted secret; compose.yaml generates
+# one into /var/lib/kvroute) or KVROUTE_ADMIN_KEY. Backend credentials: KVROUTE_BACKEND_API_KEY.
 USER kvroute
 WORKDIR /home/kvroute
 EXPOSE 8000

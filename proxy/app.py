@@ -7,7 +7,6 @@ startup hook); `start_proxy(config)` serves it behind the front door over the ba
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,15 +122,9 @@ class RunningProxy:
             forwarder.drain(grace)
         await self.front.shutdown(grace)
         await self.runner.cleanup()
+        await self.app[STATE_KEY]["handlers"].body_parser.close()
         for e in self.emulators:
             await e.stop()
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 async def start_proxy(config: ProxyConfig) -> RunningProxy:
@@ -142,6 +135,7 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         runner = JSONErrorAppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace,
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
+            keepalive_timeout=config.client_keepalive_timeout,
         )
         await runner.setup()
         front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
@@ -152,8 +146,6 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             await runner.cleanup()
         raise
     port = addresses[0][1]
-    if not config.admin_key and not _is_loopback(config.host):
-        log.warning("the admin API (/admin/) is open to the network: bound to %s without --admin-key", config.host)
     host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS
-from kvblocks.cli import ArgumentParser, UsageError, exit_on_usage_error, http_url, load_dataclass, with_default
+from kvblocks.cli import ArgumentParser, UsageError, exit_on_usage_error, load_dataclass, with_default
 
+from .backend_url import BadBackendURL, check_backend_url
 from .index.kv_events import KVEventSource
 
 ENV_PREFIX = "KVROUTE_"
@@ -34,8 +35,12 @@ class ProxyConfig:
     backends: list[str] = field(default_factory=list)
     backends_file: str | None = None
     strategy: str = "kv_aware"
-    api_keys: list[str] = field(default_factory=list)
-    admin_key: str | None = None
+    api_keys: list[str] = field(default_factory=list, repr=False)
+    # The admin API's key: the value, or a file holding it (see proxy/admin_auth.py for who may call without one).
+    admin_key: str | None = field(default=None, repr=False)
+    admin_key_file: str | None = None
+    # False: POST /admin/backends is refused (only the configured backends are ever called).
+    runtime_backends: bool = True
     # Sent upstream (Authorization: Bearer) to backends without a key of their own in the backends file.
     backend_api_key: str | None = field(default=None, repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
@@ -59,6 +64,8 @@ class ProxyConfig:
     # The edge's bounds: a client's head must arrive (and its body keep arriving) within
     # client_read_timeout; a non-streamed backend answer larger than max_response_bytes is a 502.
     client_read_timeout: float = 60.0
+    # An idle keep-alive client connection is closed after this long, whichever server parsed it.
+    client_keepalive_timeout: float = 75.0
     max_response_bytes: int = 64 * 1024 * 1024
     # Routing model: what the cost-based policies assume a backend's GPU costs (kvblocks.latency
     # profile, also the embedded emulators' profile) and how fast the backends' clock runs.
@@ -108,6 +115,7 @@ class ProxyConfig:
         if self.max_response_bytes < 1024:
             raise ValueError("max_response_bytes must be >= 1024")
         for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "client_read_timeout", "time_scale",
+                     "client_keepalive_timeout",
                      "health_interval", "metrics_interval", "kv_events_silence_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
@@ -125,6 +133,12 @@ class ProxyConfig:
             raise ValueError(f"tokenizer {self.tokenizer!r}: no such Hugging Face tokenizer folder or file; "
                              f"use {BUILTIN_TOKENIZER}, {BACKEND_TOKENIZER} or a tokenizer folder")
         self.backends = [normalize_url(u) for u in self.backends]
+        if self.admin_key_file:
+            if self.admin_key:
+                raise ValueError("admin_key_file and admin_key are both set; give the admin key one way")
+            self.admin_key = read_key_file(self.admin_key_file, "admin_key_file")
+        elif self.admin_key is not None and not self.admin_key.strip():
+            raise ValueError("admin_key must not be empty")
         if self.backends_file:
             try:
                 self._file_backends()
@@ -264,40 +278,62 @@ class FileBackend:
             return cls(normalize_url(e))
         if not isinstance(e, dict) or not isinstance(e.get("url"), str):
             raise ValueError(f'{where}: each entry must be a URL or {{"url": ..., "kv_events": ..., "api_key": ...}}')
+        url = normalize_url(e["url"])  # first: the messages below name the backend, never its raw text
         unknown = sorted(set(e) - {"url", "kv_events", "api_key", "api_key_env"})
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for backend {e['url']}")
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for backend {url}")
         key = e.get("api_key")
         env_name = e.get("api_key_env")
         if env_name is not None:
             if key is not None:
-                raise ValueError(f"{where}: backend {e['url']} has both api_key and api_key_env")
+                raise ValueError(f"{where}: backend {url} has both api_key and api_key_env")
             key = os.environ.get(env_name) if isinstance(env_name, str) else None
             if not key:
-                raise ValueError(f"{where}: backend {e['url']}: env var {env_name} (its api_key_env) is not set")
+                raise ValueError(f"{where}: backend {url}: env var {env_name} (its api_key_env) is not set")
         if key is not None and (not isinstance(key, str) or not key):
-            raise ValueError(f"{where}: backend {e['url']}: api_key must be a non-empty string")
+            raise ValueError(f"{where}: backend {url}: api_key must be a non-empty string")
         ev = e.get("kv_events")
-        return cls(normalize_url(e["url"]), KVEventSource.parse(ev) if ev else None, key)
+        return cls(url, KVEventSource.parse(ev) if ev else None, key)
 
 
 def normalize_url(url: str) -> str:
-    """`host:port` -> `http://host:port`; anything but http(s) is a ValueError naming --backend."""
+    """`host:port` -> `http://host:port`; anything but scheme + host + port (+ a plain path prefix) is
+    a ValueError naming --backend (`backend_url.check_backend_url` says what a backend URL may be)."""
     try:
-        return http_url("", url)
-    except UsageError as e:
-        raise ValueError(f"backends: {e.message}") from None
+        return check_backend_url(url)
+    except BadBackendURL as e:
+        raise ValueError(f"backends: {e}") from None
+
+
+def read_key_file(path: str, name: str) -> str:
+    """A key kept in a file (a mounted secret): its first line, stripped; an unreadable or empty file
+    is a UsageError naming the flag (not a ValueError: the path must not be rewritten into flag
+    names), never the key."""
+    flag = "--" + name.replace("_", "-")
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(flag, f"{path}: cannot read it ({type(e).__name__})") from None
+    if not key:
+        raise UsageError(flag, f"{path}: the file is empty")
+    return key
 
 
 # Dataclass field -> CLI flag stem (and env suffix) when they differ.
 _FLAG_NAMES = {"backends": "backend", "api_keys": "api_key", "peers": "peer"}
 _HELP = {
-    "backends": "backend base URL (repeatable); none = start embedded emulators",
+    "backends": "backend base URL: scheme://host:port[/path-prefix], no credentials or query (repeatable); "
+    "none = start embedded emulators",
     "backends_file": "file with one backend URL per line (# comments), or a JSON list of URLs or "
     '{"url": URL, "kv_events": ENDPOINT | {"endpoint", "topic", "replay_endpoint"}}',
     "strategy": "routing strategy (switch at run time: PUT /admin/strategy)",
     "api_keys": "client API key accepted as 'Authorization: Bearer KEY' (repeatable)",
-    "admin_key": "key guarding /admin/ (Bearer)",
+    "admin_key": "key guarding /admin/ (Bearer); without one the admin API is open to local users when bound to "
+    "loopback, and refused to everyone otherwise (prefer --admin-key-file or KVROUTE_ADMIN_KEY: flags show in ps)",
+    "admin_key_file": "file whose first line is the admin key (a mounted secret)",
+    "runtime_backends": "allow POST /admin/backends to add backends at run time (--no-runtime-backends forbids it)",
+    "client_keepalive_timeout": "seconds an idle keep-alive client connection is kept open",
     "backend_api_key": "API key the proxy sends upstream (Authorization: Bearer) to backends started with --api-key; "
     "a backends-file entry's api_key / api_key_env overrides it per backend; never logged",
     "emulators": "number of embedded emulators when no backend is given",

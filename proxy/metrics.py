@@ -120,6 +120,13 @@ class ProxyMetrics:
             "kvroute_upstream_malformed", "Backend answers dropped (connection closed) for broken HTTP framing or a bound",
             ["backend"], registry=r,
         )
+        self.bad_values = Counter(
+            "kvroute_backend_bad_values",
+            "Values in a backend's answers the proxy could not use (absurd or malformed) and ignored; each field logged once",
+            ["backend", "field"], registry=r)
+        self.relay_errors = Counter(
+            "kvroute_relay_errors", "Answers ended early by an error in the proxy itself after their first byte", ["kind"],
+            registry=r)
         r.register(_BackendCollector(router, admission))
 
     def child(self, metric, *labels: str):

@@ -6,24 +6,26 @@ every answer is JSON and every bad input a 4xx OpenAI-style error.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from yarl import URL
-
 from kvblocks import APIError
-from kvblocks.http_errors import bearer_token, json_response
+from kvblocks.http_errors import json_response
 
+from .admin_auth import AdminGate
 from .app_keys import STATE_KEY
 from ..backends.registry import Backend
 from ..config import ProxyConfig, normalize_url
 from ..upstream.health import BackendMonitor
 from ..routing.policies import policy_names
 from ..routing.router import Router
+
+
+# Every backend is health-checked and scraped on a timer: their number is bounded.
+MAX_BACKENDS = 256
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -43,14 +45,11 @@ class AdminHandlers:
     def __init__(self, app: web.Application, config: ProxyConfig, router: Router) -> None:
         self.app = app
         self.router = router
-        self._key = config.admin_key.encode() if config.admin_key else None
+        self.gate = AdminGate(config.admin_key, config.host)
+        self.runtime_backends = config.runtime_backends
 
     def _guard(self, request: web.Request) -> None:
-        if self._key is None:
-            return
-        token = bearer_token(request.headers).encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(token, self._key):
-            raise APIError(401, "admin key required (Authorization: Bearer ...)", type="AuthenticationError")
+        self.gate.check(request.headers)
 
     @property
     def _session(self) -> aiohttp.ClientSession:
@@ -96,15 +95,19 @@ class AdminHandlers:
             url = (await _json_body(request)).get("url")
         if not isinstance(url, str) or not url.strip():
             raise APIError(400, "url (string) is required", "url")
-        url = normalize_url(url)
-        parsed = URL(url)
-        if not parsed.host or parsed.scheme not in ("http", "https"):
-            raise APIError(400, f"not an http(s) URL: {url!r}", "url")
-        return url
+        try:  # the same rule as a configured --backend: scheme, host, port, a plain path prefix
+            return normalize_url(url)
+        except ValueError as e:
+            raise APIError(400, str(e).removeprefix("backends: "), "url") from None
 
     async def add_backend(self, request: web.Request) -> web.Response:
         self._guard(request)
+        if not self.runtime_backends:
+            raise APIError(403, "adding backends at run time is disabled (--no-runtime-backends)", "url",
+                           "PermissionDeniedError")
         url = await self._url(request)
+        if url not in self.router.registry and len(self.router.registry) >= MAX_BACKENDS:
+            raise APIError(400, f"at most {MAX_BACKENDS} backends", "url")
         b, created = self.router.add_backend(url)
         if created:
             if self.router.replicas is not None:
@@ -146,7 +149,8 @@ class AdminHandlers:
         async def reset_one(b: Backend) -> dict[str, Any]:
             """vLLM answers 200 {"success": false} while blocks are held (running requests): not a reset."""
             try:
-                async with self._session.post(b.url + "/reset_prefix_cache", timeout=timeout, headers=b.auth_headers) as r:
+                async with self._session.post(b.url + "/reset_prefix_cache", timeout=timeout, headers=b.auth_headers,
+                                              allow_redirects=False) as r:
                     body = await r.read()
                     ok = 200 <= r.status < 300
                     if ok and body:
@@ -166,6 +170,7 @@ class AdminHandlers:
 
 def add_admin_routes(app: web.Application, config: ProxyConfig, router: Router) -> None:
     h = AdminHandlers(app, config, router)
+    h.gate.warn_at_start()
     app.router.add_get("/admin/backends", h.list_backends)
     app.router.add_post("/admin/backends", h.add_backend)
     app.router.add_delete("/admin/backends", h.remove_backend)

@@ -34,6 +34,7 @@ from kvblocks import APIError, error_body
 
 from .app_keys import METRICS_KEY
 from ..http_fields import check_value, header_lines
+from .handover import Guard
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ _READ = frozenset((b"content-length", b"authorization", b"x-request-id", b"x-kvr
 _HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 # aiohttp's default limit on header lines; beyond it: 431.
 MAX_HEADERS = 128
-# aiohttp closes idle keep-alive connections after 75 s; so does the front.
+# Idle keep-alive connections close after 75 s (nginx's and aiohttp's documented default), both the
+# front's and, through its keepalive_timeout, aiohttp's: --client-keepalive-timeout.
 KEEPALIVE_S = 75.0
 SWEEP_S = 5.0
 # After a rejection: how long, and how many bytes, the client's remaining input is read and dropped.
@@ -84,13 +86,14 @@ class FrontSink:
 
     A stream's head waits for its first chunk so both leave in one segment (one wakeup of the client)."""
 
-    __slots__ = ("conn", "started", "close", "_head")
+    __slots__ = ("conn", "started", "close", "_head", "_sized")
 
     def __init__(self, conn: FrontProtocol, close: bool) -> None:
         self.conn = conn
         self.started = False
         self.close = close
         self._head = b""
+        self._sized = False
 
     def _extra(self) -> bytes:
         return b"Connection: close\r\n" if self.close else b""
@@ -100,22 +103,30 @@ class FrontSink:
         self.started = True
         self.conn.write(head + body)
 
-    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None) -> None:
+    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None,
+                    length: int | None = None) -> None:
         ctype = f"{content_type}; charset={charset}" if charset else content_type
-        self._head = _head(status, headers, ctype, b"Transfer-Encoding: chunked\r\n" + self._extra())
+        framing = b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length
+        self._sized = length is not None
+        self._head = _head(status, headers, ctype, framing + self._extra())
         self.started = True
 
     async def write(self, data: bytes) -> None:
         if data:
             conn = self.conn
             head, self._head = self._head, b""
-            conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
+            if self._sized:
+                if head:
+                    conn.write(head)
+                conn.write(data)
+            else:
+                conn.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
             if conn._write_paused:  # no coroutine per chunk unless the client reads slowly
                 await conn.drain()
 
     async def end(self) -> None:
         head, self._head = self._head, b""
-        self.conn.write(head + b"0\r\n\r\n")
+        self.conn.write(head if self._sized else head + b"0\r\n\r\n")
 
 
 class _Request:
@@ -435,9 +446,10 @@ class FrontProtocol(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting with the bytes buffered so far
-        (the whole of the request llhttp just read: `buf` starts at its first byte)."""
+        (the whole of the request llhttp just read: `buf` starts at its first byte), behind a `Guard`
+        that keeps the front's limits on it."""
         self.front.connections.discard(self)
-        proto = self.front.aiohttp_protocol()
+        proto = Guard(self.front, self.front.aiohttp_protocol())
         transport = self.transport
         transport.set_protocol(proto)
         proto.connection_made(transport)
@@ -462,7 +474,10 @@ class FrontServer:
         self.max_head = 64 * 1024
         self.max_buffer = max_body + self.max_head
         self.read_timeout = read_timeout
-        self.keepalive_s = KEEPALIVE_S
+        self.keepalive_s = getattr(getattr(handlers, "config", None), "client_keepalive_timeout", KEEPALIVE_S)
+        self.linger_s = LINGER_S
+        self.linger_bytes = LINGER_BYTES
+        self.guarded: set[Guard] = set()  # connections handed to aiohttp, still under the front's limits
         self.sweep_s = min(SWEEP_S, read_timeout / 2)
         self.connections: set[FrontProtocol] = set()
         self.closing = False
@@ -483,6 +498,8 @@ class FrontServer:
         for c in list(self.connections):
             if c.task is None and not c.lost:
                 c.check_timeouts(now)
+        for g in list(self.guarded):
+            g.check_timeouts(now)
         self._sweep = self.loop.call_later(self.sweep_s, self._check_connections)
 
     async def shutdown(self, grace: float) -> None:

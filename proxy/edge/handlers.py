@@ -27,6 +27,7 @@ from ..backends.registry import Backend
 from ..config import ProxyConfig
 from ..upstream.forward import Forwarder
 from ..url_hints import not_found_message
+from .body_parse import BodyParser
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 from ..routing.policies import RequestContext
 from ..upstream.sink import ResponseSink
@@ -83,8 +84,11 @@ class AiohttpSink:
     async def send(self, status: int, headers: dict[str, str], body: bytes, content_type: str) -> None:
         self.response = web.Response(body=body, status=status, headers=headers, content_type=content_type)
 
-    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None) -> None:
+    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None,
+                    length: int | None = None) -> None:
         resp = web.StreamResponse(status=status, headers=headers)
+        if length is not None:
+            resp.content_length = length
         resp.content_type = content_type
         if charset:
             resp.charset = charset
@@ -112,6 +116,7 @@ class ProxyHandlers:
         self.session: aiohttp.ClientSession | None = None
         self.backend_tokenizer: BackendTokenizer | None = None
         self.admission: Admission = app[ADMISSION_KEY]
+        self.body_parser = BodyParser()  # large bodies are parsed in a worker process (edge/body_parse.py)
 
     def _check_api_key(self, headers: Mapping[str, str]) -> None:
         if not self._keys:
@@ -218,9 +223,10 @@ class ProxyHandlers:
     ) -> None:
         self._check_api_key(headers)
         with self.admission.hold(bearer_token(headers)):
+            router = self.router
             strategy = self._strategy(headers)
             raw = await read_body()
-            parsed = parse(raw)
+            parsed = await self.body_parser.parse(parse, raw, router)
             self._check_model(parsed)
             self._check_length(parsed, None)
             router = self.router
@@ -256,7 +262,7 @@ class ProxyHandlers:
         async def fetch(b: Backend) -> list[dict]:
             try:
                 async with self.session.get(b.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5),
-                                            headers=b.auth_headers) as r:
+                                            headers=b.auth_headers, allow_redirects=False) as r:
                     if r.status == 200:
                         data = await r.json(loads=orjson.loads)
                         return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]

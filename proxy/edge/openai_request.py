@@ -6,6 +6,7 @@ the proxy's block hashes are the backend's.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,18 +71,46 @@ def _common(body: dict[str, Any], max_fields: tuple[str, ...]) -> tuple[str | No
     return model, stream, max_tokens
 
 
+def context_error(limit: int, num_tokens: int, max_tokens: int, param: str, exact: bool = True) -> APIError:
+    """vLLM's answer to a prompt + max_tokens over the context length (the same words as the backend's)."""
+    some = "" if exact else "at least "
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{some}{num_tokens + max_tokens} tokens ({some}{num_tokens} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        param,
+    )
+
+
+def _check_count(count: int, limit_for: LimitFor | None, model: str | None, max_tokens: int | None, param: str,
+                 exact: bool) -> None:
+    """The context-length rule on a count known before any per-item work (ids, messages): the bound
+    is checked before the work it bounds, so a 1.5M-id list costs its length, not 1.5M checks."""
+    if limit_for is None:
+        return
+    limit = limit_for(model)
+    mt = max_tokens or 0
+    if count >= limit or count + mt > limit:
+        raise context_error(limit, count, mt, "max_tokens" if count < limit else param, exact)
+
+
+# The context length for a model (Router.max_model_len): what the cheap bounds compare against.
+LimitFor = Callable[[str | None], int]
+
+
 def _is_token_list(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
 
 
-def parse_completion(raw: bytes) -> ParsedRequest:
+def parse_completion(raw: bytes, limit_for: LimitFor | None = None) -> ParsedRequest:
     body = _load(raw)
-    parsed = _parse_completion(body)
+    parsed = _parse_completion(body, limit_for)
     parsed.cache_salt = _salt(body)
     return parsed
 
 
-def _parse_completion(body: dict[str, Any]) -> ParsedRequest:
+def _parse_completion(body: dict[str, Any], limit_for: LimitFor | None = None) -> ParsedRequest:
     model, stream, max_tokens = _common(body, ("max_tokens",))
     if "prompt" not in body:
         raise APIError(400, "prompt is required", "prompt")
@@ -93,6 +122,7 @@ def _parse_completion(body: dict[str, Any]) -> ParsedRequest:
     if isinstance(prompt, list) and prompt:
         first = prompt[0]
         if isinstance(first, int) and not isinstance(first, bool):
+            _check_count(len(prompt), limit_for, model, max_tokens, "prompt", True)
             if not _is_token_list(prompt):
                 raise APIError(400, "prompt token ids must be non-negative integers", "prompt")
             return ParsedRequest(model, stream, max_tokens, token_ids=prompt)
@@ -100,19 +130,29 @@ def _parse_completion(body: dict[str, Any]) -> ParsedRequest:
             if not all(prompt):
                 raise APIError(400, "prompt must not be empty", "prompt")
             return ParsedRequest(model, stream, max_tokens, text=first, multi=len(prompt) > 1)
-        if all(_is_token_list(p) and p for p in prompt):
-            return ParsedRequest(model, stream, max_tokens, token_ids=first, multi=len(prompt) > 1)
+        if all(isinstance(p, list) and p for p in prompt):
+            # Routing reads the first prompt: its ids are checked here (after its length); the others'
+            # ids are the backend's to check, so a batch costs its count, not its total of ids.
+            _check_count(len(first), limit_for, model, max_tokens, "prompt", True)
+            if _is_token_list(first):
+                return ParsedRequest(model, stream, max_tokens, token_ids=first, multi=len(prompt) > 1)
         raise APIError(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
     if isinstance(prompt, list):
         raise APIError(400, "prompt must not be empty", "prompt")
     raise APIError(400, "prompt must be a string, a list of strings, token ids or lists of token ids", "prompt")
 
 
-def parse_chat(raw: bytes) -> ParsedRequest:
+def parse_chat(raw: bytes, limit_for: LimitFor | None = None) -> ParsedRequest:
     body = _load(raw)
     model, stream, max_tokens = _common(body, ("max_completion_tokens", "max_tokens"))
     if "messages" not in body:
         raise APIError(400, "messages is required", "messages")
+    messages = body["messages"]
+    if isinstance(messages, list):
+        # Every message renders to at least one token (its role header): the count bounds the walk.
+        _check_count(len(messages), limit_for, model, max_tokens, "messages", False)
+        parts = sum(len(c) for m in messages if isinstance(m, dict) and isinstance(c := m.get("content"), list))
+        _check_count(parts, limit_for, model, max_tokens, "messages", False)
     try:
         text = render_chat(body["messages"])
     except ChatFormatError as e:

@@ -70,7 +70,7 @@ class Passthrough:
         timeout = aiohttp.ClientTimeout(total=h.config.first_byte_timeout, sock_connect=h.config.connect_timeout)
         try:
             async with h.session.request(request.method, b.url + request.path, data=body or None, headers=headers,
-                                         timeout=timeout) as r:
+                                         timeout=timeout, allow_redirects=False) as r:
                 payload = await r.content.read(MAX_RESPONSE_BYTES + 1)
                 status, content_type = r.status, r.content_type
         except asyncio.TimeoutError:

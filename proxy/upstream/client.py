@@ -288,9 +288,25 @@ class UpstreamResponse:
         """The body bytes received so far (waiting for some), b"" at the end (one coroutine, not two)."""
         return self._conn.read_chunk(self._idle)
 
-    async def read(self) -> bytes:
-        """The whole body, at most the pool's `max_body` bytes (`UpstreamProtocolError` beyond)."""
-        limit = self._pool.max_body
+    async def read_some(self, want: int) -> tuple[bytes, bool]:
+        """At least `want` bytes of the body, or all of it: (bytes, whether that is the whole body).
+        A declared Content-Length over the pool's `max_body` is refused before anything is read."""
+        declared = self.headers.get("content-length")
+        if declared is not None and int(declared) > self._pool.max_body:
+            raise UpstreamProtocolError(f"response body of {int(declared)} bytes over the {self._pool.max_body}-byte limit")
+        parts = []
+        size = 0
+        while size < want:
+            chunk = await self._conn.read_chunk(self._idle)
+            if not chunk:
+                return b"".join(parts), True
+            size += len(chunk)
+            parts.append(chunk)
+        return b"".join(parts), False
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body, at most `limit` (default: the pool's `max_body`) bytes (`UpstreamProtocolError` beyond)."""
+        limit = self._pool.max_body if limit is None else min(limit, self._pool.max_body)
         declared = self.headers.get("content-length")
         if declared is not None and int(declared) > limit:
             raise UpstreamProtocolError(f"response body of {int(declared)} bytes over the {limit}-byte limit")

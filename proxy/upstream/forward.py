@@ -26,10 +26,22 @@ from ..routing.policies import Decision, RequestContext
 from .sink import ResponseSink
 from ..routing.router import Router
 from .client import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
+from .usage_check import TAIL_BYTES, PromptTokenCheck  # noqa: F401 - TAIL_BYTES bounds _relay's tail
 
 log = logging.getLogger("kvroute.proxy")
 
 _UPSTREAM_ERRORS = (UpstreamError, TimeoutError, OSError)
+# A non-streamed answer up to this size is read whole before anything is sent (so a failure midway is
+# still retried elsewhere); a longer one is relayed as it arrives, with memory bounded by this buffer
+# and the transports' high-water marks, not by --max-response-bytes.
+RELAY_BUFFER = 256 * 1024
+# A 5xx answer is read whole to be relayed if no retry succeeds; beyond this it is dropped (502).
+MAX_ERROR_BODY = 1024 * 1024
+
+
+class _Cut(ConnectionResetError):
+    """A relayed non-streamed answer failed after its first byte: it cannot be finished, so the client's
+    connection is closed (its Content-Length or chunked framing shows the answer incomplete)."""
 
 
 def backoff_delay(retry: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -101,7 +113,7 @@ class Forwarder:
         # Set on SIGTERM: a stream still running when the grace period ends gets an error event, not a cut.
         self.draining = False
         self._streams: set[asyncio.Task] = set()
-        self._mismatch_logged: set[str] = set()
+        self.check_prompt_tokens = PromptTokenCheck(metrics)
 
     async def forward(
         self, sink: ResponseSink, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str,
@@ -188,10 +200,11 @@ class Forwarder:
             try:
                 async with Deadline(self.loop, self.first_byte_timeout):
                     upstream = await self.pool.post(b.url, path, raw, headers)
-                    if upstream.status >= 500 or not stream or upstream.status != 200:
-                        body = await upstream.read()
-                        if upstream.status >= 500:
-                            raise _Failed(f"status {upstream.status}", upstream.status, body, upstream.content_type)
+                    if upstream.status >= 500:
+                        body = await upstream.read(MAX_ERROR_BODY)
+                        raise _Failed(f"status {upstream.status}", upstream.status, body, upstream.content_type)
+                    if not stream or upstream.status != 200:
+                        body, whole = await upstream.read_some(RELAY_BUFFER)
                         first = None
                     else:
                         first = await upstream.read_chunk()
@@ -230,9 +243,12 @@ class Forwarder:
                 await sink.send(502, out_headers, body, "application/json")
                 ok = False
             elif first is None:
-                await sink.send(status, out_headers, body, upstream.content_type)
-                if tokens is not None and status == 200:
-                    self._check_prompt_tokens(b, tokens, body)
+                if whole:
+                    await sink.send(status, out_headers, body, upstream.content_type)
+                else:
+                    body = await self._relay(sink, upstream, body, out_headers, request_id, b)
+                if tokens is not None and status == 200:  # a whole body (<= RELAY_BUFFER), or a relayed one's tail
+                    self.check_prompt_tokens(b, tokens, body)
             else:
                 ok = await self._stream(sink, upstream, first, out_headers, request_id, b, tokens)
             done = ok
@@ -257,31 +273,41 @@ class Forwarder:
         if self.router.registry.set_health(b, False, b.auth_error):
             log.warning("backend %s marked unhealthy: %s", b.url, b.auth_error)
 
-    def _check_prompt_tokens(self, b: Backend, tokens: int, data: bytes) -> None:
-        """Compare the backend's usage.prompt_tokens with our count: a tokenizer that does not match the
-        backend's makes every block hash differ, so this is the one visible sign of it."""
-        i = data.rfind(b'"prompt_tokens":')
-        if i < 0:
-            return
-        j = i + 16
-        while j < len(data) and data[j] == 0x20:
-            j += 1
-        k = j
-        while k < len(data) and 0x30 <= data[k] <= 0x39:
-            k += 1
-        if k == j:
-            return
-        theirs = int(data[j:k])
-        if theirs == tokens:
-            return
-        self.metrics.child(self.metrics.token_mismatch, b.url).inc()
-        if b.url not in self._mismatch_logged:
-            self._mismatch_logged.add(b.url)
-            log.warning(
-                "backend %s counted %d prompt tokens where the proxy counted %d: the proxy's tokenizer does not "
-                "match the backend's, so its block hashes cannot match (use --tokenizer backend or the model's "
-                "tokenizer folder); counted in kvroute_prompt_tokens_mismatch_total, logged once per backend",
-                b.url, theirs, tokens)
+    async def _relay(
+        self, sink: ResponseSink, upstream: UpstreamResponse, buffered: bytes, out_headers: dict[str, str], request_id: str,
+        b: Backend,
+    ) -> bytes:
+        """Relay a long non-streamed answer as it arrives; returns its last TAIL_BYTES (where usage is).
+
+        Its Content-Length, when the backend gave one, is passed on; otherwise it goes out chunked."""
+        limit = self.pool.max_body
+        declared = upstream.headers.get("content-length")
+        await sink.start(upstream.status, out_headers, upstream.content_type, upstream.charset,
+                         length=int(declared) if declared is not None else None)
+        tail = buffered[-TAIL_BYTES:]
+        size = len(buffered)
+        await sink.write(buffered)
+        del buffered
+        while True:
+            try:
+                chunk = await upstream.read_chunk()
+            except _UPSTREAM_ERRORS as e:
+                if isinstance(e, UpstreamProtocolError):
+                    self.metrics.child(self.metrics.malformed, b.url).inc()
+                self.metrics.relay_errors.labels("body_cut").inc()
+                log.warning("request %s: upstream failed mid-answer after %d bytes: %s", request_id, size, e)
+                raise _Cut("backend failed mid-answer") from None
+            if not chunk:
+                await sink.end()
+                return tail
+            size += len(chunk)
+            if size > limit:
+                self.metrics.child(self.metrics.malformed, b.url).inc()
+                self.metrics.relay_errors.labels("body_cut").inc()
+                log.warning("request %s: backend answer over the %d-byte limit: cut", request_id, limit)
+                raise _Cut("backend answer over --max-response-bytes")
+            tail = (tail + chunk)[-TAIL_BYTES:] if len(chunk) < TAIL_BYTES else chunk[-TAIL_BYTES:]
+            await sink.write(chunk)
 
     def drain(self, grace: float) -> None:
         """On SIGTERM: let streams run for `grace` seconds, then end each with an error event.
@@ -309,11 +335,13 @@ class Forwarder:
             self._streams.add(task)
             try:
                 if tokens is not None and b'"prompt_tokens"' in first:
-                    self._check_prompt_tokens(b, tokens, first)
+                    self.check_prompt_tokens(b, tokens, first)
                 await sink.write(first)
                 while True:
                     try:
                         chunk = await upstream.read_chunk()
+                        if chunk and tokens is not None and b'"prompt_tokens"' in chunk:  # the usage chunk (stream_options)
+                            self.check_prompt_tokens(b, tokens, chunk)
                     except _UPSTREAM_ERRORS as e:
                         ok = False
                         stalled = isinstance(e, TimeoutError)
@@ -324,10 +352,14 @@ class Forwarder:
                                if isinstance(e, UpstreamProtocolError) else "backend stream failed (connection lost)")
                         await sink.write(sse_error(504 if stalled else 502, msg))
                         break
+                    except Exception:  # a proxy bug mid-stream: still an error event, [DONE] and the last chunk
+                        ok = False
+                        self.metrics.relay_errors.labels("stream").inc()
+                        log.exception("request %s: proxy error mid-stream", request_id)
+                        await sink.write(sse_error(500, "proxy error mid-stream"))
+                        break
                     if not chunk:
                         break
-                    if tokens is not None and b'"prompt_tokens"' in chunk:  # the usage chunk (stream_options)
-                        self._check_prompt_tokens(b, tokens, chunk)
                     await sink.write(chunk)
             except asyncio.CancelledError:
                 if self.draining:  # cancelled by shutdown, not by the client: end the stream cleanly

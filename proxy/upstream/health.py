@@ -13,6 +13,7 @@ import logging
 import re
 
 import aiohttp
+import orjson
 
 from ..backends.registry import Backend, now
 from ..routing.router import Router
@@ -20,6 +21,11 @@ from ..url_hints import backend_url_hint
 
 log = logging.getLogger("kvroute.proxy")
 
+# Bounds on what a backend's monitoring answers may hold (they are read whole).
+MAX_METRICS_BYTES = 8 * 1024 * 1024
+MAX_MODELS_BYTES = 4 * 1024 * 1024
+MAX_GAUGE = 1e9
+MAX_BLOCKS = float(1 << 31)
 _GAUGES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
@@ -46,18 +52,37 @@ def parse_vllm_metrics(text: str) -> dict[str, float | str]:
             continue
         name, labels, value = m.group(1), m.group(2) or "", m.group(3)
         if name in _GAUGES:
-            try:
-                out[_GAUGES[name]] = out.get(_GAUGES[name], 0.0) + float(value)
-            except ValueError:
-                continue
+            v = _sane(value, MAX_GAUGE)
+            if v is not None:
+                out[_GAUGES[name]] = out.get(_GAUGES[name], 0.0) + v
         elif name == "vllm:cache_config_info":
             for k, v in _LABEL.findall(labels):
                 if k in ("num_gpu_blocks", "block_size"):
-                    with contextlib.suppress(ValueError):
-                        out[k] = float(v)
+                    x = _sane(v, MAX_BLOCKS)
+                    if x is not None and x >= 1 and x == int(x):
+                        out[k] = x
                 elif k == "prefix_caching_hash_algo" and v:
                     out["hash_algo"] = v
     return out
+
+
+def _sane(text: str, limit: float) -> float | None:
+    """A backend's number, or None when it is not one, not finite, negative or absurd (it is input too:
+    int(float('inf')) raises, a block size of 1e18 would wreck routing)."""
+    if len(text) > 32:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if 0 <= v <= limit else None  # NaN fails both comparisons
+
+
+async def _bounded(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = await r.content.read(limit + 1)
+    if len(body) > limit:
+        raise ValueError(f"answer over {limit} bytes")
+    return body
 
 
 def auth_failure(b: Backend, status: int) -> str:
@@ -125,7 +150,8 @@ class BackendMonitor:
 
     async def check_health(self, b: Backend) -> bool:
         try:
-            async with self.session.get(b.url + "/health", timeout=self.timeout, headers=b.auth_headers) as r:
+            async with self.session.get(b.url + "/health", timeout=self.timeout, headers=b.auth_headers,
+                                        allow_redirects=False) as r:
                 ok = r.status == 200
                 err = None if ok else f"/health answered {r.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -161,25 +187,27 @@ class BackendMonitor:
 
     async def fetch_models(self, b: Backend) -> None:
         try:
-            async with self.session.get(b.url + "/v1/models", timeout=self.timeout, headers=b.auth_headers) as r:
+            async with self.session.get(b.url + "/v1/models", timeout=self.timeout, headers=b.auth_headers,
+                                        allow_redirects=False) as r:
                 note_auth(b, r.status)
                 if r.status == 200:
-                    data = await r.json()
+                    data = orjson.loads(await _bounded(r, MAX_MODELS_BYTES))
                     entries = [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
                     b.models = [m["id"] for m in entries]
                     lens = [m["max_model_len"] for m in entries if isinstance(m.get("max_model_len"), int)]
                     b.max_model_len = max(lens) if lens else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
 
     async def scrape(self, b: Backend) -> None:
         mark = b.scrape_mark()
         try:
-            async with self.session.get(b.url + "/metrics", timeout=self.timeout, headers=b.auth_headers) as r:
+            async with self.session.get(b.url + "/metrics", timeout=self.timeout, headers=b.auth_headers,
+                                        allow_redirects=False) as r:
                 if r.status != 200:
                     return
-                text = await r.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+                text = (await _bounded(r, MAX_METRICS_BYTES)).decode("utf-8")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError, ValueError):
             return
         vals = parse_vllm_metrics(text)
         if not vals and b.url not in self._no_metrics_logged:

@@ -16,8 +16,10 @@ class ResponseSink(Protocol):
     async def send(self, status: int, headers: dict[str, str], body: bytes, content_type: str) -> None:
         """The whole answer at once (Content-Length)."""
 
-    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None) -> None:
-        """Begin a streamed answer; `write` chunks follow, then `end`."""
+    async def start(self, status: int, headers: dict[str, str], content_type: str, charset: str | None,
+                    length: int | None = None) -> None:
+        """Begin a streamed answer; `write` chunks follow, then `end`. With `length`: a Content-Length
+        answer relayed in pieces (exactly `length` bytes follow), else chunked."""
 
     async def write(self, data: bytes) -> None: ...
 

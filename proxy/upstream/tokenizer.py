@@ -21,6 +21,8 @@ from ..backends.registry import Backend
 CACHE_ENTRIES = 4096
 # The cache's byte budget, as estimated by `_entry_bytes` (a prompt can be megabytes: entries alone do not bound it).
 CACHE_BYTES = 64 * 1024 * 1024
+# A /tokenize answer for any prompt the proxy accepts is far smaller than this.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 def _entry_bytes(key: bytes, tokens: list[int]) -> int:
@@ -63,8 +65,11 @@ class BackendTokenizer:
         self.misses += 1
         try:
             async with self.session.post(backend.url + "/tokenize", data=key, timeout=self.timeout,
-                                         headers={"Content-Type": "application/json", **backend.auth_headers}) as r:
-                payload = await r.read()
+                                         headers={"Content-Type": "application/json", **backend.auth_headers},
+                                         allow_redirects=False) as r:
+                payload = await r.content.read(MAX_ANSWER_BYTES + 1)  # bounded: a backend's answer is input too
+                if len(payload) > MAX_ANSWER_BYTES:
+                    raise APIError(503, f"tokenization failed: a backend's /tokenize answer exceeds {MAX_ANSWER_BYTES} bytes")
                 if r.status >= 500:
                     raise APIError(503, f"tokenization failed at a backend (HTTP {r.status})")
                 data = orjson.loads(payload)

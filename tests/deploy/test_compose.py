@@ -20,7 +20,9 @@ def services() -> dict:
 
 
 def _env(service: dict) -> dict[str, str]:
-    return {k: str(v) for k, v in service.get("environment", {}).items()}
+    """The service's environment; the admin key file (generated at run time by the admin-key service)
+    is dropped: tests/deploy/test_secure_defaults.py checks it."""
+    return {k: str(v) for k, v in service.get("environment", {}).items() if k != "KVROUTE_ADMIN_KEY_FILE"}
 
 
 def test_proxy_routes_to_every_emulator_with_exact_kv_events(services):

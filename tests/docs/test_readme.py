@@ -281,6 +281,8 @@ def _norm(value: object) -> str:
         return "none"
     if value is False:
         return "off"
+    if value is True:
+        return "on"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

@@ -60,10 +60,12 @@ MALFORMED = {
     "16 MB head": lambda: itertools.chain(
         [b"HTTP/1.1 200 OK\r\nX-Big: "], itertools.repeat(b"a" * 65536, 256), [b"\r\n\r\n"]),
     "200 MB declared body": with_length(b"%d" % (200 << 20), b"x" * (2 << 20)),
-    "200 MB chunked body": lambda: itertools.chain(  # written 1 MiB at a time, as long as the proxy reads
-        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"],
-        itertools.repeat(b"100000\r\n" + b"x" * 0x100000 + b"\r\n", 200), [b"0\r\n\r\n"]),
 }
+# A non-streamed answer of unknown length is relayed as it arrives (memory bounded by a buffer, not by
+# the cap): past the cap it is cut, the client's connection closed before the terminating chunk.
+CHUNKED_200MB = lambda: itertools.chain(  # noqa: E731 - written 1 MiB at a time, as long as the proxy reads
+    [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"],
+    itertools.repeat(b"100000\r\n" + b"x" * 0x100000 + b"\r\n", 200), [b"0\r\n\r\n"])
 
 
 class FakeBackend:
@@ -178,3 +180,20 @@ async def test_a_stream_that_breaks_framing_ends_with_an_error_event_and_done(fa
     events = [e for e in rest.split(b"\r\n")[1].decode().split("\n\n") if e.strip()]
     assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == 502 and events[-1] == "data: [DONE]"
     assert malformed_count(proxy, fake.url) == 1
+
+
+async def test_an_answer_of_unknown_length_over_the_cap_is_relayed_then_cut(fake_proxy):
+    fake, proxy = fake_proxy
+    fake.answer = CHUNKED_200MB
+    body = json.dumps({"prompt": "hello there", "max_tokens": 2}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+    got = 0
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 20):
+        got += len(chunk)
+    writer.close()
+    assert CAP // 2 < got <= CAP + (2 << 20)  # relayed up to the cap, then the connection closed
+    assert malformed_count(proxy, fake.url) == 1
+    assert sum(b.in_flight for b in proxy.router.registry) == 0
