@@ -69,3 +69,15 @@ def test_compose_generates_a_key_only_the_proxy_reads(tmp_path):
 def test_compose_sets_no_literal_admin_key():
     proxy = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["proxy"]
     assert "KVROUTE_ADMIN_KEY" not in proxy["environment"]
+
+
+def test_kubernetes_takes_the_admin_key_from_a_secret_only():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text()))
+    container = next(d for d in docs if d and d.get("kind") == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KVROUTE_HOST"]["value"] == "0.0.0.0"
+    assert "value" not in env["KVROUTE_ADMIN_KEY"] and env["KVROUTE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+    # Without the Secret (it is optional) the pod starts with the admin API refused to everyone.
+    plain = {k: e["value"] for k, e in env.items() if "value" in e and k in ("KVROUTE_HOST", "KVROUTE_PORT")}
+    cfg = ProxyConfig.from_cli([], env=plain)
+    assert AdminGate(cfg.admin_key, cfg.host).mode == DISABLED
