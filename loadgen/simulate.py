@@ -158,12 +158,23 @@ class SimBackend:
                                             "max_model_len": c.max_model_len}]}
 
 
+class _Body:
+    """`aiohttp`'s `response.content` as the monitor reads it: `read(n)`, at most n bytes."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._body if n < 0 else self._body[:n]
+
+
 class _Answer:
-    """What `aiohttp`'s response gives the monitor: status, text(), json()."""
+    """What `aiohttp`'s response gives the monitor: status, content.read(n), text(), json()."""
 
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
         self._body = body
+        self.content = _Body(body)
 
     async def __aenter__(self) -> _Answer:
         return self

@@ -92,6 +92,10 @@ def test_kv_events_keep_the_proxy_index_exact_and_metrics_agree():
         await fleet.start()
         await asyncio.gather(*(fleet.send(spec, fleet.model, 0.0) for spec in wl.requests[:12]))
         await asyncio.sleep(0.5)  # the last step's batch is delivered by a task of its own
+        # The proxy's monitor scraped every backend (a scrape it cannot read is only logged: check it took).
+        for b in fleet.router.registry:
+            assert b.scraped.at > 0 and b.scraped.num_gpu_blocks == 924 and b.models
+            assert b.scraped.running is not None and fleet.router.index.capacity(b.url) == 923
         samples = {s.backend: s for s in fleet.sample(0.0)}
         scraped = fleet.scrape()
         views = {}
