@@ -12,14 +12,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from kvblocks import salt_extra_keys
+from kvblocks import BlockHasher, salt_extra_keys
 
-from ..index.prefix_index import PendingTail
-
-if TYPE_CHECKING:
-    from .router import Router
+from ..index.prefix_index import PendingTail, PrefixIndex
+from .tokenize_cache import ChunkedTokenizer
 
 # Text prefixes (shared documents, chat histories) whose block hashes are kept for reuse.
 PREFIX_HASH_ENTRIES = 4096
@@ -52,23 +49,29 @@ class PromptState:
 
 
 class PromptWalker:
-    """Advances `PromptState`s for one router (its chunked tokenizer, hasher and index)."""
+    """Advances `PromptState`s over one chunked tokenizer, block hasher and prefix index (a router's).
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    Keeps the block hashes of up to PREFIX_HASH_ENTRIES text prefixes (LRU) so a shared document is
+    hashed once; `set_hasher` voids them."""
+
+    def __init__(self, chunked: ChunkedTokenizer, index: PrefixIndex, hasher: BlockHasher) -> None:
+        self.chunked = chunked
+        self.index = index
+        self.hasher = hasher
         self._prefix_hashes: OrderedDict[tuple[str | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
 
-    def clear(self) -> None:
-        """The block hashing changed: cached prefix hashes are void."""
+    def set_hasher(self, hasher: BlockHasher) -> None:
+        """Hash with `hasher` from now on (the backends' block size or algorithm changed): cached prefix
+        hashes are void."""
+        self.hasher = hasher
         self._prefix_hashes.clear()
 
     def advance(self, st: PromptState) -> None:
         """Tokenize one more chunk and hash the full blocks it completes (reusing a cached prefix's hashes)."""
-        r = self.router
-        ids, st.pos, prefix_id = r.chunked.next_chunk(st.text, st.pos, st.chain, st.chunks)
+        ids, st.pos, prefix_id = self.chunked.next_chunk(st.text, st.pos, st.chain, st.chunks)
         st.chunks += 1
         st.ids += ids
-        bs = r.hasher.block_size
+        bs = self.hasher.block_size
         n_blocks = len(st.ids) // bs
         cache = self._prefix_hashes
         if prefix_id is not None:
@@ -85,7 +88,7 @@ class PromptWalker:
         if n_blocks > done:
             extra = salt_extra_keys(st.salt) if done == 0 else None
             parent = st.digests[-1] if done else None
-            new = r.hasher.hashes(st.ids, parent=parent, start_block=done, extra_keys_block0=extra)
+            new = self.hasher.hashes(st.ids, parent=parent, start_block=done, extra_keys_block0=extra)
             st.digests += new
             from_bytes = int.from_bytes
             st.hashes += [from_bytes(d[-8:], "big") for d in new]
@@ -103,7 +106,7 @@ class PromptWalker:
     def walk(self, st: PromptState) -> dict:
         """Advance until no backend can match further or the text ends, resolving pending tails met on
         the way; returns the matches (backend -> leading blocks it holds), found on the way too."""
-        index = self.router.index
+        index = self.index
         owners = index.owner_map().get
         pending = index.pending_map()
         matches: dict = {}
@@ -133,7 +136,7 @@ class PromptWalker:
 
     def _resolve(self, tails: list[PendingTail], mask: int, st: PromptState) -> None:
         """Hash the pending tails this prompt may continue into (text check first: it is exact and cheap)."""
-        index = self.router.index
+        index = self.index
         for p in list(tails):
             if not (mask >> p.slot) & 1:
                 continue
@@ -154,4 +157,4 @@ class PromptWalker:
 
     def tail_blocks(self, st: PromptState) -> int:
         """Estimated full blocks after the known ones (what a pending tail occupies on its backend)."""
-        return max(0, st.estimated_tokens() // self.router.hasher.block_size - len(st.hashes))
+        return max(0, st.estimated_tokens() // self.hasher.block_size - len(st.hashes))

@@ -53,17 +53,26 @@ class Router:
         # With `--tokenizer backend` the backends tokenize; the built-in one serves only local estimates.
         self.tokenizer = get_tokenizer(BUILTIN_TOKENIZER if config.tokenizer == BACKEND_TOKENIZER else config.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
-        self.walker = PromptWalker(self)
-        self.hasher = BlockHasher(config.block_size, config.hash_algo)  # until the backends report theirs
         self._hashing_split: set[tuple[int, str]] = set()
         self.registry = registry or BackendRegistry(lambda: CircuitBreaker(
             config.breaker_failures, config.breaker_cooldown, config.breaker_successes))
         self.index = PrefixIndex(config.default_capacity_blocks)
+        # The block hasher lives in the walker; config's until the backends report theirs.
+        self.walker = PromptWalker(self.chunked, self.index, BlockHasher(config.block_size, config.hash_algo))
         self.kv_events = KVEventsFollower(self.index, config.kv_events_silence_timeout)
         self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
         self.policies: dict[str, Policy] = create_policies(self.env, config.policy_param)
         self.strategy = self.policy(config.strategy).name
         self.replicas: ReplicaHooks | None = None  # set when replicas share what they route (proxy/replicas/)
+
+    @property
+    def hasher(self) -> BlockHasher:
+        """How prompts are cut into blocks and hashed now (the walker's)."""
+        return self.walker.hasher
+
+    @hasher.setter
+    def hasher(self, hasher: BlockHasher) -> None:
+        self.walker.set_hasher(hasher)
 
     # -- configuration --------------------------------------------------------------------------
     def policy(self, name: object) -> Policy:
@@ -119,9 +128,8 @@ class Router:
         if (bs, algo) == cur or algo not in HASH_ALGOS or bs < 1:
             return False
         log.info("following the backends' block hashing: %d-token blocks, %s (was %d, %s)", bs, algo, *cur)
-        self.hasher = BlockHasher(bs, algo)
+        self.hasher = BlockHasher(bs, algo)  # voids the walker's cached prefix hashes
         self.env.block_size = bs
-        self.walker.clear()
         for url in self.index.backends():
             if not self.kv_events.is_exact(url):
                 self.index.clear(url)
