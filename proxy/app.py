@@ -138,8 +138,10 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
             keepalive_timeout=config.client_keepalive_timeout,
         )
         await runner.setup()
+        rejected = app[METRICS_KEY].errors
         front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
-                            config.client_read_timeout)
+                            config.client_read_timeout, on_reject=lambda status: rejected.labels(str(status)).inc(),
+                            keepalive_s=config.client_keepalive_timeout)
         addresses = await front.start(config.host, config.port, LISTEN_BACKLOG, config.reuse_port)
     except BaseException:
         if runner is not None:

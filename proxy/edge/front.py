@@ -11,8 +11,8 @@ aiohttp's C extension), so malformed heads get a battle-tested parser's verdict:
 rejects, a missing or repeated Host, an over-long line or head is answered 4xx and the connection
 closed, at once. It serves the common case itself - `POST /v1/completions` or
 `/v1/chat/completions` over HTTP/1.1 with a Content-Length body within the limit - through the same
-handlers (`ProxyHandlers.serve`). Any other well-formed request (admin, metrics, models, health,
-chunked or `Expect` bodies, duplicate key headers, HTTP/1.0) hands the connection to aiohttp with
+handler (a `RequestHandler`: `ProxyHandlers.serve`). Any other well-formed request (admin, metrics,
+models, health, chunked or `Expect` bodies, duplicate key headers, HTTP/1.0) hands the connection to aiohttp with
 the bytes buffered so far, between two requests. A client that disconnects cancels its request
 (the upstream request is dropped with it). A head must arrive within `read_timeout`; a body may
 take any time while it keeps arriving (no byte for `read_timeout`: 408).
@@ -23,24 +23,31 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 import orjson
 
 from kvblocks import APIError, error_body
 
-from .app_keys import METRICS_KEY
 from ..http_fields import check_value, header_lines
+from ..upstream.sink import ResponseSink
 from .handover import Guard
 from .openai_request import ParsedRequest, parse_chat, parse_completion
 
-if TYPE_CHECKING:
-    from .handlers import ProxyHandlers
-
 log = logging.getLogger("kvroute.proxy")
+
+
+class RequestHandler(Protocol):
+    """What the front door needs of the handlers (`edge.handlers.ProxyHandlers`): one OpenAI request
+    served into `sink`, answering its own errors (an `APIError` escapes only once the answer started)."""
+
+    async def serve(
+        self, path: str, parse: Callable[[bytes], ParsedRequest], headers: Mapping[str, str],
+        read_body: Callable[[], Awaitable[bytes]], sink: ResponseSink,
+    ) -> None: ...
 
 ROUTES: dict[bytes, tuple[str, Callable[[bytes], ParsedRequest]]] = {
     b"/v1/completions": ("/v1/completions", parse_completion),
@@ -376,8 +383,9 @@ class FrontProtocol(asyncio.Protocol):
         dropped (up to LINGER_BYTES, for LINGER_S), since closing with unread bytes would reset the
         connection and the client, still sending its body, might never read the answer."""
         log.debug("front: %d %s", status, message)
-        with contextlib.suppress(Exception):
-            self.front.handlers.app[METRICS_KEY].errors.labels(str(status)).inc()
+        if self.front.on_reject is not None:
+            with contextlib.suppress(Exception):
+                self.front.on_reject(status)
         body = orjson.dumps(error_body(status, message))
         transport = self.transport
         if not self.lost and transport is not None and not transport.is_closing():
@@ -417,7 +425,7 @@ class FrontProtocol(asyncio.Protocol):
 
         try:
             try:
-                await front.handlers.serve(req.path, req.parse, req.headers, read_body, sink)
+                await front.handler.serve(req.path, req.parse, req.headers, read_body, sink)
             except APIError:  # only once the answer had started: the connection cannot carry another
                 sink.close = True
             except (ConnectionResetError, asyncio.CancelledError):
@@ -461,20 +469,24 @@ class FrontProtocol(asyncio.Protocol):
 
 
 class FrontServer:
-    """The listening socket and its connections; `aiohttp_protocol` makes aiohttp's handler for a handover."""
+    """The listening socket and its connections; `aiohttp_protocol` makes aiohttp's handler for a handover.
+
+    `handler` serves the requests the front parsed; `on_reject(status)` is told of every request the
+    front itself refused (malformed, too large, too slow), e.g. to count it."""
 
     def __init__(
-        self, handlers: ProxyHandlers, aiohttp_protocol: Callable[[], asyncio.Protocol], max_body: int, max_line: int,
-        read_timeout: float = 60.0,
+        self, handler: RequestHandler, aiohttp_protocol: Callable[[], asyncio.Protocol], max_body: int, max_line: int,
+        read_timeout: float = 60.0, on_reject: Callable[[int], None] | None = None, keepalive_s: float = KEEPALIVE_S,
     ) -> None:
-        self.handlers = handlers
+        self.handler = handler
+        self.on_reject = on_reject
         self.aiohttp_protocol = aiohttp_protocol
         self.max_body = max_body
         self.max_line = max_line
         self.max_head = 64 * 1024
         self.max_buffer = max_body + self.max_head
         self.read_timeout = read_timeout
-        self.keepalive_s = getattr(getattr(handlers, "config", None), "client_keepalive_timeout", KEEPALIVE_S)
+        self.keepalive_s = keepalive_s
         self.linger_s = LINGER_S
         self.linger_bytes = LINGER_BYTES
         self.guarded: set[Guard] = set()  # connections handed to aiohttp, still under the front's limits

@@ -172,15 +172,15 @@ class Guard(asyncio.Protocol):
         """The front's answer to a bad or late request (OpenAI-style JSON, Connection: close, a lingering
         close); aiohttp gets no more bytes and is told the connection is lost at once, which cancels
         whatever it was doing for it (its handler, its admission slot, its buffered body)."""
-        from .app_keys import METRICS_KEY
         from .front import _status_line as status_line
 
         log.debug("handover: %d %s", status, message)
         self.rejected = True
         if status == 413:  # a client already sending its whole body still gets to read the answer
             self._drop_budget += self.front.max_body
-        with contextlib.suppress(Exception):
-            self.front.handlers.app[METRICS_KEY].errors.labels(str(status)).inc()
+        if self.front.on_reject is not None:
+            with contextlib.suppress(Exception):
+                self.front.on_reject(status)
         transport = self.transport
         if transport is None or transport.is_closing():
             return
