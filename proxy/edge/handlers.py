@@ -118,7 +118,8 @@ class ProxyHandlers:
         self.admission: Admission = app[ADMISSION_KEY]
         self.body_parser = BodyParser()  # large bodies are parsed in a worker process (edge/body_parse.py)
 
-    def _check_api_key(self, headers: Mapping[str, str]) -> None:
+    def check_api_key(self, headers: Mapping[str, str]) -> None:
+        """401 unless the Bearer token is one of --api-key's (any request passes when none is set)."""
         if not self._keys:
             return
         token = bearer_token(headers).encode("utf-8", "surrogateescape")
@@ -128,7 +129,7 @@ class ProxyHandlers:
         if not ok:
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", type="AuthenticationError")
 
-    def _request_id(self, headers: Mapping[str, str]) -> str:
+    def request_id(self, headers: Mapping[str, str]) -> str:
         """The client's X-Request-ID when it is a plain token (it is forwarded and logged), else a new one."""
         rid = headers.get("x-request-id")
         if rid and len(rid) <= MAX_REQUEST_ID and _REQUEST_ID_CHARS.issuperset(rid):
@@ -174,7 +175,8 @@ class ProxyHandlers:
                 param,
             )
 
-    async def _body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body of a request aiohttp parsed; 413 beyond --max-body-bytes."""
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise APIError(413, f"request body too large (limit {limit} bytes)")
@@ -188,9 +190,10 @@ class ProxyHandlers:
 
     def _check_model(self, parsed: ParsedRequest) -> None:
         if parsed.model is not None:
-            self._check_model_name(parsed.model)
+            self.check_model_name(parsed.model)
 
-    def _check_model_name(self, model: str) -> None:
+    def check_model_name(self, model: str) -> None:
+        """404 (as vLLM answers) when the backends report their models and none serves `model`."""
         known: set[str] = set()
         for b in self.router.registry:
             if b.models:
@@ -200,7 +203,7 @@ class ProxyHandlers:
 
     async def _proxy(self, request: web.Request, path: str, parse) -> web.StreamResponse:
         sink = AiohttpSink(request)
-        await self.serve(path, parse, request.headers, lambda: self._body(request), sink)
+        await self.serve(path, parse, request.headers, lambda: self.read_body(request), sink)
         return sink.response
 
     async def serve(
@@ -221,7 +224,7 @@ class ProxyHandlers:
         self, path: str, parse: Callable[[bytes], ParsedRequest], headers: Mapping[str, str],
         read_body: Callable[[], Awaitable[bytes]], sink: ResponseSink,
     ) -> None:
-        self._check_api_key(headers)
+        self.check_api_key(headers)
         with self.admission.hold(bearer_token(headers)):
             router = self.router
             strategy = self._strategy(headers)
@@ -238,7 +241,7 @@ class ProxyHandlers:
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt, strategy=strategy)
             self._check_length(parsed, ctx)
-            await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self._request_id(headers),
+            await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self.request_id(headers),
                                          check_tokens=not parsed.multi)
 
     async def _backend_tokens(self, parsed: ParsedRequest) -> list[int]:
@@ -256,7 +259,7 @@ class ProxyHandlers:
         return await self._proxy(request, "/v1/chat/completions", parse_chat)
 
     async def models(self, request: web.Request) -> web.Response:
-        self._check_api_key(request.headers)
+        self.check_api_key(request.headers)
         healthy = self.router.registry.healthy()
 
         async def fetch(b: Backend) -> list[dict]:

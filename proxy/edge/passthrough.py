@@ -30,12 +30,11 @@ POST_ROUTES = (
     "/rerank", "/v1/rerank", "/v2/rerank",
 )
 GET_ROUTES = ("/version",)
-# Responses are read whole (they are small JSON) but never without bound.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 class Passthrough:
-    """Answers the routes above through one healthy backend; thin over `ProxyHandlers`' session and checks."""
+    """Answers the routes above through one healthy backend; thin over `ProxyHandlers`' session and its
+    public checks (API key, body, model, request id). A non-streamed answer is bounded by --max-response-bytes."""
 
     def __init__(self, handlers: ProxyHandlers) -> None:
         self.h = handlers
@@ -48,11 +47,11 @@ class Passthrough:
 
     async def handle(self, request: web.Request) -> web.Response:
         h = self.h
-        h._check_api_key(request.headers)
+        h.check_api_key(request.headers)
         model = None
         body = b""
         if request.method == "POST":
-            body = await h._body(request)
+            body = await h.read_body(request)
             try:
                 data = orjson.loads(body)
             except orjson.JSONDecodeError as e:
@@ -62,23 +61,24 @@ class Passthrough:
                 if model is not None and not isinstance(model, str):
                     raise APIError(400, "model must be a string", "model")
         if model is not None:
-            h._check_model_name(model)
+            h.check_model_name(model)
         b = self.pick(model)
-        headers = {"X-Request-ID": h._request_id(request.headers), **b.auth_headers}
+        headers = {"X-Request-ID": h.request_id(request.headers), **b.auth_headers}
         if request.method == "POST":
             headers["Content-Type"] = "application/json"
+        limit = h.config.max_response_bytes  # read whole (small JSON), never without bound
         timeout = aiohttp.ClientTimeout(total=h.config.first_byte_timeout, sock_connect=h.config.connect_timeout)
         try:
             async with h.session.request(request.method, b.url + request.path, data=body or None, headers=headers,
                                          timeout=timeout, allow_redirects=False) as r:
-                payload = await r.content.read(MAX_RESPONSE_BYTES + 1)
+                payload = await r.content.read(limit + 1)
                 status, content_type = r.status, r.content_type
         except asyncio.TimeoutError:
             raise APIError(504, f"backend timed out on {request.path}") from None
         except (aiohttp.ClientError, OSError) as e:
             raise APIError(502, f"backend failed on {request.path} ({type(e).__name__})") from None
-        if len(payload) > MAX_RESPONSE_BYTES:
-            raise APIError(502, f"backend answer to {request.path} exceeds {MAX_RESPONSE_BYTES} bytes")
+        if len(payload) > limit:
+            raise APIError(502, f"backend answer to {request.path} exceeds {limit} bytes")
         note_auth(b, status)
         if b.auth_error and status in (401, 403):
             return web.Response(status=502, body=orjson.dumps(error_body(502, f"backend {b.url}: {b.auth_error}")),
