@@ -20,7 +20,7 @@ WORDS = (
 
 def make_text(n_tokens: int, seed: int = 0) -> str:
     rng = random.Random(seed)
-    tok = Router(ProxyConfig(backends=[])).tokenizer
+    tok = Router(ProxyConfig(backends=[]).routing()).tokenizer
     words: list[str] = []
     while True:
         words.extend(rng.choice(WORDS) for _ in range(256))

@@ -26,7 +26,7 @@ from .common import WORDS, make_text, pct
 def bench_decide(args: argparse.Namespace) -> None:
     backends = [f"http://10.0.0.{i}:8000" for i in range(args.backends)]
     cfg = ProxyConfig(backends=backends, strategy=args.strategy)
-    router = Router(cfg)
+    router = Router(cfg.routing())
     per_backend = args.index_blocks // len(backends)
     for url in backends:
         router.add_backend(url)
@@ -75,7 +75,7 @@ def bench_route_unique(args: argparse.Namespace) -> None:
     holds, 4 backends at steady state: lazy prompts against tokenizing and hashing in full."""
     print("route: unique ~1,000-token prompts, 4 backends (text_context + decide + begin + end)")
     for label, lazy in (("lazy (default)", True), ("full tokenization", False)):
-        router = Router(ProxyConfig(backends=[]))
+        router = Router(ProxyConfig(backends=[]).routing())
         for i in range(4):
             router.add_backend(f"http://10.0.1.{i}:8000")
         prompts = word_prompts(args.iterations * 3, 1000, seed=3)

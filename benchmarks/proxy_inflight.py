@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2000)
     args = ap.parse_args(argv)
     urls = [f"http://127.0.0.1:{20000 + i}" for i in range(args.backends)]
-    r = Router(ProxyConfig(backends=urls, strategy="kv_aware", time_scale=1000.0))  # nothing expires mid-run
+    r = Router(ProxyConfig(backends=urls, strategy="kv_aware", time_scale=1000.0).routing())  # nothing expires mid-run
     for u in urls:
         r.add_backend(u)
     rng = random.Random(0)

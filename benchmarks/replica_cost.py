@@ -26,7 +26,7 @@ URLS = [f"http://127.0.0.1:{20000 + i}" for i in range(4)]
 
 
 def _router() -> Router:
-    r = Router(ProxyConfig(backends=URLS, strategy="kv_aware", time_scale=1000.0))
+    r = Router(ProxyConfig(backends=URLS, strategy="kv_aware", time_scale=1000.0).routing())
     for u in URLS:
         r.add_backend(u)
     return r

@@ -36,7 +36,7 @@ from emulator.metrics import EngineMetrics
 from emulator.protocol import RequestParser, parse_json_object
 from kvblocks import APIError, clock, get_tokenizer
 from kvblocks.kv_events import EventBatch, encode_batch, encode_seq
-from proxy.backends.registry import Backend
+from proxy.backends.registry import Backend, BackendRegistry
 from proxy.config import ProxyConfig
 from proxy.upstream.health import BackendMonitor
 from proxy.index.kv_events import KVEventSource
@@ -210,7 +210,7 @@ class SimSession:
 
 
 class Fleet:
-    """A proxy's routing state over simulated backends, built as `proxy.server.create_app` builds it."""
+    """A proxy's routing state over simulated backends, built as `proxy.app.create_app` builds it."""
 
     def __init__(self, spec: FleetSpec, strategy: str, seed: int = 0) -> None:
         self.spec = spec
@@ -218,7 +218,7 @@ class Fleet:
         tokenizer = ChunkedEncoder(get_tokenizer())
         self.backends = {SIM_URL.format(i): SimBackend(SIM_URL.format(i), emu, tokenizer) for i in range(spec.backends)}
         cfg = spec.proxy_config(strategy)
-        self.router = Router(cfg)
+        self.router = Router(cfg.routing(), BackendRegistry(cfg.new_breaker))
         self.router.env.rng.seed(repr((seed, "router")))
         for url, b in self.backends.items():
             source = KVEventSource(f"inproc://kv-events-{url.rsplit('-', 1)[-1]}") if spec.kv_events else None
@@ -226,7 +226,7 @@ class Fleet:
             if source is not None:
                 sub = self.router.kv_events.subscribers[url]
                 b.publish_to(lambda frames, sub=sub: asyncio.get_running_loop().create_task(sub.receive(frames)))
-        self.monitor = BackendMonitor(self.router, SimSession(self.backends))
+        self.monitor = BackendMonitor(self.router, SimSession(self.backends), cfg.monitoring())
         self.model = emu.model
         self.strategy = self.router.strategy
 

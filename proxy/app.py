@@ -20,6 +20,7 @@ from .edge.admin import add_admin_routes
 from .edge.admission import Admission
 from .edge.app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from .upstream.tokenizer import BackendTokenizer
+from .backends.registry import BackendRegistry
 from .config import ProxyConfig
 from .edge.handlers import ProxyHandlers, error_middleware
 from .upstream.forward import Forwarder
@@ -27,7 +28,8 @@ from .edge.front import FrontServer
 from .upstream.health import BackendMonitor
 from .metrics import ProxyMetrics
 from .edge.passthrough import add_passthrough_routes
-from .routing.router import BACKEND_TOKENIZER, Router
+from .routing.router import Router
+from .routing.settings import BACKEND_TOKENIZER
 from .upstream.client import UpstreamPool
 
 log = logging.getLogger("kvroute.proxy")
@@ -38,7 +40,7 @@ LISTEN_BACKLOG = 4096
 def create_app(config: ProxyConfig) -> web.Application:
     """The proxy app for `config` (backends = config.all_backends(); none is allowed and answers 503)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
-    router = Router(config)
+    router = Router(config.routing(), BackendRegistry(config.new_breaker))
     kv_sources = config.kv_event_sources()
     keys = config.backend_api_keys()
     for url in config.all_backends():
@@ -53,12 +55,12 @@ def create_app(config: ProxyConfig) -> web.Application:
     async def lifecycle(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
-        monitor = BackendMonitor(router, session)
+        monitor = BackendMonitor(router, session, config.monitoring())
         h.session = session
         if config.tokenizer == BACKEND_TOKENIZER:
             h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
         pool = UpstreamPool(config.connect_timeout, config.idle_timeout, max_body=config.max_response_bytes)
-        h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor)
+        h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor, config.forwarding())
         app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
         await monitor.check_all_health()
         monitor.start()
@@ -116,8 +118,9 @@ class RunningProxy:
 
     async def stop(self) -> None:
         """Stop accepting; streams get the shutdown grace, then aiohttp's connections and the app close."""
-        grace = self.router.config.shutdown_grace
-        forwarder = self.app[STATE_KEY]["handlers"].forwarder
+        handlers = self.app[STATE_KEY]["handlers"]
+        grace = handlers.config.shutdown_grace
+        forwarder = handlers.forwarder
         if forwarder is not None:
             forwarder.drain(grace)
         await self.front.shutdown(grace)

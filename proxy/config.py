@@ -18,12 +18,14 @@ from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS
 from kvblocks.cli import ArgumentParser, UsageError, exit_on_usage_error, load_dataclass, with_default
 
 from .backend_url import BadBackendURL, check_backend_url
+from .backends.circuit_breaker import CircuitBreaker
 from .index.kv_events import KVEventSource
+from .routing.settings import BACKEND_TOKENIZER, RoutingSettings
+from .upstream.settings import ForwardSettings, MonitorSettings
 
 ENV_PREFIX = "KVROUTE_"
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-BACKEND_TOKENIZER = "backend"
 
 
 @dataclass
@@ -199,6 +201,34 @@ class ProxyConfig:
         if not w.isdigit() or int(w) < 1:
             raise ValueError(f"workers must be a number >= 1 or auto (got {self.workers!r})")
         return int(w)
+
+    # -- each component's own settings (built once, by the app) ---------------------------------------
+    def routing(self) -> RoutingSettings:
+        """What `routing.Router` needs."""
+        return RoutingSettings(
+            strategy=self.strategy, tokenizer=self.tokenizer, block_size=self.block_size, hash_algo=self.hash_algo,
+            default_capacity_blocks=self.default_capacity_blocks, default_max_tokens=self.default_max_tokens,
+            max_model_len=self.max_model_len, profile=self.profile, time_scale=self.time_scale,
+            policy_param=tuple(self.policy_param), kv_events_silence_timeout=self.kv_events_silence_timeout,
+        )
+
+    def new_breaker(self) -> CircuitBreaker:
+        """A backend's circuit breaker with these settings (the registry's factory)."""
+        return CircuitBreaker(self.breaker_failures, self.breaker_cooldown, self.breaker_successes)
+
+    def forwarding(self) -> ForwardSettings:
+        """What `upstream.forward.Forwarder` needs."""
+        return ForwardSettings(
+            first_byte_timeout=self.first_byte_timeout, retries=self.retries, retry_backoff=self.retry_backoff,
+            retry_backoff_max=self.retry_backoff_max, access_log=self.access_log,
+        )
+
+    def monitoring(self) -> MonitorSettings:
+        """What `upstream.health.BackendMonitor` needs."""
+        return MonitorSettings(
+            health_interval=self.health_interval, metrics_interval=self.metrics_interval,
+            unhealthy_after=self.unhealthy_after,
+        )
 
     def all_backends(self) -> list[str]:
         """Backends from the flag list plus the backends file."""

@@ -21,7 +21,7 @@ from kvblocks import APIError, error_body
 from kvblocks.http_errors import bearer_token, json_response
 
 from .admission import Admission
-from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY
+from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
 from ..upstream.tokenizer import BackendTokenizer
 from ..backends.registry import Backend
 from ..config import ProxyConfig
@@ -56,7 +56,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             request.app[METRICS_KEY].errors.labels(str(e.status)).inc()
         return error_response(e)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[ROUTER_KEY].config.max_body_bytes
+        limit = request.app[STATE_KEY]["handlers"].config.max_body_bytes
         return json_response(error_body(413, f"request body too large (limit {limit} bytes)"), 413)
     except web.HTTPException as e:
         if e.status < 400:

@@ -9,20 +9,17 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from kvblocks.latency import get_profile
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
+from kvblocks.latency import get_profile
 
-from ..backends.registry import Backend, BackendRegistry, InFlight, now
 from ..backends.circuit_breaker import BreakerState, CircuitBreaker
-from ..config import ProxyConfig
+from ..backends.registry import Backend, BackendRegistry, InFlight, now
 from ..index.kv_events import KVEventsFollower, KVEventSource
-from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
 from ..index.prefix_index import PrefixIndex
+from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
 from .prompt_walk import PromptState, PromptWalker
+from .settings import BACKEND_TOKENIZER, RoutingSettings
 from .tokenize_cache import ChunkedTokenizer
-
-# `--tokenizer backend`: ask a backend's /tokenize instead of tokenizing locally.
-BACKEND_TOKENIZER = "backend"
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
 FIRST_TOKEN_MARGIN = 1.5
 
@@ -48,21 +45,22 @@ class UnknownStrategy(APIError):
 class Router:
     """The proxy's routing state; one per proxy."""
 
-    def __init__(self, config: ProxyConfig, registry: BackendRegistry | None = None) -> None:
-        self.config = config
+    def __init__(self, settings: RoutingSettings, registry: BackendRegistry | None = None) -> None:
+        """`registry`: the backends' state (the app's, with its circuit-breaker settings); default: a new
+        one with default breakers."""
+        self.settings = s = settings
         # With `--tokenizer backend` the backends tokenize; the built-in one serves only local estimates.
-        self.tokenizer = get_tokenizer(BUILTIN_TOKENIZER if config.tokenizer == BACKEND_TOKENIZER else config.tokenizer)
+        self.tokenizer = get_tokenizer(BUILTIN_TOKENIZER if s.tokenizer == BACKEND_TOKENIZER else s.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
         self._hashing_split: set[tuple[int, str]] = set()
-        self.registry = registry or BackendRegistry(lambda: CircuitBreaker(
-            config.breaker_failures, config.breaker_cooldown, config.breaker_successes))
-        self.index = PrefixIndex(config.default_capacity_blocks)
-        # The block hasher lives in the walker; config's until the backends report theirs.
-        self.walker = PromptWalker(self.chunked, self.index, BlockHasher(config.block_size, config.hash_algo))
-        self.kv_events = KVEventsFollower(self.index, config.kv_events_silence_timeout)
-        self.env = RoutingEnv(self.index, get_profile(config.profile), config.block_size, config.time_scale)
-        self.policies: dict[str, Policy] = create_policies(self.env, config.policy_param)
-        self.strategy = self.policy(config.strategy).name
+        self.registry = registry if registry is not None else BackendRegistry(CircuitBreaker)
+        self.index = PrefixIndex(s.default_capacity_blocks)
+        # The block hasher lives in the walker; the configured one until the backends report theirs.
+        self.walker = PromptWalker(self.chunked, self.index, BlockHasher(s.block_size, s.hash_algo))
+        self.kv_events = KVEventsFollower(self.index, s.kv_events_silence_timeout)
+        self.env = RoutingEnv(self.index, get_profile(s.profile), s.block_size, s.time_scale)
+        self.policies: dict[str, Policy] = create_policies(self.env, list(s.policy_param))
+        self.strategy = self.policy(s.strategy).name
         self.replicas: ReplicaHooks | None = None  # set when replicas share what they route (proxy/replicas/)
 
     @property
@@ -160,7 +158,7 @@ class Router:
         if lazy and text and not self.policies[strategy or self.strategy].reads_prompt:
             return RequestContext(
                 st.hashes, st.estimated_tokens(),
-                max_tokens if max_tokens is not None else self.config.default_max_tokens,
+                max_tokens if max_tokens is not None else self.settings.default_max_tokens,
                 model, self.index, {}, tail=st, completer=self.complete, blind=True,
             )
         matches = None
@@ -169,7 +167,7 @@ class Router:
         else:
             self.walker.finish(st)
         return RequestContext(
-            st.hashes, st.estimated_tokens(), max_tokens if max_tokens is not None else self.config.default_max_tokens,
+            st.hashes, st.estimated_tokens(), max_tokens if max_tokens is not None else self.settings.default_max_tokens,
             model, self.index, matches, tail=None if st.done else st, completer=self.complete,
         )
 
@@ -198,7 +196,7 @@ class Router:
         return RequestContext(
             self.hashes(token_ids, cache_salt),
             len(token_ids),
-            max_tokens if max_tokens is not None else self.config.default_max_tokens,
+            max_tokens if max_tokens is not None else self.settings.default_max_tokens,
             model,
             self.index,
         )
@@ -226,7 +224,7 @@ class Router:
     def max_model_len(self, model: str | None) -> int:
         """The longest context a backend serving `model` accepts (from its /v1/models), else the configured default."""
         known = [b.max_model_len for b in self.registry if b.max_model_len and b.serves(model)]
-        return max(known) if known else self.config.max_model_len
+        return max(known) if known else self.settings.max_model_len
 
     def begin(self, ctx: RequestContext, decision: Decision, strategy: str | None = None, stream: bool = False) -> InFlight:
         """Count the request as the backend's load from now on and assume it will cache the prompt.

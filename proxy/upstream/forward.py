@@ -23,6 +23,7 @@ from ..backends.registry import Backend, InFlight
 from .health import BackendMonitor, note_auth
 from ..metrics import ProxyMetrics
 from ..routing.policies import Decision, RequestContext
+from .settings import ForwardSettings
 from .sink import ResponseSink
 from ..routing.router import Router
 from .client import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
@@ -97,19 +98,21 @@ class Deadline:
 
 
 class Forwarder:
-    def __init__(self, router: Router, pool: UpstreamPool, metrics: ProxyMetrics, monitor: BackendMonitor) -> None:
+    def __init__(
+        self, router: Router, pool: UpstreamPool, metrics: ProxyMetrics, monitor: BackendMonitor,
+        settings: ForwardSettings = ForwardSettings(),
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.router = router
         self.pool = pool
         self.metrics = metrics
         self.monitor = monitor
-        cfg = router.config
-        self.first_byte_timeout = cfg.first_byte_timeout
-        self.max_attempts = 1 + cfg.retries
-        self.backoff = cfg.retry_backoff
-        self.backoff_max = cfg.retry_backoff_max
+        self.first_byte_timeout = settings.first_byte_timeout
+        self.max_attempts = 1 + settings.retries
+        self.backoff = settings.retry_backoff
+        self.backoff_max = settings.retry_backoff_max
         # --access-log: one structured line per proxied request (None: off, nothing is formatted).
-        self.access = get_logger("proxy.access") if cfg.access_log else None
+        self.access = get_logger("proxy.access") if settings.access_log else None
         # Set on SIGTERM: a stream still running when the grace period ends gets an error event, not a cut.
         self.draining = False
         self._streams: set[asyncio.Task] = set()

@@ -18,6 +18,7 @@ import orjson
 from ..backends.registry import Backend, now
 from ..routing.router import Router
 from ..url_hints import backend_url_hint
+from .settings import MonitorSettings
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -102,14 +103,15 @@ def note_auth(b: Backend, status: int) -> None:
 class BackendMonitor:
     """Runs the periodic checks on the proxy's event loop."""
 
-    def __init__(self, router: Router, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, router: Router, session: aiohttp.ClientSession, settings: MonitorSettings = MonitorSettings(),
+    ) -> None:
         self.router = router
         self.session = session
-        cfg = router.config
-        self.health_interval = cfg.health_interval
-        self.metrics_interval = cfg.metrics_interval
-        self.unhealthy_after = max(1, cfg.unhealthy_after)
-        self.timeout = aiohttp.ClientTimeout(total=max(0.5, min(5.0, cfg.health_interval)))
+        self.health_interval = settings.health_interval
+        self.metrics_interval = settings.metrics_interval
+        self.unhealthy_after = max(1, settings.unhealthy_after)
+        self.timeout = aiohttp.ClientTimeout(total=max(0.5, min(5.0, settings.health_interval)))
         self._tasks: list[asyncio.Task] = []
         self._no_metrics_logged: set[str] = set()
 

@@ -61,7 +61,7 @@ def exact_router():
     from proxy.routing.router import Router
 
     urls = [A, B, "http://c"]
-    r = Router(ProxyConfig(backends=urls))
+    r = Router(ProxyConfig(backends=urls).routing())
     for url in urls:
         r.add_backend(url)
     r.kv_events.follow(A, KVEventSource("tcp://127.0.0.1:1"))
@@ -116,7 +116,7 @@ def test_in_flight_blocks_on_top_of_a_full_cache_do_not_push_a_request_off_its_p
     from proxy.routing.policies import Decision
     from proxy.routing.router import Router
 
-    r = Router(ProxyConfig(backends=[A, B]))
+    r = Router(ProxyConfig(backends=[A, B]).routing())
     for url in (A, B):
         r.add_backend(url)
         r.index.set_capacity(url, 200)

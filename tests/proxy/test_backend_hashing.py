@@ -45,7 +45,7 @@ async def test_proxy_adopts_the_backends_block_size_and_hash_algo(odd_emulators)
 
 
 def test_backends_that_disagree_leave_the_hashing_alone():
-    router = Router(ProxyConfig(port=0))
+    router = Router(ProxyConfig(port=0).routing())
     a, _ = router.add_backend("http://a:1")
     b, _ = router.add_backend("http://b:1")
     a.scraped.block_size, a.scraped.hash_algo = 32, "sha256"

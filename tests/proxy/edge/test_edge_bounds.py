@@ -42,7 +42,7 @@ class CountingTokenizer:
 
 @pytest.mark.parametrize("shape", ["words", "digits"])
 def test_tokenizing_an_oversized_prompt_stops_near_the_limit(shape):
-    router = Router(ProxyConfig(backends=[]))
+    router = Router(ProxyConfig(backends=[]).routing())
     counting = CountingTokenizer()
     router.chunked.tokenizer = counting
     router.add_backend("http://10.0.0.1:8000")

@@ -15,17 +15,17 @@ BACKENDS = [f"http://127.0.0.1:{9000 + i}" for i in range(4)]
 
 
 def make_router(strategy: str = "kv_aware", n: int = 4) -> Router:
-    return Router(ProxyConfig(backends=BACKENDS[:n], strategy=strategy)) if n <= 4 else _big(strategy, n)
+    return Router(ProxyConfig(backends=BACKENDS[:n], strategy=strategy).routing()) if n <= 4 else _big(strategy, n)
 
 
 def _big(strategy: str, n: int) -> Router:
-    return Router(ProxyConfig(backends=[f"http://127.0.0.1:{9000 + i}" for i in range(n)], strategy=strategy))
+    return Router(ProxyConfig(backends=[f"http://127.0.0.1:{9000 + i}" for i in range(n)], strategy=strategy).routing())
 
 
 def setup_router(strategy: str = "kv_aware", n: int = 4) -> Router:
     r = make_router(strategy, n)
-    for url in r.config.backends:
-        r.add_backend(url)
+    for i in range(n):  # the URLs make_router configured
+        r.add_backend(f"http://127.0.0.1:{9000 + i}")
     return r
 
 

@@ -176,7 +176,7 @@ def test_policy_params_set_tunables_and_reject_unknown_ones():
     from proxy.config import ProxyConfig
     from proxy.routing.router import Router
 
-    r = Router(ProxyConfig(backends=BACKENDS, policy_param=["kv_aware.decode_weight=0.7", "sglang.cache_threshold=0.5"]))
+    r = Router(ProxyConfig(backends=BACKENDS, policy_param=["kv_aware.decode_weight=0.7", "sglang.cache_threshold=0.5"]).routing())
     assert r.policies["kv_aware"].decode_weight == 0.7 and r.policies["sglang"].cache_threshold == 0.5
     assert type(r.policies["kv_aware"]).decode_weight != 0.7  # the instance, not the class
     for bad in ("kv_aware.nope=1", "nope.decode_weight=1", "kv_aware.decode_weight=x", "decode_weight=1",

@@ -16,7 +16,7 @@ WORDS = ["alpha", "beta", "gamma", "Ωmega", "kv", "12", "cache,", "x\n\ny", "th
 
 
 def router(capacity: int = 1_000_000) -> Router:
-    r = Router(ProxyConfig(backends=BACKENDS))
+    r = Router(ProxyConfig(backends=BACKENDS).routing())
     for url in BACKENDS:
         r.add_backend(url)
         r.index.set_capacity(url, capacity)

@@ -51,7 +51,7 @@ def test_router_text_context_reuses_prefix_hashes_exactly():
     from proxy.config import ProxyConfig
     from proxy.routing.router import Router
 
-    r = Router(ProxyConfig(backends=[]))
+    r = Router(ProxyConfig(backends=[]).routing())
     rng = random.Random(1)
     words = ["alpha", "beta", "gamma", "Ωmega", "kv", "12", "cache,", "x\n\ny"]
     doc = " ".join(rng.choice(words) for _ in range(2500))
@@ -68,7 +68,7 @@ def test_long_distinct_questions_still_reuse_the_documents_hashes():
     from proxy.config import ProxyConfig
     from proxy.routing.router import Router
 
-    r = Router(ProxyConfig(backends=[]))
+    r = Router(ProxyConfig(backends=[]).routing())
     rng = random.Random(2)
     doc = " ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(3000))
     hashed: list[int] = []
