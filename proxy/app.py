@@ -18,7 +18,8 @@ from kvblocks.http_errors import JSONErrorAppRunner
 
 from .edge.admin import add_admin_routes
 from .edge.admission import Admission
-from .edge.app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
+from .edge.body_parse import BodyParser
+from .edge.context import CONTEXT_KEY, ProxyContext
 from .upstream.tokenizer import BackendTokenizer
 from .backends.registry import BackendRegistry
 from .config import ProxyConfig
@@ -39,29 +40,31 @@ LISTEN_BACKLOG = 4096
 
 def create_app(config: ProxyConfig) -> web.Application:
     """The proxy app for `config` (backends = config.all_backends(); none is allowed and answers 503)."""
+    return _build(config)[0]
+
+
+def _build(config: ProxyConfig) -> tuple[web.Application, ProxyHandlers]:
+    """The aiohttp app and the handlers it routes to (which the front door serves through too)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     router = Router(config.routing(), BackendRegistry(config.new_breaker))
     kv_sources = config.kv_event_sources()
     keys = config.backend_api_keys()
     for url in config.all_backends():
         router.add_backend(url, kv_sources.get(url), keys.get(url))
-    app[ROUTER_KEY] = router
-    app[ADMISSION_KEY] = Admission(config.max_concurrent_per_key)
-    app[METRICS_KEY] = ProxyMetrics(router, app[ADMISSION_KEY])
-    app[STATE_KEY] = {}
-    h = ProxyHandlers(app, config)
-    app[STATE_KEY]["handlers"] = h
+    admission = Admission(config.max_concurrent_per_key)
+    context = ProxyContext(config, router, admission, ProxyMetrics(router, admission), BodyParser())
+    app[CONTEXT_KEY] = context
+    h = ProxyHandlers(context)
 
     async def lifecycle(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
         monitor = BackendMonitor(router, session, config.monitoring())
-        h.session = session
-        if config.tokenizer == BACKEND_TOKENIZER:
-            h.backend_tokenizer = app[STATE_KEY]["backend_tokenizer"] = BackendTokenizer(session)
         pool = UpstreamPool(config.connect_timeout, config.idle_timeout, max_body=config.max_response_bytes)
-        h.forwarder = Forwarder(router, pool, app[METRICS_KEY], monitor, config.forwarding())
-        app[STATE_KEY].update(session=session, monitor=monitor, pool=pool)
+        context.session, context.monitor, context.pool = session, monitor, pool
+        if config.tokenizer == BACKEND_TOKENIZER:
+            context.backend_tokenizer = BackendTokenizer(session)
+        context.forwarder = Forwarder(router, pool, context.metrics, monitor, config.forwarding())
         await monitor.check_all_health()
         monitor.start()
         router.kv_events.start()
@@ -70,9 +73,9 @@ def create_app(config: ProxyConfig) -> web.Application:
             from .replicas import ReplicaSync
 
             replicas = ReplicaSync(router, config.replica_bind_address(), config.peers, config.replica_heartbeat,
-                                   metrics=app[METRICS_KEY].exposition)
+                                   metrics=context.metrics.exposition)
             await replicas.start()
-        app[STATE_KEY]["replicas"] = replicas
+        context.replicas = replicas
         yield
         if replicas is not None:
             await replicas.close()
@@ -82,8 +85,8 @@ def create_app(config: ProxyConfig) -> web.Application:
         await session.close()
 
     async def drain(app: web.Application) -> None:
-        if h.forwarder is not None:
-            h.forwarder.drain(config.shutdown_grace)
+        if context.forwarder is not None:
+            context.forwarder.drain(config.shutdown_grace)
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
@@ -93,8 +96,8 @@ def create_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/health", h.health)
     app.router.add_get("/metrics", h.metrics)
     add_passthrough_routes(app, h)
-    add_admin_routes(app, config, router)
-    return app
+    add_admin_routes(app, context)
+    return app, h
 
 
 @dataclass
@@ -113,19 +116,23 @@ class RunningProxy:
     emulators: list[Any] = field(default_factory=list)
 
     @property
+    def context(self) -> ProxyContext:
+        """The proxy's parts (config, router, metrics, admission, and once started session, pool, monitor, ...)."""
+        return self.app[CONTEXT_KEY]
+
+    @property
     def router(self) -> Router:
-        return self.app[ROUTER_KEY]
+        return self.app[CONTEXT_KEY].router
 
     async def stop(self) -> None:
         """Stop accepting; streams get the shutdown grace, then aiohttp's connections and the app close."""
-        handlers = self.app[STATE_KEY]["handlers"]
-        grace = handlers.config.shutdown_grace
-        forwarder = handlers.forwarder
-        if forwarder is not None:
-            forwarder.drain(grace)
+        context = self.context
+        if context.forwarder is not None:
+            context.forwarder.drain(context.config.shutdown_grace)
+        grace = context.config.shutdown_grace
         await self.front.shutdown(grace)
         await self.runner.cleanup()
-        await self.app[STATE_KEY]["handlers"].body_parser.close()
+        await context.body_parser.close()
         for e in self.emulators:
             await e.stop()
 
@@ -134,15 +141,15 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
     """Serve the proxy on the current event loop (port 0 = OS-assigned) over `config`'s backends."""
     runner = None
     try:
-        app = create_app(config)
+        app, handlers = _build(config)
         runner = JSONErrorAppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace,
             max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
             keepalive_timeout=config.client_keepalive_timeout,
         )
         await runner.setup()
-        rejected = app[METRICS_KEY].errors
-        front = FrontServer(app[STATE_KEY]["handlers"], runner.server, config.max_body_bytes, config.max_header_bytes,
+        rejected = app[CONTEXT_KEY].metrics.errors
+        front = FrontServer(handlers, runner.server, config.max_body_bytes, config.max_header_bytes,
                             config.client_read_timeout, on_reject=lambda status: rejected.labels(str(status)).inc(),
                             keepalive_s=config.client_keepalive_timeout)
         addresses = await front.start(config.host, config.port, LISTEN_BACKLOG, config.reuse_port)

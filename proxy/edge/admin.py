@@ -16,12 +16,11 @@ from kvblocks import APIError
 from kvblocks.http_errors import json_response
 
 from .admin_auth import AdminGate
-from .app_keys import STATE_KEY
+from .context import ProxyContext
 from ..backends.registry import Backend
-from ..config import ProxyConfig, normalize_url
+from ..config import normalize_url
 from ..upstream.health import BackendMonitor
 from ..routing.policies import policy_names
-from ..routing.router import Router
 
 
 # Every backend is health-checked and scraped on a timer: their number is bounded.
@@ -42,22 +41,22 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 class AdminHandlers:
-    def __init__(self, app: web.Application, config: ProxyConfig, router: Router) -> None:
-        self.app = app
-        self.router = router
-        self.gate = AdminGate(config.admin_key, config.host)
-        self.runtime_backends = config.runtime_backends
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+        self.router = context.router
+        self.gate = AdminGate(context.config.admin_key, context.config.host)
+        self.runtime_backends = context.config.runtime_backends
 
     def _guard(self, request: web.Request) -> None:
         self.gate.check(request.headers)
 
     @property
     def _session(self) -> aiohttp.ClientSession:
-        return self.app[STATE_KEY]["session"]
+        return self.context.session
 
     @property
     def _monitor(self) -> BackendMonitor:
-        return self.app[STATE_KEY]["monitor"]
+        return self.context.monitor
 
     def describe(self) -> list[dict[str, Any]]:
         idx = self.router.index
@@ -123,7 +122,7 @@ class AdminHandlers:
             raise APIError(404, f"unknown backend {url!r}", "url", "NotFoundError")
         if self.router.replicas is not None:
             self.router.replicas.backend_removed(url)
-        self.app[STATE_KEY]["pool"].close_origin(url)
+        self.context.pool.close_origin(url)
         return json_response({"removed": url})
 
     async def get_strategy(self, request: web.Request) -> web.Response:
@@ -168,8 +167,8 @@ class AdminHandlers:
         return json_response({"index_cleared": True, "ok": all(r["ok"] for r in results), "backends": per})
 
 
-def add_admin_routes(app: web.Application, config: ProxyConfig, router: Router) -> None:
-    h = AdminHandlers(app, config, router)
+def add_admin_routes(app: web.Application, context: ProxyContext) -> None:
+    h = AdminHandlers(context)
     h.gate.warn_at_start()
     app.router.add_get("/admin/backends", h.list_backends)
     app.router.add_post("/admin/backends", h.add_backend)

@@ -52,7 +52,7 @@ class BodyParser:
             return parse(raw, limit_for)
         models = {m for b in router.registry for m in (b.models or ())}
         limits = {m: limit_for(m) for m in (None, *models)}
-        head = pickle.dumps((name, limits, router.config.max_model_len))
+        head = pickle.dumps((name, limits, router.settings.max_model_len))
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:

@@ -20,18 +20,12 @@ from aiohttp import web
 from kvblocks import APIError, error_body
 from kvblocks.http_errors import bearer_token, json_response
 
-from .admission import Admission
-from .app_keys import ADMISSION_KEY, METRICS_KEY, ROUTER_KEY, STATE_KEY
-from ..upstream.tokenizer import BackendTokenizer
 from ..backends.registry import Backend
-from ..config import ProxyConfig
-from ..upstream.forward import Forwarder
-from ..url_hints import not_found_message
-from .body_parse import BodyParser
-from .openai_request import ParsedRequest, parse_chat, parse_completion
 from ..routing.policies import RequestContext
 from ..upstream.sink import ResponseSink
-from ..routing.router import Router
+from ..url_hints import not_found_message
+from .context import CONTEXT_KEY, ProxyContext
+from .openai_request import ParsedRequest, parse_chat, parse_completion
 
 log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -52,11 +46,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except APIError as e:
         # kvroute_rejected_total counts refused client requests; an admin call's error is not one.
-        if request.app.get(METRICS_KEY) is not None and not request.path.startswith("/admin/"):
-            request.app[METRICS_KEY].errors.labels(str(e.status)).inc()
+        if request.app.get(CONTEXT_KEY) is not None and not request.path.startswith("/admin/"):
+            request.app[CONTEXT_KEY].metrics.errors.labels(str(e.status)).inc()
         return error_response(e)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[STATE_KEY]["handlers"].config.max_body_bytes
+        limit = request.app[CONTEXT_KEY].config.max_body_bytes
         return json_response(error_body(413, f"request body too large (limit {limit} bytes)"), 413)
     except web.HTTPException as e:
         if e.status < 400:
@@ -105,18 +99,15 @@ class AiohttpSink:
 class ProxyHandlers:
     """The OpenAI-facing routes; parsing happens here, routing in Router, forwarding in Forwarder."""
 
-    def __init__(self, app: web.Application, config: ProxyConfig) -> None:
-        self.app = app
-        self.config = config
-        self.router: Router = app[ROUTER_KEY]
-        self._keys = [k.encode() for k in config.api_keys]
-        self.forwarder: Forwarder | None = None
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+        self.config = context.config
+        self.router = context.router
+        self.admission = context.admission
+        self._keys = [k.encode() for k in context.config.api_keys]
         self._rid_prefix = f"kvr-{uuid.uuid4().hex[:12]}-"
         self._rid_counter = itertools.count(1)
-        self.session: aiohttp.ClientSession | None = None
-        self.backend_tokenizer: BackendTokenizer | None = None
-        self.admission: Admission = app[ADMISSION_KEY]
-        self.body_parser = BodyParser()  # large bodies are parsed in a worker process (edge/body_parse.py)
+        self.body_parser = context.body_parser
 
     def check_api_key(self, headers: Mapping[str, str]) -> None:
         """401 unless the Bearer token is one of --api-key's (any request passes when none is set)."""
@@ -217,7 +208,7 @@ class ProxyHandlers:
         except APIError as e:
             if sink.started:
                 raise
-            self.app[METRICS_KEY].errors.labels(str(e.status)).inc()
+            self.context.metrics.errors.labels(str(e.status)).inc()
             await sink.send(e.status, {}, orjson.dumps(e.body()), "application/json")
 
     async def _serve(
@@ -235,13 +226,13 @@ class ProxyHandlers:
             router = self.router
             if parsed.token_ids is not None:
                 ctx = router.context(parsed.token_ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
-            elif self.backend_tokenizer is not None:
+            elif self.context.backend_tokenizer is not None:
                 ids = await self._backend_tokens(parsed)
                 ctx = router.context(ids, parsed.max_tokens, parsed.model, parsed.cache_salt)
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt, strategy=strategy)
             self._check_length(parsed, ctx)
-            await self.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self.request_id(headers),
+            await self.context.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self.request_id(headers),
                                          check_tokens=not parsed.multi)
 
     async def _backend_tokens(self, parsed: ParsedRequest) -> list[int]:
@@ -250,7 +241,7 @@ class ProxyHandlers:
         serving = [b for b in healthy if not b.models or parsed.model is None or parsed.model in b.models]
         if not serving:
             raise APIError(503, "no healthy backend available to tokenize the prompt")
-        return await self.backend_tokenizer.encode(serving[0], parsed.model, parsed.text, parsed.messages)
+        return await self.context.backend_tokenizer.encode(serving[0], parsed.model, parsed.text, parsed.messages)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "/v1/completions", parse_completion)
@@ -264,8 +255,8 @@ class ProxyHandlers:
 
         async def fetch(b: Backend) -> list[dict]:
             try:
-                async with self.session.get(b.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5),
-                                            headers=b.auth_headers, allow_redirects=False) as r:
+                async with self.context.session.get(b.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5),
+                                                    headers=b.auth_headers, allow_redirects=False) as r:
                     if r.status == 200:
                         data = await r.json(loads=orjson.loads)
                         return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
@@ -285,7 +276,7 @@ class ProxyHandlers:
         return json_response(error_body(503, "no healthy backend"), 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.app[METRICS_KEY].exposition()
+        body = self.context.metrics.exposition()
         if self.router.replicas is not None:  # --workers: the other workers' counters too
             body = await self.router.replicas.local_metrics(body)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

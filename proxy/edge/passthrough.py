@@ -69,8 +69,8 @@ class Passthrough:
         limit = h.config.max_response_bytes  # read whole (small JSON), never without bound
         timeout = aiohttp.ClientTimeout(total=h.config.first_byte_timeout, sock_connect=h.config.connect_timeout)
         try:
-            async with h.session.request(request.method, b.url + request.path, data=body or None, headers=headers,
-                                         timeout=timeout, allow_redirects=False) as r:
+            async with h.context.session.request(request.method, b.url + request.path, data=body or None,
+                                                 headers=headers, timeout=timeout, allow_redirects=False) as r:
                 payload = await r.content.read(limit + 1)
                 status, content_type = r.status, r.content_type
         except asyncio.TimeoutError:

@@ -6,7 +6,6 @@ from openai import AsyncOpenAI
 
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
-from proxy.edge.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
 from proxy.routing.router import Router
 from proxy.app import start_proxy
@@ -69,7 +68,7 @@ async def test_backend_tokenizer_uses_the_backends_tokenize_for_chat(emulators):
         assert r1.headers["x-kvroute-backend"] == r2.headers["x-kvroute-backend"]
         matched = int(r2.headers["x-kvroute-matched-blocks"])
         assert matched > 0 and r2.parse().usage.prompt_tokens_details.cached_tokens == 16 * matched
-        tok = p.app[STATE_KEY]["backend_tokenizer"]
+        tok = p.context.backend_tokenizer
         assert (tok.misses, tok.hits) == (1, 1)  # the repeat was answered from the cache
     finally:
         await p.stop()

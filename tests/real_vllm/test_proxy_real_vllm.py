@@ -181,7 +181,6 @@ async def test_backend_api_key_right_wrong_and_never_logged(vllm: VLLMPair, tmp_
 
 
 async def test_wrong_key_on_the_only_backend_is_one_clean_502(vllm: VLLMPair, tmp_path):
-    from proxy.edge.app_keys import STATE_KEY
     from proxy.config import ProxyConfig
     from proxy.app import start_proxy
 
@@ -197,7 +196,7 @@ async def test_wrong_key_on_the_only_backend_is_one_clean_502(vllm: VLLMPair, tm
             assert b.auth_error and "wrong" in b.auth_error
             # forced through anyway (as if the refusal were new): one attempt, a 502 naming the cause. The
             # monitor is stopped first so its next round cannot mark the backend out again meanwhile.
-            await p.app[STATE_KEY]["monitor"].stop()
+            await p.context.monitor.stop()
             p.router.registry.set_health(b, True)
             async with s.post(p.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}) as r:
                 body = await r.json()

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
 from proxy.edge.admin import MAX_BACKENDS
-from proxy.edge.app_keys import ADMISSION_KEY
 from proxy.backend_url import BadBackendURL, check_backend_url
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
@@ -135,7 +134,7 @@ def test_backend_url_check_is_total_and_idempotent(url):
 def test_resources_come_back_after_the_fuzz(servers):
     """Runs after the fuzz above (file order): fds, tasks and in-flight back to where they were."""
     proxy = servers["proxy"]
-    assert proxy.app[ADMISSION_KEY].in_flight == 0
+    assert proxy.context.admission.in_flight == 0
     assert sum(b.in_flight for b in proxy.router.registry) == 0
     assert len(os.listdir("/proc/self/fd")) <= servers["fds"] + 4  # pooled backend connections
     assert servers["count_tasks"]() <= servers["tasks"] + 2

@@ -19,7 +19,6 @@ import pytest
 
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulators
-from proxy.edge.app_keys import ADMISSION_KEY, METRICS_KEY
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
 
@@ -82,7 +81,7 @@ async def proxy():
 def resources(p) -> dict[str, float]:
     return {
         "fds": len(os.listdir("/proc/self/fd")),
-        "in_flight": p.app[ADMISSION_KEY].in_flight,
+        "in_flight": p.context.admission.in_flight,
         "backend_in_flight": sum(b.in_flight for b in p.router.registry),
         "connections": len(p.front.connections) + len(p.front.guarded),
     }
@@ -173,13 +172,13 @@ async def test_stalled_chunked_bodies_release_their_memory_and_slots(proxy):
         r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
         w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + part * 3)
         conns.append((r, w))
-    await wait_for(lambda: proxy.app[ADMISSION_KEY].in_flight == 40, what="40 uploads admitted")
+    await wait_for(lambda: proxy.context.admission.in_flight == 40, what="40 uploads admitted")
     for r, _ in conns:
         status, err, closed = await verdict(r)
         assert status == 408 and "stalled" in err["message"] and closed
     for _, w in conns:
         w.close()
-    await wait_for(lambda: proxy.app[ADMISSION_KEY].in_flight == 0 and not proxy.front.guarded, what="slots released")
+    await wait_for(lambda: proxy.context.admission.in_flight == 0 and not proxy.front.guarded, what="slots released")
     await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, what="tasks back")
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 1
 
@@ -235,7 +234,7 @@ async def test_an_absurd_usage_value_never_cuts_an_answer(caplog):
                     writer.close()
                     assert status == 200
                     assert data.rstrip().endswith(b"data: [DONE]") if stream else data.endswith(b"}}")
-        bad = p.app[METRICS_KEY].registry.get_sample_value(
+        bad = p.context.metrics.registry.get_sample_value(
             "kvroute_backend_bad_values_total", {"backend": fake.url, "field": "usage.prompt_tokens"})
         assert bad == 4
         logged = [r for r in caplog.records if "not a sane count" in r.getMessage()]

@@ -9,7 +9,6 @@ import pytest
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultConfig
 from emulator.server import STATE, start_emulators
-from proxy.edge.app_keys import ADMISSION_KEY
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
 
@@ -114,7 +113,7 @@ async def test_concurrent_requests_per_key_beyond_the_limit_get_429(stack):
         finally:
             for h in held:
                 h.close()  # the client leaves mid-stream
-        await wait_for(lambda: proxy.app[ADMISSION_KEY].in_flight == 0, what="admission released")
+        await wait_for(lambda: proxy.context.admission.in_flight == 0, what="admission released")
         async with s.post(url, json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, headers=auth()) as r:
             assert r.status == 200
     await wait_for(lambda: all(e.engine.block_pool.num_referenced_blocks() == 0 for e in ems), what="blocks freed")

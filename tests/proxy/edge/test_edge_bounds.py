@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 
 from kvblocks import get_tokenizer
-from proxy.edge.app_keys import STATE_KEY
 from proxy.config import ProxyConfig
 from proxy.routing.router import Router
 
@@ -81,7 +80,7 @@ async def test_the_backend_tokenizer_cache_keeps_to_its_byte_budget(emulators):
     proxy = await start_proxy(ProxyConfig(port=0, backends=[e.url for e in emulators], time_scale=TIME_SCALE,
                                           tokenizer="backend", health_interval=0.2))
     try:
-        tok = proxy.app[STATE_KEY]["backend_tokenizer"]
+        tok = proxy.context.backend_tokenizer
         tok.max_bytes = 200_000
 
         async def ask(session: aiohttp.ClientSession, prompt: str) -> None:

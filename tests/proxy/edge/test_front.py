@@ -7,8 +7,6 @@ import json
 
 import pytest
 
-from proxy.edge.app_keys import STATE_KEY
-
 from ..conftest import MODEL, wait_for
 
 BODY = json.dumps({"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 3}).encode()
@@ -116,7 +114,7 @@ async def test_errors_are_openai_json_on_both_paths(conn):
     writer.write(post(extra="X-Kvroute-Strategy: nope\r\n"))
     status, _, data = await read_response(reader)
     assert status == 400 and "unknown strategy" in json.loads(data)["error"]["message"]
-    big = b"x" * (proxy.app[STATE_KEY]["handlers"].config.max_body_bytes + 1)
+    big = b"x" * (proxy.context.config.max_body_bytes + 1)
     writer.write(post(body=big))  # over the limit: aiohttp answers it
     status, _, data = await read_response(reader)
     assert status == 413 and json.loads(data)["error"]["code"] == 413

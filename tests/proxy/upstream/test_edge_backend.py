@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from proxy.edge.app_keys import METRICS_KEY
 from proxy.config import ProxyConfig
 from proxy.app import start_proxy
 
@@ -134,7 +133,7 @@ async def fake_proxy():
 
 
 def malformed_count(proxy, url: str) -> float:
-    return proxy.app[METRICS_KEY].registry.get_sample_value("kvroute_upstream_malformed_total", {"backend": url}) or 0.0
+    return proxy.context.metrics.registry.get_sample_value("kvroute_upstream_malformed_total", {"backend": url}) or 0.0
 
 
 async def ask(port: int, stream: bool = False) -> tuple[int, dict[str, str], bytes]:
