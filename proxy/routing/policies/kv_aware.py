@@ -21,68 +21,32 @@
                                                                        #   or scraped kv_cache_usage_perc)
             + eviction_weight x prefill(blocks b must evict)           # cache it would destroy there
 
-Load terms read per-backend running totals (updated on route, first byte and end), so a decision
-costs the same with thousands of requests in flight (`python -m benchmarks.proxy_inflight`).
+Load terms read per-backend running totals, so a decision costs the same with thousands of
+requests in flight. Then the TTFT band: only backends whose predicted TTFT is within
+max(ttft_slack_s, ttft_slack_rel x fastest) of the fastest (over backends holding the prefix or able
+to afford a copy) are weighed by cost. Costs within `tie_blocks` blocks of weighted prefill, or
+within `tie_s` among backends holding as much of the prompt as the cheapest, tie: least recently
+routed-to wins, then fewest indexed blocks, then rendezvous hashing. A chat's next turn (its prompt
+continues a routed prompt through that one's end, >= `home_share` cached there) stays home unless
+home costs `move_valve_s` more.
 
-Then a TTFT band: only backends whose predicted TTFT (own prefill + the prefills sent there before,
-each taken to be in a step already begun + a decode step + unseen waiting + a memory wait) is
-within max(ttft_slack_s, ttft_slack_rel x fastest) of the fastest are weighed by cost; the fastest
-is taken over the backends holding the prefix or able to afford a copy of it.
+Tunables (class attributes; `--policy-param kv_aware.NAME=VALUE`):
 
-Why copies, the band and the rotation (issue #13, measured in `docs/results/*-sweep/`): once round
-robin has warmed every backend with every hot prefix the cache is in effect replicated, while
-kv_aware, charging a copy's prefill twice, never made one; bursts of one prefix then queued on its
-one home. A copy's prefill is now shared by the requests it will serve: a prefix that `uses`
-requests have matched on `holders` backends is charged 1 / (1 + uses / (holders + 1)) of it, so a
-hot prefix spreads as soon as one request queues at home. Only while the caches can afford it:
-every backend keeps `replicate_share` of its blocks for hot prefixes, so copies are made while
-(holders < replicate_share x total capacity / blocks of the prefixes hot in the last
-`hot_horizon_s`); short shared prompts (`burst`, `sysprompt`) end up on every backend as round
-robin leaves them, long documents (`rag`, `tenants`) stay partitioned and get a copy only when a
-queue pays for one (copying hot documents while the caches still had room lowered rag's hit
-rate in trial runs: the copies, kept warm by spreading, crowded out other documents). The cost
-also weighs this request's decode beside three decoders about as much as a queue of prefills,
-which piled 5 of a burst of 8 onto the one idle backend, where they prefilled one after another:
-the band keeps the TTFT of each request near the best available. Costs within
-`tie_s` are ties, given to the backend least recently routed to: on symmetric traffic the exact
-costs are noise, and round robin's even rotation beat every greedy pick on TTFT p50 there.
+| name | default | what it weighs |
+|---|---|---|
+| overlap_weight | 2.0 | prefill of the blocks b lacks (this request, and those arriving while it runs) |
+| stall_weight | 1.0 | that prefill stalling each request in flight on b |
+| interference_weight | 0.25 | the decode slowdown it causes b's running requests |
+| decode_weight | 0.5 | its own decode slowed by the requests decoding beside it |
+| memory_weight | 2.0 | blocks short of KV memory (waits, or preempts and recomputes) |
+| eviction_weight | 0.25 | cached blocks it would evict on b |
+| replicate_weight, amortize | 1.0, 1.0 | waiving a copy's second prefill; past uses sharing a copy |
+| replicate_share, hot_horizon_s | 0.25, 60 s | cache share hot copies may fill; how long a prefix stays hot |
+| ttft_band, ttft_slack_s, ttft_slack_rel | 1 (on), 0.02 s, 0.25 | the TTFT band |
+| tie_blocks, tie_s, tie_rotate | 1 block, 0.03 s, 1 (on) | what counts as a tie; rotate ties |
+| home_share, shared_after, move_valve_s | 0.3, 2, 0.5 s | when a chat turn stays home; when a prefix is shared |
 
-Times come from the backends' latency profile; in-flight requests count from the moment they are
-routed, and a streamed one stays queued until its first chunk (its first token) arrives: a guessed
-first-token time let overloaded backends look free (burst, 24 req/s). Every term compares like
-with like: seconds of waiting against seconds of prefill saved.
-So affinity holds while it pays and a hot prefix gets a second copy once its home's queue costs
-more than re-prefilling it (RAG). Why the prefill a backend lacks counts twice: the stall term only
-sees requests already in flight, but a prefill also holds up the requests that arrive at b while it
-runs. In a chat those are the sessions whose history lives on b, returning in step with each other:
-at weight 1, kv_aware moved a chat session whenever its home was momentarily the busier one (~25% of
-turns, mostly turn 1 where a 7-block history is cheap to abandon), the moved sessions joined the
-other backend's wave and made it bigger (one backend grew from 6 to 12 of 24 sessions), and TTFT p99
-suffered. Weight 2 halves the moves while a hot RAG document still spreads under load. And the
-queue counts prefill_base once per step instead of once per pending request, so a home whose
-sessions just arrived together is not over-charged. Scraped `waiting` (up to a scrape interval
-old) is compared with our requests that waited at some moment between its send and its answer
-(a snapshot), not now: a scrape taken during a burst otherwise charged a phantom queue to a
-backend that had long since admitted it, and sessions fled their home (multiturn: 63 -> 47 moves
-in 400 turns); and a request waiting at the scrape that has finished since, even before the answer
-came back, still counts as ours (walking the live requests instead charged ~0.17 s to the busiest
-backend on a bursty workload). Measured in `docs/results/multiturn-compare/`.
-
-Chat sessions stay home. A prompt that continues an earlier routed prompt exactly through that
-prompt's last block (a chat's next turn), with at least 30% of it cached on that backend, goes there
-unless the cheapest backend is better by more than 0.5 s: cost alone moved sessions whenever their
-home was mid-wave, and since a moved session's later turns follow it and sessions started together
-return together, the waves grew (6/6/6/6 sessions -> 3/11/6/4 in five turns) and TTFT p99 with them.
-Shared documents are not held back: their deepest matched block ends no earlier prompt, or was
-matched by several requests. Measured in `docs/results/multiturn-compare/`.
-
-Costs within `tie_blocks` blocks of (weighted) prefill of the best are a tie (a one-block shared prefix is not
-worth a hot spot), and so are costs within `tie_s` among backends holding as much of the prompt
-as the cheapest (a rotation never gives cached blocks away): the backend this replica routed to least
-recently wins, then the one with the fewest indexed blocks (most free cache), then rendezvous
-hashing of the request's last block hash with each backend's URL (`rendezvous.py`). Distinct
-prefixes thus spread over backends even at low load. The rotation is per replica (`tie_rotate=0`
-makes replicas fed the same KV events decide alike again, at the cost measured in the sweeps).
+Why each term exists, with the measurements and issues behind it: docs/policies/kv_aware.md.
 """
 from __future__ import annotations
 
@@ -98,11 +62,11 @@ REUSE_ENTRIES = 65536
 
 
 class KvAwarePolicy(Policy):
+    """The cost policy above; one per router, state: reuse counts, hot prefixes, the rotation."""
+
     name = "kv_aware"
     overlap_weight = 2.0
-    # The decode slowdown mostly costs TPOT, not TTFT; at full weight it moved multi-turn sessions off
-    # their cached history too often (loadgen multiturn, c=24: hit rate 52% -> 58% and lower TTFT at
-    # 0.25; RAG unchanged).
+    # The decode slowdown mostly costs TPOT, not TTFT (docs/policies/kv_aware.md).
     interference_weight = 0.25
     stall_weight = 1.0
     eviction_weight = 0.25
@@ -152,6 +116,11 @@ class KvAwarePolicy(Policy):
         self._mean_prefill = env.profile.prefill_base + 64 * env.profile.prefill_per_block
 
     def costs(self, ctx: RequestContext, candidates: Sequence[Backend]) -> list[float]:
+        """The formula above for each of `candidates`, in emulated seconds, same order.
+
+        Also leaves each backend's predicted TTFT and whether it holds (or may take a copy of) the
+        prefix in `self._ttft` / `self._fits`, for the band `pick` applies next. Reads the index,
+        the backends' running totals and scrapes; changes nothing. O(candidates), whatever is in flight."""
         env = self.env
         prof = env.profile
         ppb = prof.prefill_per_block
@@ -245,6 +214,9 @@ class KvAwarePolicy(Policy):
         return out
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        """The router sent `ctx` to `backend`: note the pick for the tie rotation and count a use of the
+        deepest block it matched there (a prefix matched by `shared_after` requests becomes hot for
+        `hot_horizon_s`). Bounded: REUSE_ENTRIES prefixes are remembered, oldest forgotten first."""
         self._picks += 1
         self._last_pick[backend.url] = self._picks
         m = ctx.matched(backend)
@@ -277,12 +249,14 @@ class KvAwarePolicy(Policy):
         return self._footprint
 
     def reset(self) -> None:
+        """Forget reuse counts, hot prefixes and the rotation (the backends' caches were reset)."""
         self._reuse.clear()
         self._hot.clear()
         self._footprint = 0
         self._last_pick.clear()
 
     def forget_backend(self, url: str) -> None:
+        """`url` left the registry: drop its place in the rotation."""
         self._last_pick.pop(url, None)
 
     def _stay_home(self, ctx: RequestContext, candidates: Sequence[Backend], costs: list[float], choice: int) -> int:
@@ -317,6 +291,9 @@ class KvAwarePolicy(Policy):
         return [c if x <= limit else float("inf") for c, x in zip(costs, ttfts)]
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        """The cheapest of `candidates` (non-empty) after the TTFT band, ties broken by rotation, free
+        cache and rendezvous hash, a chat turn kept home; the Decision carries its matched blocks and
+        cost. Does not record the pick (the router calls `observe`)."""
         raw = self.costs(ctx, candidates)
         costs = self._ttft_band(raw) if self.ttft_band > 0 else raw
         best = min(costs)
