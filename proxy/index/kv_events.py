@@ -54,15 +54,20 @@ _DISCONNECTED = zmq.EVENT_DISCONNECTED
 class KVEventSink(Protocol):
     """Receives one backend's cache changes, in order; hashes are the int form of block digests."""
 
-    def stored(self, backend: str, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None: ...
+    def stored(self, backend: str, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None:
+        """`backend` cached these blocks (chained after `parent`, None at the prompt's start)."""
 
-    def removed(self, backend: str, hashes: list[int]) -> None: ...
+    def removed(self, backend: str, hashes: list[int]) -> None:
+        """`backend` evicted these blocks."""
 
-    def clear(self, backend: str) -> None: ...
+    def clear(self, backend: str) -> None:
+        """`backend` dropped its whole cache."""
 
-    def desync(self, backend: str, reason: str) -> None: ...
+    def desync(self, backend: str, reason: str) -> None:
+        """Events were lost (gap, restart, corruption, silence): what is known of `backend` is no longer exact."""
 
-    def resynced(self, backend: str) -> None: ...
+    def resynced(self, backend: str) -> None:
+        """A replay or fresh start made `backend`'s events complete again from here on."""
 
 
 @dataclass(frozen=True)
@@ -154,10 +159,12 @@ class KVEventSubscriber:
 
     @property
     def synced(self) -> bool:
+        """Whether every event since the last (re)sync arrived, in order: the backend's view is exact."""
         return self.stats.synced
 
     @property
     def started(self) -> bool:
+        """Whether `start` ran (the receive loop exists)."""
         return self._task is not None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -181,6 +188,7 @@ class KVEventSubscriber:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-{self.backend}")
 
     async def close(self) -> None:
+        """Stop receiving and close the sockets; idempotent."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -499,6 +507,7 @@ class KVEventsFollower:
             sub.start()
 
     async def close(self) -> None:
+        """Close every subscriber; the index keeps what it knows, as approximate."""
         self._running = False
         for sub in list(self.subscribers.values()):
             await sub.close()
@@ -508,12 +517,15 @@ class KVEventsFollower:
     # ---- what routing asks ------------------------------------------------------------------------
 
     def is_exact(self, backend: str) -> bool:
+        """Whether `backend`'s part of the index follows its events now (followed and in sync)."""
         return backend in self._exact
 
     def followed(self, backend: str) -> bool:
+        """Whether `backend` has a subscriber (in sync or not)."""
         return backend in self.subscribers
 
     def mode(self, backend: str) -> str:
+        """"exact" or "approximate", as the admin API and metrics report it."""
         return "exact" if backend in self._exact else "approximate"
 
     def blocks(self, backend: str) -> set[int]:
@@ -564,6 +576,8 @@ class KVEventsFollower:
             self.index.stored(backend, new)
 
     def finished(self, request_id: int) -> None:
+        """Request `request_id` (routed to an exact backend) ended: the blocks assumed held for it until their
+        store events arrived stop being assumed (what the events stored stays). Unknown ids are ignored."""
         entry = self._inflight.pop(request_id, None)
         if entry is None:
             return
@@ -589,6 +603,7 @@ class KVEventsFollower:
     # ---- KVEventSink ------------------------------------------------------------------------------
 
     def stored(self, backend: str, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None:
+        """KVEventSink: add the blocks to `backend`'s exact set and the index."""
         blocks = self._blocks.get(backend)
         if blocks is None:
             return
@@ -598,6 +613,7 @@ class KVEventsFollower:
         self.index.stored(backend, hashes)
 
     def removed(self, backend: str, hashes: list[int]) -> None:
+        """KVEventSink: drop the blocks from `backend`'s exact set and the index."""
         blocks = self._blocks.get(backend)
         if blocks is None:
             return
@@ -607,6 +623,7 @@ class KVEventsFollower:
         self.index.removed(backend, [h for h in hashes if h not in pending])
 
     def clear(self, backend: str) -> None:
+        """KVEventSink: `backend`'s cache is empty."""
         blocks = self._blocks.get(backend)
         if blocks is None:
             return
@@ -615,9 +632,11 @@ class KVEventsFollower:
         self.index.stored(backend, list(self._pending[backend]))
 
     def desync(self, backend: str, reason: str) -> None:
+        """KVEventSink: `backend` falls back to approximate (routing feeds its part again)."""
         self._exact.discard(backend)  # counted in the subscriber's stats (kvroute_kv_events_desync_total)
 
     def resynced(self, backend: str) -> None:
+        """KVEventSink: `backend`'s part of the index is rebuilt from its exact set; exact again."""
         blocks = self._blocks.get(backend)
         if blocks is None:
             return

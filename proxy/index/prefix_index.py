@@ -75,6 +75,7 @@ class PrefixIndex:
         return slot
 
     def add_backend(self, backend: Hashable, capacity: int | None = None) -> None:
+        """Give `backend` a slot (idempotent), with `capacity` blocks if given (else the default)."""
         self._store(backend)
         if capacity is not None:
             self.set_capacity(backend, capacity)
@@ -89,6 +90,7 @@ class PrefixIndex:
         self._free_slots.append(st.slot)
 
     def backends(self) -> list[Hashable]:
+        """The backends with a slot, in the order they were added."""
         return list(self._stores)
 
     def set_capacity(self, backend: Hashable, blocks: int) -> None:
@@ -98,6 +100,7 @@ class PrefixIndex:
         self._evict_to(st, st.capacity)
 
     def capacity(self, backend: Hashable) -> int:
+        """The blocks `backend` is believed to hold at most (its mirrored KV capacity)."""
         return self._store(backend).capacity
 
     def num_blocks(self, backend: Hashable) -> int:
@@ -114,6 +117,7 @@ class PrefixIndex:
         return self._owners.get(h, 0)
 
     def pending_at(self, h: int) -> list[PendingTail] | None:
+        """The untokenized tails anchored at block `h` (None if none): what a prompt reaching `h` may continue into."""
         return self._pending.get(h)
 
     def mark_prompt_end(self, h: int) -> None:
@@ -125,6 +129,7 @@ class PrefixIndex:
             del ends[next(iter(ends))]
 
     def is_prompt_end(self, h: int) -> bool:
+        """Whether block `h` ended a routed prompt (see `mark_prompt_end`)."""
         return h in self._prompt_ends
 
     def owner_map(self) -> dict[int, int]:
@@ -337,6 +342,7 @@ class PrefixIndex:
                     yield self._slot_backend[p.slot], p
 
     def contains(self, backend: Hashable, h: int) -> bool:
+        """Whether `backend` is believed to hold block `h` (False for an unknown backend)."""
         st = self._stores.get(backend)
         return st is not None and h in st.lru
 

@@ -37,6 +37,7 @@ class PromptState:
 
     @property
     def done(self) -> bool:
+        """Whether the whole text is tokenized."""
         return self.pos >= len(self.text)
 
     def estimated_tokens(self) -> int:

@@ -38,6 +38,8 @@ class ReplicaHooks(Protocol):
 
 
 class UnknownStrategy(APIError):
+    """400: a strategy name no policy has (the message lists the known ones)."""
+
     def __init__(self, name: object) -> None:
         super().__init__(400, f"unknown strategy {name!r}; choose one of {', '.join(policy_names())}", "strategy")
 
@@ -74,12 +76,14 @@ class Router:
 
     # -- configuration --------------------------------------------------------------------------
     def policy(self, name: object) -> Policy:
+        """The policy instance registered as `name`, or UnknownStrategy."""
         p = self.policies.get(name) if isinstance(name, str) else None
         if p is None:
             raise UnknownStrategy(name)
         return p
 
     def set_strategy(self, name: object) -> str:
+        """Make `name` the default strategy (UnknownStrategy if none); returns it."""
         self.strategy = self.policy(name).name
         return self.strategy
 
@@ -98,6 +102,8 @@ class Router:
         return b, created
 
     def remove_backend(self, url: str) -> Backend | None:
+        """Drop `url` from the registry, the index, its KV-event follower and every policy's state;
+        None if it was not there. Requests in flight to it finish on their own."""
         b = self.registry.remove(url)
         if b is not None:
             self.kv_events.unfollow(url)
@@ -193,6 +199,7 @@ class Router:
     def context(
         self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
     ) -> RequestContext:
+        """The routing view of a prompt given as token ids: hashed in full (complete at once)."""
         return RequestContext(
             self.hashes(token_ids, cache_salt),
             len(token_ids),
@@ -210,6 +217,10 @@ class Router:
         return [b for b in healthy if b not in exclude and b.serves(model) and b.breaker.allows()]
 
     def decide(self, ctx: RequestContext, strategy: str | None = None, exclude: Collection[Backend] = ()) -> Decision:
+        """The backend `strategy` (default: the current one) picks among `candidates(ctx.model, exclude)`.
+
+        APIError 502 when `exclude` (backends already tried) leaves none, 503 when none is healthy or
+        all are out of rotation. Records nothing: `begin` does, once the request is sent."""
         policy = self.policies[strategy or self.strategy]
         cands = self.candidates(ctx.model, exclude)
         if not cands:
@@ -266,12 +277,14 @@ class Router:
         return rec
 
     def first_byte(self, rec: InFlight) -> None:
+        """The backend's first byte for `rec` arrived: its prefill is done (idempotent)."""
         if rec.first_byte_at is None:
             rec.backend.started(rec, now())
             if self.replicas is not None:
                 self.replicas.first_byte(rec)
 
     def end(self, rec: InFlight) -> None:
+        """`rec` finished (or failed): its load leaves the backend's running totals. Call exactly once per `begin`."""
         rec.backend.remove(rec)
         self.kv_events.finished(rec.id)
         if self.replicas is not None:

@@ -23,6 +23,9 @@ SAFE_TOKENIZERS = ("cl100k_base",)
 
 
 class ChunkedTokenizer:
+    """A tokenizer's exact ids, encoded in cached chunks (at most `max_entries`, LRU); a tokenizer not in
+    SAFE_TOKENIZERS is passed through whole (`enabled` False)."""
+
     def __init__(
         self, tokenizer: Tokenizer, chunk_chars: int = CHUNK_CHARS, max_entries: int = MAX_ENTRIES,
         first_chunk_chars: int = FIRST_CHUNK_CHARS,
@@ -90,6 +93,7 @@ class ChunkedTokenizer:
         return hit[1], cut, hit[0]
 
     def encode(self, text: str) -> list[int]:
+        """Exactly `tokenizer.encode(text)`, chunk by chunk through the cache."""
         out: list[int] = []
         pos, chain, k = 0, 0, 0
         while pos < len(text):

@@ -26,6 +26,7 @@ DEFAULT_POLICY = KvAwarePolicy.name
 
 
 def policy_names() -> list[str]:
+    """The registered strategy names, in registry order."""
     return list(POLICIES)
 
 

@@ -50,6 +50,7 @@ class RequestContext:
 
     @property
     def complete(self) -> bool:
+        """Whether every block of the prompt is hashed (`hashes` final, `num_tokens` exact)."""
         return self.tail is None
 
     def num_blocks(self, block_size: int) -> int:
@@ -57,6 +58,7 @@ class RequestContext:
         return len(self.hashes) if self.tail is None else max(len(self.hashes), self.num_tokens // block_size)
 
     def full_hashes(self) -> Sequence[int]:
+        """All the prompt's block hashes, tokenizing the rest of a lazy prompt first (then `complete`)."""
         if self.tail is not None and self.completer is not None:
             self.completer(self)
         return self.hashes
@@ -69,11 +71,14 @@ class RequestContext:
         return self._matches
 
     def matched(self, backend: Backend) -> int:
+        """Leading blocks of this prompt `backend` holds (0 if none)."""
         return self.matches.get(backend.url, 0)
 
 
 @dataclass
 class Decision:
+    """A policy's answer: the backend, how many leading blocks of the prompt it holds, and why (logged)."""
+
     backend: Backend
     matched_blocks: int
     reason: str = ""
@@ -91,6 +96,10 @@ class Policy:
         self.env = env
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        """Choose one of `candidates` (non-empty: healthy, serving the model, breaker closed) for `ctx`.
+
+        Must not change routing state: the router records the pick (`observe`) only once it sends the
+        request. May call `ctx.full_hashes()` if it needs the whole prompt (a lazy one is then tokenized)."""
         raise NotImplementedError
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:

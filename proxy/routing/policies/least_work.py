@@ -12,6 +12,8 @@ from .base import Decision, Policy, RequestContext
 
 
 class LeastWorkPolicy(Policy):
+    """Least estimated outstanding work (remaining prefill + decode, from the latency model); ties rotate."""
+
     name = "least_work"
 
     def __init__(self, env) -> None:
@@ -19,6 +21,7 @@ class LeastWorkPolicy(Policy):
         self._turn = 0
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        """The candidate whose in-flight requests have the least estimated work left, ties to the next in turn."""
         t = now()
         n = len(candidates)
         self._turn += 1

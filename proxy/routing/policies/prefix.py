@@ -12,9 +12,12 @@ from .base import Decision, Policy, RequestContext
 
 
 class PrefixPolicy(Policy):
+    """Longest prefix match in blocks; ties and no match to the least loaded."""
+
     name = "prefix"
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        """The candidate holding the most leading blocks, then the fewest in flight (first in order on a tie)."""
         matches = ctx.matches
         best, key = None, None
         for b in candidates:

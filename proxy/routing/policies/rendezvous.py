@@ -35,4 +35,5 @@ def request_key(hashes: Sequence[int], num_tokens: int) -> int:
 
 
 def weight(key: int, url: str) -> int:
+    """Rendezvous weight of backend `url` for request `key`: the highest wins, the same on every replica."""
     return splitmix64(key ^ backend_id(url))

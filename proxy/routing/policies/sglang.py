@@ -26,6 +26,10 @@ CHARS_PER_TOKEN = 4
 
 
 class SGLangCacheAwarePolicy(Policy):
+    """sglang-router 0.3.2's `cache_aware` rule with its defaults, as a baseline to beat: when loads are
+    imbalanced (abs and rel thresholds) the least loaded; else the backend whose own prefix tree
+    matches the prompt best if the match rate exceeds `cache_threshold`; else the least loaded."""
+
     name = "sglang"
     cache_threshold = 0.3
     balance_abs_threshold = 64
@@ -38,6 +42,7 @@ class SGLangCacheAwarePolicy(Policy):
         self._seq = 0
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Decision:
+        """sglang's choice among `candidates`; needs the whole prompt (`ctx.full_hashes()`)."""
         loads = [b.in_flight for b in candidates]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
@@ -61,14 +66,17 @@ class SGLangCacheAwarePolicy(Policy):
         return min(enumerate(candidates), key=lambda ib: (ib[1].in_flight, ib[0]))[1]
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
+        """Insert the whole prompt into `backend`'s tree (as sglang's router does on every routed request)."""
         self._tree.record_routed(backend.url, ctx.full_hashes())
         self._seq += 1
         self._last_insert[backend.url] = self._seq
 
     def reset(self) -> None:
+        """Empty the trees."""
         self._tree.clear()
         self._last_insert.clear()
 
     def forget_backend(self, url: str) -> None:
+        """Drop `url`'s tree."""
         self._tree.remove_backend(url)
         self._last_insert.pop(url, None)
