@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from proxy.config import ProxyConfig
-from proxy.replicas import ReplicaSync
+from proxy.replicas.sync import ReplicaSync
 from proxy.routing.router import Router
 
 URLS = [f"http://127.0.0.1:{20000 + i}" for i in range(4)]

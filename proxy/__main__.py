@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 from kvblocks.cli import UsageError, check_listen, exit_on_usage_error
 from kvblocks.logs import configure_logging, get_logger
 
+from .banner import announce, how_to_use
 from .config import ProxyConfig
 
 if TYPE_CHECKING:
     from .app import RunningProxy
 
 PROG = "python -m proxy"
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def bind_error(config: ProxyConfig, e: OSError) -> UsageError:
@@ -40,23 +40,9 @@ def bind_error(config: ProxyConfig, e: OSError) -> UsageError:
     return UsageError("--host/--port", f"cannot listen on {config.host}:{config.port}: {e.strerror or e}")
 
 
-def announce(url: str, host: str) -> str:
-    """The start-up line (scripts read the URL from it); a wildcard bind says so instead of hiding it."""
-    if host in WILDCARD_HOSTS:
-        return f"kvroute proxy listening on {url} (bound to {host or '*'}: every interface)"
-    return f"kvroute proxy listening on {url}"
-
-
 def _loopback_for(host: str) -> str:
     """Where embedded emulators listen: the proxy's host, or loopback when the proxy binds every interface."""
     return host if host not in ("0.0.0.0", "::") else "127.0.0.1"
-
-
-def how_to_use(url: str, access_log: bool) -> str:
-    """The second start-up line: the base URL an OpenAI SDK needs (with /v1) and how to see requests."""
-    seen = ("one access-log line per request (--access-log)" if access_log else
-            "requests are not logged one by one: add --access-log to see each")
-    return f"  OpenAI base URL for clients and SDKs: {url}/v1 (e.g. OpenAI(base_url=\"{url}/v1\")); {seen}"
 
 
 async def embedded_emulators(config: ProxyConfig) -> list:

@@ -70,7 +70,7 @@ def _build(config: ProxyConfig) -> tuple[web.Application, ProxyHandlers]:
         router.kv_events.start()
         replicas = None
         if config.replica_bind_address():
-            from .replicas import ReplicaSync
+            from .replicas.sync import ReplicaSync
 
             replicas = ReplicaSync(router, config.replica_bind_address(), config.peers, config.replica_heartbeat,
                                    metrics=context.metrics.exposition)

@@ -7,6 +7,7 @@ check runs on every header written; names are remembered once validated (they ar
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE_VALUE = re.compile(r"[\x00\r\n]")
@@ -48,3 +49,20 @@ def header_lines(headers: dict[str, str]) -> bytes:
         for v in headers.values():
             check_value(v)
     return text.encode("latin-1", "replace")
+
+
+# aiohttp's default limit on header lines; beyond it: 431 (the front door and its hand-over guard alike).
+MAX_HEADERS = 128
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(status: int) -> bytes:
+    """`HTTP/1.1 <status> <phrase>\r\n`, built once per status."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+    return line

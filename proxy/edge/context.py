@@ -19,7 +19,7 @@ from .admission import Admission
 from .body_parse import BodyParser
 
 if TYPE_CHECKING:
-    from ..replicas import ReplicaSync
+    from ..replicas.sync import ReplicaSync
 
 
 @dataclass(eq=False)

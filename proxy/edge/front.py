@@ -24,7 +24,6 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from http import HTTPStatus
 from typing import Protocol
 
 import httptools
@@ -32,7 +31,8 @@ import orjson
 
 from kvblocks import APIError, error_body
 
-from ..http_fields import check_value, header_lines
+from ..http_fields import MAX_HEADERS, check_value, header_lines
+from ..http_fields import status_line as _status_line
 from ..upstream.sink import ResponseSink
 from .handover import Guard
 from .openai_request import ParsedRequest, parse_chat, parse_completion
@@ -57,8 +57,6 @@ ROUTES: dict[bytes, tuple[str, Callable[[bytes], ParsedRequest]]] = {
 # the ones that make a request aiohttp's to serve.
 _READ = frozenset((b"content-length", b"authorization", b"x-request-id", b"x-kvroute-strategy"))
 _HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
-# aiohttp's default limit on header lines; beyond it: 431.
-MAX_HEADERS = 128
 # Idle keep-alive connections close after 75 s (nginx's and aiohttp's documented default), both the
 # front's and, through its keepalive_timeout, aiohttp's: --client-keepalive-timeout.
 KEEPALIVE_S = 75.0
@@ -66,18 +64,6 @@ SWEEP_S = 5.0
 # After a rejection: how long, and how many bytes, the client's remaining input is read and dropped.
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
-_STATUS_LINES: dict[int, bytes] = {}
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = ""
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
-    return line
 
 
 def _head(status: int, headers: dict[str, str], content_type: str, extra: bytes) -> bytes:

@@ -17,17 +17,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import httptools
 import orjson
 
 from kvblocks import error_body
 
-if TYPE_CHECKING:
-    from .front import FrontServer
+from ..http_fields import MAX_HEADERS, status_line
 
 log = logging.getLogger("kvroute.proxy")
+
+
+class Limits(Protocol):
+    """What a guard reads of the server that handed it the connection (the front door, `FrontServer`):
+    the same bounds and timeouts, its loop, the set of guarded connections and whom to tell of a reject."""
+
+    loop: asyncio.AbstractEventLoop
+    max_line: int
+    max_head: int
+    max_body: int
+    read_timeout: float
+    linger_s: float
+    linger_bytes: int
+    guarded: set[Guard]
+    on_reject: Callable[[int], None] | None
 
 _IDLE, _HEAD, _BODY, _UNTRACKED = range(4)
 
@@ -43,7 +58,7 @@ class Guard(asyncio.Protocol):
 
     Invariant: `inner` receives only bytes the tracker has accepted; after a rejection, none."""
 
-    def __init__(self, front: FrontServer, inner: asyncio.Protocol) -> None:
+    def __init__(self, front: Limits, inner: asyncio.Protocol) -> None:
         self.front = front
         self.inner = inner
         self.loop = front.loop
@@ -75,8 +90,6 @@ class Guard(asyncio.Protocol):
             raise _Limit(414, f"request line too long (limit {self.front.max_line} bytes)")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        from .front import MAX_HEADERS
-
         self._fields += 1
         if self._fields > MAX_HEADERS:
             raise _Limit(431, f"too many header fields (limit {MAX_HEADERS})")
@@ -172,8 +185,6 @@ class Guard(asyncio.Protocol):
         """The front's answer to a bad or late request (OpenAI-style JSON, Connection: close, a lingering
         close); aiohttp gets no more bytes and is told the connection is lost at once, which cancels
         whatever it was doing for it (its handler, its admission slot, its buffered body)."""
-        from .front import _status_line as status_line
-
         log.debug("handover: %d %s", status, message)
         self.rejected = True
         if status == 413:  # a client already sending its whole body still gets to read the answer

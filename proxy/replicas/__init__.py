@@ -12,9 +12,7 @@ machinery with a different payload and a snapshot for replicas that join late.
 - `peer.py`      one peer's stream -> `ReplicaSync`, with gap detection and resync
 - `sync.py`      `ReplicaSync`: the router's hooks, batching off the request path, applying peers' facts
 - `workers.py`   `--workers N`: N replica processes on one port (SO_REUSEPORT), peers over ipc://
+
+Import from the modules (`proxy.replicas.sync.ReplicaSync`): the package re-exports nothing, so its
+modules can import each other without running back through it.
 """
-from __future__ import annotations
-
-from .sync import ReplicaSync, parse_peer
-
-__all__ = ["ReplicaSync", "parse_peer"]

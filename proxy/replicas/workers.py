@@ -33,10 +33,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from kvblocks.cli import UsageError, check_listen
 from kvblocks.logs import get_logger
 
+from ..banner import announce, how_to_use
 from ..config import ProxyConfig
 
 READY = "kvroute proxy listening on "
-USAGE_PREFIX = b"  OpenAI base URL"  # the second start-up line (__main__.how_to_use)
+USAGE_PREFIX = b"  OpenAI base URL"  # the second start-up line (banner.how_to_use)
 START_TIMEOUT_S = 120.0
 
 
@@ -104,8 +105,6 @@ async def supervise(config: ProxyConfig, argv: Sequence[str],
             if line is None:
                 raise UsageError("--workers", f"a worker exited before listening (exit {p.returncode}); see its log above")
             url = url or line[len(READY):].split()[0]
-        from ..__main__ import announce, how_to_use
-
         print(f"{announce(url, config.host)} (strategy {config.strategy}, {n} workers)", flush=True)
         print(how_to_use(url, config.access_log), flush=True)
         log.info("workers", n=n, pids=[p.pid for p in procs], port=port, backends=backends or config.all_backends())

@@ -194,7 +194,7 @@ def test_config_file_value_of_the_wrong_type_names_the_key(tmp_path):
 
 
 def test_wildcard_bind_is_announced_as_such():
-    from proxy.__main__ import announce
+    from proxy.banner import announce
 
     assert announce("http://127.0.0.1:8000", "0.0.0.0") == \
         "kvroute proxy listening on http://127.0.0.1:8000 (bound to 0.0.0.0: every interface)"
