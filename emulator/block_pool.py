@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kvblocks import ExtraKeys
 from kvblocks.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, wire_hash
 
 
@@ -190,6 +191,9 @@ class BlockPool:
         num_full_blocks: int,
         token_ids: list[int],
         event_extra_keys_block0: tuple | None = None,
+        keys: ExtraKeys | None = None,
+        lora_name: str | None = None,
+        lora_id: int | None = None,
     ) -> None:
         """Mark blocks[num_cached:num_full] as cached under their hashes; one BlockStored for them all.
 
@@ -210,7 +214,10 @@ class BlockPool:
             blk.block_hash = h
             self.cached_block_hash_to_block.setdefault(h, {})[blk.block_id] = blk
             new_hashes.append(h)
-            extra_keys.append(event_extra_keys_block0 if i == 0 else None)
+            if keys is not None:
+                extra_keys.append(keys.event(i))  # an adapter's name on every block, a salt on block 0
+            else:
+                extra_keys.append(event_extra_keys_block0 if i == 0 else None)
         if self.enable_kv_events and new_hashes:
             parent = block_hashes[num_cached_blocks - 1] if num_cached_blocks > 0 else None
             self._events.append(
@@ -221,6 +228,8 @@ class BlockPool:
                     block_size=bs,
                     # None encodes as [None] * n on the wire (kvblocks.kv_events), vLLM's unsalted shape.
                     extra_keys=extra_keys if any(k is not None for k in extra_keys) else None,
+                    lora_id=lora_id,
+                    lora_name=lora_name,
                 )
             )
 

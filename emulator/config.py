@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import MISSING, Field, asdict, dataclass, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from kvblocks import HASH_ALGOS
@@ -50,6 +50,15 @@ class EmulatorConfig:
     log_requests: bool = True
     version: str = "0.32.0"  # the vLLM release the emulator answers as (real servers in our tests run 0.32)
     kv_events_config: dict[str, Any] | None = None
+    # LoRA (emulator.lora): adapters served beside the base model as NAME=PATH, how many may run in one
+    # step, and the emulated seconds a step pays to bring an adapter into a slot it was not in.
+    # Further names the model answers to (vLLM's `--served-model-name A B`: every name is accepted and
+    # listed in /v1/models; answers and metrics use the first, `model`).
+    served_model_aliases: list[str] = field(default_factory=list)
+    enable_lora: bool = False  # implied by lora_modules; without either, /v1/load_lora_adapter is refused
+    lora_modules: list[str] = field(default_factory=list)
+    max_loras: int = 1
+    lora_load_s: float = 0.0
     # Fault injection (emulator.faults), all off by default; rates are per request, times wall seconds.
     fault_error_rate: float = 0.0
     fault_error_status: int = 503
@@ -104,6 +113,12 @@ class EmulatorConfig:
                 f"to at most {usable * self.block_size} or raise --num-gpu-blocks")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within 0..65535")
+        if self.max_loras < 1 or self.lora_load_s < 0:
+            raise ValueError("max_loras must be >= 1 and lora_load_s >= 0")
+        from .lora import parse_lora_module
+
+        for spec in self.lora_modules:
+            parse_lora_module(spec)
         if self.kv_events_config is not None:
             from .kv_events import KVEventsConfig
 
@@ -139,6 +154,10 @@ class EmulatorConfig:
         A mistake is one line naming the flag or env var, and SystemExit(2)."""
         parser = build_parser()
         args = parser.parse_args(argv)
+        if isinstance(args.model, list):  # --served-model-name A B: A is the model, B an alias
+            args.model, aliases = args.model[0], args.model[1:]
+            if aliases:
+                args.served_model_aliases = aliases
         env = os.environ if env is None else env
         with exit_on_usage_error(parser.prog):
             return load_dataclass(
@@ -150,7 +169,7 @@ class EmulatorConfig:
         raise AssertionError("unreachable")
 
 
-_BOOL_FIELDS = {"enable_prompt_tokens_details", "log_requests"}
+_BOOL_FIELDS = {"enable_prompt_tokens_details", "log_requests", "enable_lora"}
 _JSON_FIELDS = {"kv_events_config"}
 
 
@@ -158,7 +177,7 @@ def _field_type(name: str) -> type:
     default = {f.name: f for f in fields(EmulatorConfig)}[name].default
     if default is MISSING or default is None:
         return {"num_gpu_blocks": int, "max_num_batched_tokens": int, "fault_cut_after": int,
-                "fault_crash_after": int}.get(name, str)
+                "fault_crash_after": int, "lora_modules": list, "served_model_aliases": list}.get(name, str)
     return type(default)
 
 
@@ -181,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", help="address to bind (default 127.0.0.1)")
     a("--port", type=int, help="first port; replica i listens on port+i; 0 = OS-assigned (default 8001)")
     a("--replicas", type=int, help="number of emulated servers, one port each (default 1)")
-    a("--model", "--served-model-name", dest="model",
+    a("--model", "--served-model-name", dest="model", nargs="+", metavar="NAME",
       help=f"served model name and model spec for capacity: {', '.join(MODELS)} (default {DEFAULT_MODEL}; "
-      "another name needs --num-gpu-blocks)")
+      "another name needs --num-gpu-blocks); further names are aliases it also answers to, as vLLM's "
+      "--served-model-name A B")
     a("--gpu", choices=sorted(GPUS), help=f"GPU spec for capacity: {', '.join(sorted(GPUS))} (default {DEFAULT_GPU})")
     a("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (default 0.9)")
     a("--profile", choices=sorted(PROFILES), help=f"latency profile: {', '.join(sorted(PROFILES))} (default {DEFAULT_PROFILE})")
@@ -212,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--version", dest="version", help="version string /version reports (default 0.33.0)")
     a("--kv-events-config", type=json_object,
       help="vLLM-style KV events JSON, e.g. '{\"enable_kv_cache_events\":true}' (default: none, no events)")
+    a("--enable-lora", dest="enable_lora", action="store_const", const=True,
+      help="serve LoRA adapters (implied by --lora-modules; default off)")
+    a("--lora-modules", nargs="+", action="extend", metavar="NAME=PATH",
+      help="LoRA adapters served beside the base model, as vLLM's --lora-modules (default: none)")
+    a("--max-loras", type=int, help="distinct adapters that may run in one step (default 1)")
+    a("--lora-load-s", type=float, help="emulated seconds a step pays to load an adapter into a slot (default 0)")
     f = p.add_argument_group("fault injection (off by default; rates are probabilities per request, seeded by --seed)")
     f.add_argument("--fault-error-rate", type=float, help="answer this share of requests with a 5xx before any byte (default 0)")
     f.add_argument("--fault-error-status", type=int, help="status of injected errors (default 503)")

@@ -9,12 +9,12 @@ paced on an absolute clock. `SimpleEngine` is the seed's independent per-request
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvblocks import APIError, Tokenizer, clock, get_tokenizer, salt_extra_keys
+from kvblocks import APIError, Tokenizer, clock, extra_keys, get_tokenizer, salt_extra_keys
 from kvblocks.kv_events import KVEvent
 
 from .block_pool import BlockPool
@@ -27,6 +27,7 @@ from kvblocks.latency import LatencyProfile, get_profile
 from .request import EngineRequest, RequestStatus, SamplingParams, TokenOutput
 
 if TYPE_CHECKING:
+    from .lora import Adapter
     from .metrics import EngineMetrics
 
 KVEventSink = Callable[[list[KVEvent]], None]
@@ -133,8 +134,10 @@ class Engine:
         params: SamplingParams,
         cache_salt: str | None = None,
         client_request_id: str | None = None,
+        lora: Adapter | None = None,
     ) -> EngineRequest:
-        """Build a request, rejecting (APIError 400) one that could never fit the KV cache."""
+        """Build a request, rejecting (APIError 400) one that could never fit the KV cache. With `lora`
+        it runs on that adapter: every block hashes with the adapter's key (`kvblocks.extra_keys`)."""
         prompt = list(prompt_token_ids)
         if len(prompt) + params.max_tokens > self.max_model_len:
             # The API layer refuses these first; the start-up check guarantees max_model_len fits the cache.
@@ -152,6 +155,9 @@ class Engine:
             extra_keys_block0=salt_extra_keys(cache_salt),
             event_extra_keys_block0=(cache_salt,) if cache_salt else None,
             skip_prefix_cache=params.prompt_logprobs is not None,
+            keys=extra_keys(lora.key, cache_salt) if lora is not None else None,
+            lora_name=lora.name if lora is not None else None,
+            lora_id=lora.id if lora is not None else None,
         )
         natural = None
         if not params.max_tokens_set and not params.ignore_eos:  # a model's own end of answer (output_length)
@@ -336,6 +342,8 @@ class BatchedEngine(Engine):
         super().__init__(*args, **kwargs)
         self.max_num_seqs = self.config.max_num_seqs
         self.max_num_batched_tokens = self.config.resolved_max_num_batched_tokens
+        self.max_loras = self.config.max_loras
+        self._lora_slots: OrderedDict[str, None] = OrderedDict()  # adapters loaded in the GPU slots, LRU first
         self.running: list[EngineRequest] = []
         self.num_steps = 0
         self._clock = 0.0
@@ -398,6 +406,7 @@ class BatchedEngine(Engine):
                     continue
                 blocks, pairs = step.cost(self.block_size)
                 duration = self.profile.step_time(blocks, bool(step.prefills), len(step.decodes), pairs)
+                duration += self._lora_loads(step) * self.config.lora_load_s
                 self._clock += duration
                 self.num_steps += 1
                 if self.metrics is not None:
@@ -416,6 +425,29 @@ class BatchedEngine(Engine):
         finally:
             self._live = False
             self._task = None
+
+    def _lora_loads(self, step: SchedulerStep) -> int:
+        """Adapters this step brings into one of the max_loras slots (least recently used out)."""
+        slots = self._lora_slots
+        loads = 0
+        for req in step.order:
+            name = req.seq.lora_name
+            if name is None:
+                continue
+            if name in slots:
+                slots.move_to_end(name)
+                continue
+            loads += 1
+            slots[name] = None
+            if len(slots) > self.max_loras:
+                slots.popitem(last=False)
+        return loads
+
+    def running_loras(self) -> tuple[list[str], list[str]]:
+        """(adapters of running requests, adapters of waiting ones), as vllm:lora_requests_info labels them."""
+        run = dict.fromkeys(r.seq.lora_name for r in self.running if r.seq.lora_name is not None)
+        wait = dict.fromkeys(r.seq.lora_name for r in self.waiting if r.seq.lora_name is not None)
+        return list(run), list(wait)
 
     def schedule(self) -> SchedulerStep:
         """Pick this step's work (vLLM's Scheduler.schedule for one full-attention group, FCFS)."""
@@ -450,15 +482,24 @@ class BatchedEngine(Engine):
             break
         if step.preempted:
             return step
+        # vLLM's scheduler: at most max_loras distinct adapters in a step; a waiting request whose
+        # adapter would be one too many is skipped (it keeps its place), the ones behind it may go.
+        loras = {r.seq.lora_name for r in self.running if r.seq.lora_name is not None}
+        skipped: list[EngineRequest] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             seq = req.seq
+            if seq.lora_name is not None and seq.lora_name not in loras and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             hits, cached = mgr.get_computed_blocks(seq)
             if not mgr.can_admit(seq, hits):
                 break
             num_new = min(seq.num_tokens - cached, budget)
             if not mgr.allocate_slots(seq, num_new, hits):
                 break
+            if seq.lora_name is not None:
+                loras.add(seq.lora_name)
             self.waiting.popleft()
             self._record_admission(req, cached, self._clock)
             req.status = RequestStatus.RUNNING
@@ -467,6 +508,7 @@ class BatchedEngine(Engine):
             step.prefills.append(ScheduledChunk(req, num_new, cached))
             step.order.append(req)
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
         return step
 
     def complete(self, step: SchedulerStep, t: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvblocks import BlockHasher
+from kvblocks import BlockHasher, ExtraKeys
 
 from .block_pool import BlockPool, KVBlock
 
@@ -22,6 +22,9 @@ class KVSequence:
     token_ids: list[int]
     extra_keys_block0: tuple[Any, ...] | None = None
     event_extra_keys_block0: tuple[Any, ...] | None = None  # what KV events publish for block 0 (untagged)
+    keys: ExtraKeys | None = None  # LoRA adapter and/or cache_salt; when set, replaces the two fields above
+    lora_name: str | None = None  # the adapter, as BlockStored names it
+    lora_id: int | None = None
     skip_prefix_cache: bool = False  # vLLM's skip_reading_prefix_cache (prompt_logprobs): no lookup, no stats
     block_hashes: list[bytes] = field(default_factory=list)
     blocks: list[KVBlock] = field(default_factory=list)
@@ -62,7 +65,8 @@ class KVCacheManager:
             return
         parent = seq.block_hashes[-1] if have else None
         seq.block_hashes.extend(
-            self.hasher.hashes(seq.token_ids, parent=parent, start_block=have, extra_keys_block0=seq.extra_keys_block0)
+            self.hasher.hashes(seq.token_ids, parent=parent, start_block=have, extra_keys_block0=seq.extra_keys_block0,
+                               keys=seq.keys)
         )
 
     def get_computed_blocks(self, seq: KVSequence) -> tuple[list[KVBlock], int]:
@@ -143,7 +147,7 @@ class KVCacheManager:
             return
         self.update_block_hashes(seq)
         self.pool.cache_full_blocks(seq.blocks, seq.block_hashes, seq.num_cached_blocks, num_full, seq.token_ids,
-                                    seq.event_extra_keys_block0)
+                                    seq.event_extra_keys_block0, seq.keys, seq.lora_name, seq.lora_id)
         seq.num_cached_blocks = num_full
 
     def free(self, seq: KVSequence) -> None:

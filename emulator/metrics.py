@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FINISHED_REASONS = ("stop", "length", "abort", "error")
+LORA_INFO_SERIES = 64
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -86,12 +87,41 @@ class FastHistogram:
         yield fam
 
 
+class LoraInfoCollector:
+    """vllm:lora_requests_info as vLLM 0.32 exposes it: labels max_lora and the running and waiting
+    adapters (comma-joined), no model_name/engine; the value is the time the label set was last
+    current (`set_to_current_time`), and a label set once seen stays exposed, so a reader takes the
+    newest sample. Here the current set is taken at scrape time; at most LORA_INFO_SERIES are kept."""
+
+    def __init__(self, engine: Engine, max_loras: int) -> None:
+        self.engine = engine
+        self.max_loras = str(max_loras)
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import time
+
+        running, waiting = self.engine.running_loras()
+        key = (",".join(running), ",".join(waiting))
+        self.seen.pop(key, None)
+        self.seen[key] = time.time()
+        while len(self.seen) > LORA_INFO_SERIES:
+            del self.seen[next(iter(self.seen))]
+        fam = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        for (run, wait), t in self.seen.items():
+            fam.add_metric([self.max_loras, run, wait], t)
+        yield fam
+
+
 class EngineMetrics:
     """The engine's hooks into vLLM-named series; gauges read the engine at scrape time."""
 
     def __init__(self, config: EmulatorConfig, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.labels = {"model_name": config.model, "engine": "0"}
+        self.lora_enabled = config.enable_lora or bool(config.lora_modules)
+        self.max_loras = config.max_loras
         names = list(self.labels)
         r = self.registry
 
@@ -156,6 +186,8 @@ class EngineMetrics:
 
     def bind(self, engine: Engine) -> None:
         """Read running/waiting/usage from the engine whenever Prometheus scrapes."""
+        if self.lora_enabled and hasattr(engine, "running_loras"):
+            self.registry.register(LoraInfoCollector(engine, self.max_loras))
         self._running.labels(**self.labels).set_function(lambda: engine.num_running)
         self._waiting.labels(**self.labels).set_function(lambda: engine.num_waiting)
         self._usage.labels(**self.labels).set_function(engine.kv_cache_usage)

@@ -167,10 +167,13 @@ def _prompt_logprobs(body: Mapping[str, Any]) -> int | None:
 class RequestParser:
     """Validates bodies against one served model, its tokenizer and its context length."""
 
-    def __init__(self, served_model: str, tokenizer: Tokenizer, max_model_len: int) -> None:
+    def __init__(self, served_model: str, tokenizer: Tokenizer, max_model_len: int,
+                 adapters: Mapping[str, Any] | None = None, aliases: tuple[str, ...] = ()) -> None:
         self.served_model = served_model
+        self.aliases = frozenset(aliases)  # other names of the base model (answered as `served_model`)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.adapters = adapters if adapters is not None else {}  # LoRA adapter names also served (live view)
 
     def check_model(self, body: Mapping[str, Any]) -> str:
         model = body.get("model")
@@ -178,7 +181,9 @@ class RequestParser:
             return self.served_model
         if not isinstance(model, str):
             raise _bad("model", "model must be a string")
-        if model != self.served_model:
+        if model in self.aliases:
+            return self.served_model  # vLLM answers under the first served name
+        if model != self.served_model and model not in self.adapters:
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
         return model
 

@@ -26,6 +26,7 @@ from .faults import NO_FAULT, FaultInjector, FaultPlan, make_injector
 from kvblocks.http_errors import JSONErrorAppRunner, json_response
 from .kv_events import EventPublisher, attach_publisher, replica_kv_events_config
 from .logs import request_log_fields
+from .lora import LoraRegistry
 from .metrics import CONTENT_TYPE, EngineMetrics
 from .protocol import GenerateRequest, RequestParser, parse_json_object
 from .logprobs import DummyLogprobs
@@ -53,6 +54,7 @@ class EmulatorState:
     stopping: asyncio.Event
     logprobs: DummyLogprobs
     fingerprint: str
+    lora: LoraRegistry
     kv_events: EventPublisher | None = None
 
 
@@ -83,11 +85,13 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
     metrics = EngineMetrics(config)
     engine = make_engine(config, tokenizer, metrics)
     metrics.bind(engine)
+    lora = LoraRegistry(config.model, config.lora_modules, config.max_loras)
     state = EmulatorState(
         config=config,
         engine=engine,
         metrics=metrics,
-        parser=RequestParser(config.model, tokenizer, config.max_model_len),
+        parser=RequestParser(config.model, tokenizer, config.max_model_len, lora.adapters,
+                             tuple(config.served_model_aliases)),
         tokenizer=tokenizer,
         created=int(time.time()),
         ids=itertools.count(),
@@ -95,6 +99,7 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
         stopping=asyncio.Event(),
         logprobs=DummyLogprobs(tokenizer),
         fingerprint=system_fingerprint(config),
+        lora=lora,
     )
     if config.log_requests:
         engine.finish_listeners.append(lambda req: log.info("request finished", **request_log_fields(req)))
@@ -110,6 +115,9 @@ def create_app(config: EmulatorConfig, tokenizer: Tokenizer | None = None) -> we
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    if config.enable_lora or config.lora_modules:
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.on_shutdown.append(_abort_in_flight)
     state.kv_events = attach_publisher(engine, config.kv_events_config)
     if state.kv_events is not None:
@@ -149,9 +157,10 @@ async def _generate(request: web.Request, st: EmulatorState, g: GenerateRequest)
         if early is not None:
             return early
     k = next(st.ids)
+    adapter = st.lora.get(g.model)
     ereqs = [
         st.engine.make_request(f"{rid}-{i * g.n + j}-{k}", prompt, _sample_params(g.params, j), g.cache_salt,
-                               client_request_id=rid)
+                               client_request_id=rid, lora=adapter)
         for i, prompt in enumerate(g.prompts) for j in range(g.n)
     ]
     rb = ResponseBuilder(g, rid, int(time.time()), st.config.enable_prompt_tokens_details, st.logprobs,
@@ -296,34 +305,55 @@ async def _outputs(engine: Engine, ereqs: list[EngineRequest]) -> AsyncIterator[
 
 # --- the rest of vLLM's surface --------------------------------------------------------------
 async def models(request: web.Request) -> web.Response:
+    """The base model, then each LoRA adapter with root = its path and parent = the base (vLLM's cards)."""
     st = request.app[STATE]
     m = st.config.model
-    return json_response({
-        "object": "list",
-        "data": [{
-            "id": m,
-            "object": "model",
+    cards = [(name, m, None, st.config.max_model_len) for name in (m, *st.config.served_model_aliases)]
+    cards += [(name, path, m, None) for name, path in st.lora.cards()]
+    return json_response({"object": "list", "data": [_model_card(st, *c) for c in cards]})
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's runtime adapter loading: {"lora_name", "lora_path", "load_inplace"?} -> plain-text success."""
+    st = request.app[STATE]
+    body = parse_json_object(await request.read())
+    name, path = body.get("lora_name"), body.get("lora_path")
+    st.lora.load(name if isinstance(name, str) else "", path if isinstance(path, str) else "",
+                 in_place=body.get("load_inplace") is True)
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    name = parse_json_object(await request.read()).get("lora_name")
+    st.lora.unload(name if isinstance(name, str) else "")
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def _model_card(st: EmulatorState, model_id: str, root: str, parent: str | None, max_len: int | None) -> dict:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_len,
+        "permission": [{
+            "id": f"modelperm-{uuid.uuid4().hex}",
+            "object": "model_permission",
             "created": st.created,
-            "owned_by": "vllm",
-            "root": m,
-            "parent": None,
-            "max_model_len": st.config.max_model_len,
-            "permission": [{
-                "id": f"modelperm-{uuid.uuid4().hex}",
-                "object": "model_permission",
-                "created": st.created,
-                "allow_create_engine": False,
-                "allow_sampling": True,
-                "allow_logprobs": True,
-                "allow_search_indices": False,
-                "allow_view": True,
-                "allow_fine_tuning": False,
-                "organization": "*",
-                "group": None,
-                "is_blocking": False,
-            }],
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
         }],
-    })
+    }
 
 
 async def health(request: web.Request) -> web.Response:

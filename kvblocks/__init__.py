@@ -8,6 +8,7 @@ that answers JSON errors, `json_response`, `bearer_token`) is not imported here:
 from .blocks import DEFAULT_BLOCK_SIZE, BlockHasher, full_blocks, num_full_blocks
 from .chat import ChatFormatError, render_chat
 from .errors import APIError, error_body
+from .extra_keys import ExtraKeys, LoraKey, extra_keys
 from .hashing import HASH_ALGOS, hash_block, hash_fn, hash_to_int, none_hash, salt_extra_keys
 from .tokenizer import BUILTIN_TOKENIZER, Tokenizer, get_tokenizer
 
@@ -17,6 +18,9 @@ __all__ = [
     "BlockHasher",
     "ChatFormatError",
     "DEFAULT_BLOCK_SIZE",
+    "ExtraKeys",
+    "LoraKey",
+    "extra_keys",
     "HASH_ALGOS",
     "Tokenizer",
     "error_body",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any
 
+from .extra_keys import ExtraKeys
 from .hashing import HASH_ALGOS, hash_block, none_hash
 
 DEFAULT_BLOCK_SIZE = 16
@@ -30,7 +31,8 @@ def full_blocks(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE) 
 class BlockHasher:
     """Chained block hashes for one (block size, algorithm) setting, as a vLLM server computes them.
 
-    `extra_keys_block0` carries per-request salt (vLLM's `cache_salt`) that only block 0 includes.
+    `keys` (`extra_keys.py`) carries a request's LoRA adapter (every block) and `cache_salt` (block 0);
+    `extra_keys_block0` is the older way to give block 0's keys alone.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -55,12 +57,16 @@ class BlockHasher:
         parent: bytes | None = None,
         start_block: int = 0,
         extra_keys_block0: tuple[Any, ...] | None = None,
+        keys: ExtraKeys | None = None,
     ) -> list[bytes]:
         """Digests of the full blocks of `token_ids` from block `start_block` on.
 
         `parent` must be the digest of block `start_block - 1` (None for block 0), so a caller that
         already hashed a prefix can extend the chain without rehashing it.
         """
+        rest = None
+        if keys is not None:
+            extra_keys_block0, rest = keys.block(0), keys.block(1)
         bs = self.block_size
         n = len(token_ids) // bs
         prev = self._root if parent is None else parent
@@ -74,11 +80,11 @@ class BlockHasher:
                 append(prev)
                 first = 1
             for j in range(first * bs, n * bs, bs):  # the hot loop: ~1 us a block
-                prev = sha256(dumps((prev, tuple(token_ids[j : j + bs]), None), 5)).digest()
+                prev = sha256(dumps((prev, tuple(token_ids[j : j + bs]), rest), 5)).digest()
                 append(prev)
             return out
         for i in range(start_block, n):
-            extra = extra_keys_block0 if i == 0 else None
+            extra = extra_keys_block0 if i == 0 else rest
             prev = hash_block(prev, token_ids[i * bs : (i + 1) * bs], extra, self.algo)
             out.append(prev)
         return out

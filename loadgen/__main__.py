@@ -76,6 +76,11 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="rotating-prefix: requests on one prefix before the next replaces it (default %(default)s)")
     g.add_argument("--rotate-suffix-tokens", type=int, default=d.rotate_suffix_tokens,
                    help="rotating-prefix: unique tokens per request (default %(default)s)")
+    g.add_argument("--adapters", type=int, default=d.adapters, help="lora: adapters, named LORA_PREFIX0.. (default %(default)s)")
+    g.add_argument("--lora-prefix", default=d.lora_prefix, help="lora: adapter name prefix (default %(default)s)")
+    g.add_argument("--base-tokens", type=int, default=d.base_tokens, help="lora: tokens of the shared base preamble (default %(default)s)")
+    g.add_argument("--models", default=",".join(d.models),
+                   help="multimodel: comma-separated model names the requests pick from (default: none)")
     g.add_argument("--trace-path", default=d.trace_path,
                    help="trace: Mooncake JSONL file (default: the conversation trace shipped in loadgen/data/)")
     g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay (default %(default)s)")
@@ -199,6 +204,8 @@ def configs(ns: argparse.Namespace) -> RunConfig:
         wl["prefix_lengths"] = tuple(int(x) for x in str(ns.prefix_lengths).split(",") if x.strip())
     except ValueError:
         raise UsageError("--prefix-lengths", f"{ns.prefix_lengths!r}: expected comma-separated integers") from None
+    if hasattr(ns, "models"):
+        wl["models"] = tuple(x.strip() for x in str(ns.models).split(",") if x.strip())
     run = {f.name: getattr(ns, f.name) for f in fields(RunConfig) if hasattr(ns, f.name) and f.name != "workload"}
     run["target"] = http_url("--target", ns.target) if ns.target else ""
     run["also_targets"] = ",".join(http_url("--also-target", u) for u in getattr(ns, "also_target", None) or [])

@@ -78,7 +78,7 @@ async def send_request(client: openai.AsyncOpenAI, model: str, spec: RequestSpec
     rec = RequestRecord(spec.index, spec.chain, spec.turn, spec.api, time.perf_counter() - run_start,
                         expected_prompt_tokens=spec.prompt_tokens, max_tokens=spec.max_tokens, tags=dict(spec.tags))
     extra = {"ignore_eos": True, "min_tokens": spec.max_tokens}
-    kwargs: dict[str, Any] = dict(model=model, max_tokens=spec.max_tokens, stream=True,
+    kwargs: dict[str, Any] = dict(model=spec.model or model, max_tokens=spec.max_tokens, stream=True,
                                   stream_options={"include_usage": True}, temperature=0.0, extra_body=extra,
                                   extra_headers={HEADER_REQUEST_ID: f"loadgen-{spec.index}"})
     t0 = time.perf_counter()

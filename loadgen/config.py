@@ -22,7 +22,7 @@ TRACE_FILE = "mooncake_fast25_conversation_trace.jsonl"
 # Shipped inside the package (Apache-2.0, source and licence in loadgen/data/), so `trace` runs from a clone.
 DEFAULT_TRACE = str(files("loadgen").joinpath("data", TRACE_FILE))
 WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace", "burst", "mixed",
-                  "rotating-prefix")
+                  "rotating-prefix", "lora", "multimodel")
 
 
 @dataclass
@@ -67,6 +67,12 @@ class WorkloadConfig:
     rotate_prefix_tokens: int = 1000
     rotate_after: int = 30
     rotate_suffix_tokens: int = 32
+    # lora: adapters `<lora_prefix>0..K-1` (Zipf popularity, zipf_s) over a shared base preamble
+    adapters: int = 4
+    lora_prefix: str = "lora-"
+    base_tokens: int = 400
+    # multimodel: the models requests name (Zipf popularity, zipf_s), each with system_prompts of its own
+    models: tuple[str, ...] = ()
     # trace
     trace_path: str = DEFAULT_TRACE
     trace_offset: int = 0
@@ -80,7 +86,7 @@ class WorkloadConfig:
             raise ValueError("requests must be positive")
         if self.output_tokens < 1 or self.max_model_len < 2 or self.trace_speedup <= 0:
             raise ValueError("output_tokens must be >= 1, max_model_len >= 2 and trace_speedup > 0")
-        for name in ("documents", "doc_tokens_min", "turns", "system_prompts", "tenants", "users_per_tenant"):
+        for name in ("documents", "doc_tokens_min", "turns", "system_prompts", "tenants", "users_per_tenant", "adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("zipf_s", "question_tokens", "sessions", "turn_tokens", "think_time", "system_tokens", "few_shot",
@@ -95,6 +101,10 @@ class WorkloadConfig:
             raise ValueError(f"trace_path {self.trace_path}: no such file")
         if self.rotate_after < 1 or self.rotate_prefix_tokens < 0 or self.rotate_suffix_tokens < 1:
             raise ValueError("rotate_after and rotate_suffix_tokens must be >= 1, rotate_prefix_tokens >= 0")
+        if self.name == "multimodel" and not self.models:
+            raise ValueError("the multimodel workload needs models (--models A,B)")
+        if self.base_tokens < 0 or not self.lora_prefix:
+            raise ValueError("base_tokens must be >= 0 and lora_prefix non-empty")
         if self.burst < 0:
             raise ValueError("burst must not be negative")
         if not (0 <= self.mixed_rag and 0 <= self.mixed_chat and self.mixed_rag + self.mixed_chat <= 1):

@@ -36,6 +36,7 @@ class RequestSpec:
     arrival: float | None = None
     prompt_tokens: int = 0
     tags: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # the request's own model (an adapter, one of several models); None: the run's
 
     def rendered_prompt(self) -> str:
         """The text the backend tokenizes (the chat template applied for chat requests)."""
@@ -297,6 +298,49 @@ def mixed(cfg: WorkloadConfig) -> Workload:
     }, ["arrivals (--rate) start chains: a chat session is one arrival, its turns follow with think time"])
 
 
+def lora(cfg: WorkloadConfig) -> Workload:
+    """K LoRA adapters (`<lora_prefix><k>`) with Zipf popularity over one base model: every prompt is a
+    shared base preamble, the adapter's own system prompt, then a new question. The preamble is the same
+    text for every adapter, but each adapter's KV blocks are its own (vLLM keys them by adapter)."""
+    rng = random.Random(repr((cfg.seed, "lora")))
+    preamble = seeded_words(cfg.base_tokens, cfg.seed, "lora-base")
+    systems = [seeded_words(cfg.system_tokens, cfg.seed, "lora-sys", k) for k in range(cfg.adapters)]
+    draw = zipf_sampler(cfg.adapters, cfg.zipf_s, rng)
+    reqs = []
+    for i in range(cfg.requests):
+        k = draw()
+        prompt = f"{preamble}\n{systems[k]}\n{words(rng, cfg.question_tokens)}"
+        reqs.append(RequestSpec(i, "completions", cfg.output_tokens, prompt=prompt, chain=i,
+                                prompt_tokens=count_tokens(prompt), tags={"adapter": k},
+                                model=f"{cfg.lora_prefix}{k}"))
+    return Workload("lora", reqs, {
+        "adapters": cfg.adapters, "lora_prefix": cfg.lora_prefix, "zipf_s": cfg.zipf_s, "base_tokens": cfg.base_tokens,
+        "system_tokens": cfg.system_tokens, "question_tokens": cfg.question_tokens, "output_tokens": cfg.output_tokens,
+    }, notes=[f"the backends must serve adapters {cfg.lora_prefix}0..{cfg.lora_prefix}{cfg.adapters - 1}"])
+
+
+def multimodel(cfg: WorkloadConfig) -> Workload:
+    """Several base models (`models`) with Zipf popularity, each with its own shared system prompts
+    (`system_prompts` per model); every request asks a new question."""
+    if not cfg.models:
+        raise ValueError("the multimodel workload needs models (--models A,B)")
+    rng = random.Random(repr((cfg.seed, "multimodel")))
+    systems = {m: [seeded_words(cfg.system_tokens, cfg.seed, "mm-sys", m, p) for p in range(cfg.system_prompts)]
+               for m in cfg.models}
+    draw = zipf_sampler(len(cfg.models), cfg.zipf_s, rng)
+    reqs = []
+    for i in range(cfg.requests):
+        m = cfg.models[draw()]
+        p = rng.randrange(cfg.system_prompts)
+        prompt = f"{systems[m][p]}\n{words(rng, cfg.question_tokens)}"
+        reqs.append(RequestSpec(i, "completions", cfg.output_tokens, prompt=prompt, chain=i,
+                                prompt_tokens=count_tokens(prompt), tags={"model": m, "system_prompt": p}, model=m))
+    return Workload("multimodel", reqs, {
+        "models": list(cfg.models), "zipf_s": cfg.zipf_s, "system_prompts": cfg.system_prompts,
+        "system_tokens": cfg.system_tokens, "question_tokens": cfg.question_tokens, "output_tokens": cfg.output_tokens,
+    })
+
+
 WORKLOADS = {
     "rag": rag,
     "multiturn": multiturn,
@@ -307,6 +351,8 @@ WORKLOADS = {
     "burst": burst,
     "mixed": mixed,
     "rotating-prefix": rotating_prefix,
+    "lora": lora,
+    "multimodel": multimodel,
 }
 
 

@@ -151,7 +151,8 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         rejected = app[CONTEXT_KEY].metrics.errors
         front = FrontServer(handlers, runner.server, config.max_body_bytes, config.max_header_bytes,
                             config.client_read_timeout, on_reject=lambda status: rejected.labels(str(status)).inc(),
-                            keepalive_s=config.client_keepalive_timeout)
+                            keepalive_s=config.client_keepalive_timeout,
+                            session_header=config.session_header)
         addresses = await front.start(config.host, config.port, LISTEN_BACKLOG, config.reuse_port)
     except BaseException:
         if runner is not None:

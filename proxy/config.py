@@ -89,6 +89,13 @@ class ProxyConfig:
     kv_events_silence_timeout: float = 10.0
     # Policy tunables, POLICY.NAME=VALUE (e.g. kv_aware.decode_weight=0.5); see each policy's class attributes.
     policy_param: list[str] = field(default_factory=list)
+    # Session keys (proxy/routing/session.py): the header naming a client's session ("" = none), and
+    # whether the OpenAI `user` field names one when the header is absent.
+    session_header: str = "x-session-id"
+    session_user_field: bool = False
+    # LoRA: an adapter request may go to a backend of its base model that has not loaded it; the proxy
+    # loads it there first (POST /v1/load_lora_adapter; vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
+    lora_runtime_load: bool = False
     # On SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
     shutdown_grace: float = 30.0
     # Replicas that share what they route (proxy/replicas/): this one's PUB address and its peers'.
@@ -210,6 +217,7 @@ class ProxyConfig:
             default_capacity_blocks=self.default_capacity_blocks, default_max_tokens=self.default_max_tokens,
             max_model_len=self.max_model_len, profile=self.profile, time_scale=self.time_scale,
             policy_param=tuple(self.policy_param), kv_events_silence_timeout=self.kv_events_silence_timeout,
+            lora_runtime_load=self.lora_runtime_load,
         )
 
     def new_breaker(self) -> CircuitBreaker:
@@ -402,6 +410,11 @@ _HELP = {
     "max_response_bytes": "largest non-streamed backend answer relayed; beyond: 502",
     "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
     "policy_param": "a routing policy's tunable, POLICY.NAME=VALUE (repeatable), e.g. kv_aware.decode_weight=0.5",
+    "session_header": "request header whose value names a client session: its requests stay on one backend unless "
+    "that costs kv_aware.session_valve_s more ('' = off)",
+    "lora_runtime_load": "let an adapter request go to a backend of its base model without the adapter, loading it "
+    "there first (/v1/load_lora_adapter); kv_aware charges kv_aware.lora_load_s, more without a free adapter slot",
+    "session_user_field": "also take the session from the OpenAI 'user' field when the header is absent",
     "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
     "peers": "another replica of this proxy to share routing facts with (repeatable): its --replica-bind address "
     "tcp://HOST:PORT, ipc://PATH, or dns://NAME:PORT for every address a name resolves to (a headless Service)",

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from .edge.admission import Admission
 from .backends.circuit_breaker import BreakerState
 from .routing.router import Router
+from .index.exact_audit import AUDIT_REASONS
 
 # Doubling from 10 s up to the 600 s idle timeout, so long streams are not lumped into one 160-640 s bucket.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -94,8 +95,20 @@ class _BackendCollector(Collector):
         for url, sub in follower.subscribers.items():
             for reason, n in sub.stats.desyncs.items():
                 desync.add_metric([url, reason], n)
+        untrusted = GaugeMetricFamily(
+            "kvroute_exact_view_untrusted",
+            "1 while an event-fed backend is routed on the approximate index because its answers or prefix-cache "
+            "counters contradict its KV events (reason: cached_tokens_missed or no_events_while_computing)",
+            labels=["backend", "reason"],
+        )
+        audit = self.router.exact_audit
+        for url in follower.subscribers:
+            st = audit.states.get(url)
+            for reason in AUDIT_REASONS:
+                untrusted.add_metric([url, reason], 1.0 if st is not None and st.reason == reason else 0.0)
         yield mode
         yield desync
+        yield untrusted
 
 
 class ProxyMetrics:
@@ -103,10 +116,11 @@ class ProxyMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._children: dict = {}
         r = self.registry
-        self.requests = Counter("kvroute_requests", "Proxied requests", ["strategy", "backend", "status"], registry=r)
-        self.latency = Histogram("kvroute_request_latency_seconds", "Request latency through the proxy", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("kvroute_ttft_seconds", "Time until the answer starts: first streamed chunk, or the whole body when not streaming", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
-        self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy"], buckets=BLOCK_BUCKETS, registry=r)
+        # `model`: the request's model (a base model or adapter some backend serves; "" when unnamed or unknown).
+        self.requests = Counter("kvroute_requests", "Proxied requests", ["strategy", "backend", "status", "model"], registry=r)
+        self.latency = Histogram("kvroute_request_latency_seconds", "Request latency through the proxy", ["strategy", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("kvroute_ttft_seconds", "Time until the answer starts: first streamed chunk, or the whole body when not streaming", ["strategy", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.matched = Histogram("kvroute_matched_blocks", "Prefix blocks the chosen backend was believed to hold", ["strategy", "model"], buckets=BLOCK_BUCKETS, registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another backend", ["reason"], registry=r)
         self.errors = Counter("kvroute_rejected", "OpenAI requests answered with an error by the proxy itself (admin API errors not counted)", ["status"], registry=r)
         self.auth_failures = Counter(

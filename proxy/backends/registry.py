@@ -58,6 +58,13 @@ class ScrapedLoad:
     # Our requests with no first byte at some moment between the scrape's send and its answer: the
     # part of `waiting` we know about. Snapshotted then, so a request that ends later is still ours.
     ours_waiting: int = 0
+    # vllm:lora_requests_info's newest sample: adapter slots and the adapters running or waiting.
+    max_loras: int | None = None
+    active_loras: frozenset[str] = frozenset()
+
+    def free_lora_slots(self) -> int | None:
+        """Adapter slots no running or waiting adapter holds (None: the backend does not say)."""
+        return None if self.max_loras is None else max(0, self.max_loras - len(self.active_loras))
 
 
 @dataclass(eq=False)
@@ -69,7 +76,9 @@ class Backend:
     failures: int = 0
     last_error: str | None = None
     models: list[str] | None = None
+    adapters: dict = field(default_factory=dict)  # LoRA adapter name -> AdapterCard (routing/adapters.py)
     api_key: str | None = field(default=None, repr=False)  # sent upstream; never in logs or reprs
+    runtime_lora: bool | None = None  # /v1/load_lora_adapter: None = not tried, False = refused (routing/adapters.py)
     auth_error: str | None = None  # set while the backend rejects our credentials
     max_model_len: int | None = None
     scraped: ScrapedLoad = field(default_factory=ScrapedLoad)

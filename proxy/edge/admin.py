@@ -72,6 +72,8 @@ class AdminHandlers:
                     "capacity_blocks": idx.capacity(b.url),
                     "indexed_blocks": idx.num_blocks(b.url),
                     "index_mode": self.router.kv_events.mode(b.url),
+                    "exact_audit": self.router.exact_audit.describe(b.url),
+                    "adapters": {n: {"path": c.path, "parent": c.parent} for n, c in b.adapters.items()},
                     "models": b.models,
                     "max_model_len": b.max_model_len,
                     "circuit": b.breaker.describe(),

@@ -149,11 +149,13 @@ class _HeadReader:
     llhttp checks the syntax (tokens, CRLF line ends, no NUL/CR/LF in values, Content-Length digits,
     CL with TE, duplicate CL, obs-fold); this adds the proxy's limits and remembers what it needs."""
 
-    __slots__ = ("parser", "max_line", "url", "headers", "hosts", "fields", "dup", "other", "head_done", "message_done")
+    __slots__ = ("parser", "max_line", "read", "url", "headers", "hosts", "fields", "dup", "other", "head_done",
+                 "message_done")
 
-    def __init__(self, max_line: int) -> None:
+    def __init__(self, max_line: int, read: frozenset[bytes] = _READ) -> None:
         self.parser = httptools.HttpRequestParser(self)
         self.max_line = max_line
+        self.read = read
         self.reset()
 
     def reset(self) -> None:
@@ -180,7 +182,7 @@ class _HeadReader:
         key = name.lower()
         if key == b"host":
             self.hosts += 1
-        elif key in _READ:
+        elif key in self.read:
             if key in self.headers:
                 self.dup = True
             self.headers[key] = value
@@ -211,7 +213,7 @@ class FrontProtocol(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain: asyncio.Future | None = None
-        self._heads = _HeadReader(front.max_line)
+        self._heads = _HeadReader(front.max_line, front.read_headers)
         self._fed = 0
         self._head_started: float | None = None  # when the head being read began to arrive
         self._waiting: _Request | None = None  # a parsed head whose body is still arriving
@@ -463,6 +465,7 @@ class FrontServer:
     def __init__(
         self, handler: RequestHandler, aiohttp_protocol: Callable[[], asyncio.Protocol], max_body: int, max_line: int,
         read_timeout: float = 60.0, on_reject: Callable[[int], None] | None = None, keepalive_s: float = KEEPALIVE_S,
+        session_header: str = "",
     ) -> None:
         self.handler = handler
         self.on_reject = on_reject
@@ -473,6 +476,8 @@ class FrontServer:
         self.max_buffer = max_body + self.max_head
         self.read_timeout = read_timeout
         self.keepalive_s = keepalive_s
+        # ... and the session header (routing/session.py), whatever it is configured to be
+        self.read_headers = _READ | {session_header.lower().encode("latin-1")} if session_header else _READ
         self.linger_s = LINGER_S
         self.linger_bytes = LINGER_BYTES
         self.guarded: set[Guard] = set()  # connections handed to aiohttp, still under the front's limits

@@ -26,6 +26,7 @@ from ..upstream.sink import ResponseSink
 from ..url_hints import not_found_message
 from .context import CONTEXT_KEY, ProxyContext
 from .openai_request import ParsedRequest, parse_chat, parse_completion
+from ..routing.session import session_key
 
 log = logging.getLogger("kvroute.proxy")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -232,6 +233,7 @@ class ProxyHandlers:
             else:
                 ctx = router.text_context(parsed.text, parsed.max_tokens, parsed.model, parsed.cache_salt, strategy=strategy)
             self._check_length(parsed, ctx)
+            ctx.session = session_key(headers, self.config.session_header.lower(), parsed.user, self.config.session_user_field)
             await self.context.forwarder.forward(sink, path, raw, ctx, parsed.stream, strategy, self.request_id(headers),
                                          check_tokens=not parsed.multi)
 

@@ -28,6 +28,7 @@ class ParsedRequest:
     chat: bool = False
     messages: list[Any] | None = None
     multi: bool = False  # several prompts: routed on the first, usage counts them all
+    user: Any = None  # the OpenAI `user` field (a session key with --session-user-field)
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -107,6 +108,7 @@ def parse_completion(raw: bytes, limit_for: LimitFor | None = None) -> ParsedReq
     body = _load(raw)
     parsed = _parse_completion(body, limit_for)
     parsed.cache_salt = _salt(body)
+    parsed.user = body.get("user")
     return parsed
 
 
@@ -157,4 +159,5 @@ def parse_chat(raw: bytes, limit_for: LimitFor | None = None) -> ParsedRequest:
         text = render_chat(body["messages"])
     except ChatFormatError as e:
         raise APIError(400, str(e), e.param) from None
-    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body), chat=True, messages=body["messages"])
+    return ParsedRequest(model, stream, max_tokens, text=text, cache_salt=_salt(body), chat=True, messages=body["messages"],
+                         user=body.get("user"))

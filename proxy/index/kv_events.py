@@ -467,7 +467,8 @@ class KVEventsFollower:
         self.replay_timeout = replay_timeout
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self._blocks: dict[str, dict[int, None]] = {}  # insertion-ordered: least recently stored first
-        self._exact: set[str] = set()
+        self._exact: set[str] = set()  # in sync with the backend's stream
+        self._distrusted: set[str] = set()  # in sync, but its answers say the view is wrong (index/exact_audit.py)
         self._pending: dict[str, dict[int, int]] = {}  # backend -> block hash -> in-flight requests
         self._inflight: dict[int, tuple[str, list[int], Any]] = {}  # request id -> (backend, hashes, PendingTail or None)
         self._running = False
@@ -495,6 +496,7 @@ class KVEventsFollower:
         self._blocks.pop(backend, None)
         self._pending.pop(backend, None)
         self._exact.discard(backend)
+        self._distrusted.discard(backend)
         if sub is not None and sub.started:
             task = asyncio.get_running_loop().create_task(sub.close())
             self._closing.add(task)
@@ -517,8 +519,40 @@ class KVEventsFollower:
     # ---- what routing asks ------------------------------------------------------------------------
 
     def is_exact(self, backend: str) -> bool:
-        """Whether `backend`'s part of the index follows its events now (followed and in sync)."""
+        """Whether `backend`'s part of the index follows its events now (followed, in sync, not distrusted by
+        the exact-view audit)."""
+        return backend in self._exact and backend not in self._distrusted
+
+    def in_sync(self, backend: str) -> bool:
+        """Following the backend's stream without a known loss (trusted or not)."""
         return backend in self._exact
+
+    def batches_applied(self, backend: str) -> int:
+        sub = self.subscribers.get(backend)
+        return sub.stats.batches_applied if sub is not None else 0
+
+    def exact_prefix(self, backend: str, hashes: Sequence[int]) -> int:
+        """Leading blocks of `hashes` the events (plus this proxy's in-flight prompts there) say it holds."""
+        blocks = self._blocks.get(backend, {})
+        pending = self._pending.get(backend, {})
+        n = 0
+        for h in hashes:
+            if h not in blocks and h not in pending:
+                break
+            n += 1
+        return n
+
+    def distrust(self, backend: str) -> None:
+        """Route `backend` on the approximate index although its stream looks in sync."""
+        self._distrusted.add(backend)
+
+    def trust(self, backend: str) -> None:
+        """Back to the exact view: re-seed the index from the events, dropping the guesses made meanwhile."""
+        if backend not in self._distrusted:
+            return
+        self._distrusted.discard(backend)
+        if backend in self._exact:
+            self.resynced(backend)
 
     def followed(self, backend: str) -> bool:
         """Whether `backend` has a subscriber (in sync or not)."""
@@ -526,7 +560,7 @@ class KVEventsFollower:
 
     def mode(self, backend: str) -> str:
         """"exact" or "approximate", as the admin API and metrics report it."""
-        return "exact" if backend in self._exact else "approximate"
+        return "exact" if self.is_exact(backend) else "approximate"
 
     def blocks(self, backend: str) -> set[int]:
         """The backend's cached blocks as its events describe them."""
@@ -545,7 +579,7 @@ class KVEventsFollower:
         `tail` (estimated at `tail_blocks`) is the prompt's unread rest after `hashes[-1]`; a later
         prompt reaching that block resolves it into more held blocks (`PrefixIndex.hold_tail`)."""
         pending = self._pending.get(backend)
-        if pending is None or backend not in self._exact:
+        if pending is None or not self.is_exact(backend):
             return
         held = list(hashes)
         p = None
@@ -597,7 +631,7 @@ class KVEventsFollower:
                 pending.pop(h, None)
                 if h not in blocks:
                     gone.append(h)
-        if gone and backend in self._exact:
+        if gone and self.is_exact(backend):
             self.index.removed(backend, gone)
 
     # ---- KVEventSink ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from kvblocks import BlockHasher, salt_extra_keys
+from kvblocks import BlockHasher, ExtraKeys
 
 from ..index.prefix_index import PendingTail, PrefixIndex
 from .tokenize_cache import ChunkedTokenizer
@@ -24,10 +24,11 @@ PREFIX_HASH_ENTRIES = 4096
 
 @dataclass(eq=False)
 class PromptState:
-    """A prompt tokenized and hashed up to `pos`; `hashes` are int forms, `digests` the chain's bytes."""
+    """A prompt tokenized and hashed up to `pos`; `hashes` are int forms, `digests` the chain's bytes.
+    `keys`: its extra hash keys (LoRA adapter, cache_salt), None for a plain base-model prompt."""
 
     text: str
-    salt: str | None = None
+    keys: ExtraKeys | None = None
     pos: int = 0  # text[:pos] is tokenized
     chain: int = 0  # chunk-cache id naming text[:pos] (0: no cached prefix)
     chunks: int = 0  # chunks taken so far (sets the next chunk's size)
@@ -59,7 +60,7 @@ class PromptWalker:
         self.chunked = chunked
         self.index = index
         self.hasher = hasher
-        self._prefix_hashes: OrderedDict[tuple[str | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
+        self._prefix_hashes: OrderedDict[tuple[ExtraKeys | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
 
     def set_hasher(self, hasher: BlockHasher) -> None:
         """Hash with `hasher` from now on (the backends' block size or algorithm changed): cached prefix
@@ -77,7 +78,7 @@ class PromptWalker:
         cache = self._prefix_hashes
         if prefix_id is not None:
             st.chain = prefix_id
-            key = (st.salt, prefix_id)
+            key = (st.keys, prefix_id)
             hit = cache.get(key)
             if hit is not None and hit[0] == n_blocks:
                 cache.move_to_end(key)
@@ -87,15 +88,14 @@ class PromptWalker:
                 return
         done = len(st.hashes)
         if n_blocks > done:
-            extra = salt_extra_keys(st.salt) if done == 0 else None
             parent = st.digests[-1] if done else None
-            new = self.hasher.hashes(st.ids, parent=parent, start_block=done, extra_keys_block0=extra)
+            new = self.hasher.hashes(st.ids, parent=parent, start_block=done, keys=st.keys)
             st.digests += new
             from_bytes = int.from_bytes
             st.hashes += [from_bytes(d[-8:], "big") for d in new]
         if prefix_id is not None:
             # The lists only ever grow, so sharing them is safe: an entry says how many blocks it covers.
-            cache[(st.salt, prefix_id)] = (n_blocks, st.hashes, st.digests)
+            cache[(st.keys, prefix_id)] = (n_blocks, st.hashes, st.digests)
             if len(cache) > PREFIX_HASH_ENTRIES:
                 cache.popitem(last=False)
 

@@ -9,15 +9,18 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, get_tokenizer, salt_extra_keys
+from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS, APIError, BlockHasher, ExtraKeys, extra_keys, get_tokenizer
 from kvblocks.latency import get_profile
 
 from ..backends.circuit_breaker import BreakerState, CircuitBreaker
 from ..backends.registry import Backend, BackendRegistry, InFlight, now
 from ..index.kv_events import KVEventsFollower, KVEventSource
+from ..index.exact_audit import ExactViewAudit
 from ..index.prefix_index import PrefixIndex
 from .policies import Decision, Policy, RequestContext, RoutingEnv, create_policies, policy_names
 from .prompt_walk import PromptState, PromptWalker
+from .adapters import AdapterCatalog
+from .session import SessionAffinity
 from .settings import BACKEND_TOKENIZER, RoutingSettings
 from .tokenize_cache import ChunkedTokenizer
 # Margin on the estimated prefill time before a non-streaming request stops counting as queued prefill.
@@ -57,9 +60,12 @@ class Router:
         self._hashing_split: set[tuple[int, str]] = set()
         self.registry = registry if registry is not None else BackendRegistry(CircuitBreaker)
         self.index = PrefixIndex(s.default_capacity_blocks)
+        self.adapters = AdapterCatalog()
+        self.sessions = SessionAffinity()
         # The block hasher lives in the walker; the configured one until the backends report theirs.
         self.walker = PromptWalker(self.chunked, self.index, BlockHasher(s.block_size, s.hash_algo))
         self.kv_events = KVEventsFollower(self.index, s.kv_events_silence_timeout)
+        self.exact_audit = ExactViewAudit(self.kv_events)
         self.env = RoutingEnv(self.index, get_profile(s.profile), s.block_size, s.time_scale)
         self.policies: dict[str, Policy] = create_policies(self.env, list(s.policy_param))
         self.strategy = self.policy(s.strategy).name
@@ -107,9 +113,11 @@ class Router:
         b = self.registry.remove(url)
         if b is not None:
             self.kv_events.unfollow(url)
+            self.exact_audit.forget(url)
             self.index.remove_backend(url)
             for p in self.policies.values():
                 p.forget_backend(url)
+            self.sessions.forget_backend(url)
         return b
 
     def follow_block_hashing(self) -> bool:
@@ -143,10 +151,16 @@ class Router:
         """Forget every cached-prefix belief (the backends' caches are reset by the caller)."""
         self.index.clear()
         self.kv_events.forget_all()
+        self.sessions.reset()
         for p in self.policies.values():
             p.reset()
 
     # -- per request ----------------------------------------------------------------------------
+    def extra_keys(self, model: str | None, cache_salt: str | None = None) -> ExtraKeys | None:
+        """The hash keys a backend adds to this request's blocks: its LoRA adapter (when `model` names
+        one a backend serves) on every block, `cache_salt` on block 0."""
+        return extra_keys(self.adapters.lora_key(model, self.registry), cache_salt)
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a prompt; long shared prefixes (documents, chat history) are encoded once."""
         return self.chunked.encode(text)
@@ -160,12 +174,14 @@ class Router:
 
         Blind when `strategy` names a policy that does not read the prompt: nothing is tokenized (the
         count is estimated; `complete(ctx)` still tokenizes on demand, e.g. for the length check)."""
-        st = PromptState(text, cache_salt or None)
+        keys = self.extra_keys(model, cache_salt)
+        st = PromptState(text, keys)
         if lazy and text and not self.policies[strategy or self.strategy].reads_prompt:
             return RequestContext(
                 st.hashes, st.estimated_tokens(),
                 max_tokens if max_tokens is not None else self.settings.default_max_tokens,
                 model, self.index, {}, tail=st, completer=self.complete, blind=True,
+                lora=keys.lora.name if keys is not None and keys.lora is not None else None,
             )
         matches = None
         if lazy:
@@ -175,6 +191,7 @@ class Router:
         return RequestContext(
             st.hashes, st.estimated_tokens(), max_tokens if max_tokens is not None else self.settings.default_max_tokens,
             model, self.index, matches, tail=None if st.done else st, completer=self.complete,
+            lora=keys.lora.name if keys is not None and keys.lora is not None else None,
         )
 
     def complete(self, ctx: RequestContext, stop_at: int | None = None) -> None:
@@ -190,22 +207,24 @@ class Router:
         if st.done:
             ctx.tail = None
 
-    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
-        """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0)."""
-        extra = salt_extra_keys(cache_salt)
+    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None, model: str | None = None) -> list[int]:
+        """Int-form chained block hashes, as the backend computes them (cache_salt salts block 0, an
+        adapter named by `model` keys every block)."""
+        keys = self.extra_keys(model, cache_salt)
         from_bytes = int.from_bytes
-        return [from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, extra_keys_block0=extra)]
+        return [from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, keys=keys)]
 
     def context(
         self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
     ) -> RequestContext:
         """The routing view of a prompt given as token ids: hashed in full (complete at once)."""
         return RequestContext(
-            self.hashes(token_ids, cache_salt),
+            self.hashes(token_ids, cache_salt, model),
             len(token_ids),
             max_tokens if max_tokens is not None else self.settings.default_max_tokens,
             model,
             self.index,
+            lora=model if self.adapters.lora_key(model, self.registry) is not None else None,
         )
 
     def candidates(self, model: str | None = None, exclude: Collection[Backend] = ()) -> list[Backend]:
@@ -214,7 +233,13 @@ class Router:
         closed = BreakerState.CLOSED
         if model is None and not exclude and all(b.breaker.state is closed for b in healthy):
             return healthy
-        return [b for b in healthy if b not in exclude and b.serves(model) and b.breaker.allows()]
+        out = [b for b in healthy if b not in exclude and b.serves(model) and b.breaker.allows()]
+        if self.settings.lora_runtime_load:
+            card = self.adapters.card(model, self.registry)
+            if card is not None:  # backends of its base model that may load it at run time
+                out += [b for b in healthy if b not in exclude and b not in out and b.runtime_lora is not False
+                        and b.models is not None and card.parent in b.models and b.breaker.allows()]
+        return out
 
     def decide(self, ctx: RequestContext, strategy: str | None = None, exclude: Collection[Backend] = ()) -> Decision:
         """The backend `strategy` (default: the current one) picks among `candidates(ctx.model, exclude)`.
@@ -230,7 +255,18 @@ class Router:
             if serving:
                 raise APIError(503, "every backend is temporarily out of rotation after repeated failures; retry later")
             raise APIError(503, "no healthy backend available" + (f" for model {ctx.model!r}" if ctx.model else ""))
+        if ctx.session is not None:
+            ctx.session_home = self.sessions.home(ctx.session, cands)
         return policy.pick(ctx, cands)
+
+    def model_label(self, model: str | None) -> str:
+        """`model` as a metric label: only names some backend serves (a client cannot grow the label set)."""
+        if model is None:
+            return ""
+        for b in self.registry:
+            if b.models and model in b.models:
+                return model
+        return ""
 
     def max_model_len(self, model: str | None) -> int:
         """The longest context a backend serving `model` accepts (from its /v1/models), else the configured default."""
@@ -274,6 +310,8 @@ class Router:
         self.policies[strategy or self.strategy].observe(ctx, b)
         if self.replicas is not None:
             self.replicas.begun(rec, ctx, decision.matched_blocks, strategy or self.strategy)
+        if ctx.session is not None:
+            self.sessions.record(ctx.session, b.url)
         return rec
 
     def first_byte(self, rec: InFlight) -> None:

@@ -30,3 +30,5 @@ class RoutingSettings:
     time_scale: float = 1.0
     policy_param: tuple[str, ...] = ()
     kv_events_silence_timeout: float = 10.0
+    # An adapter request may go to a backend of its base model without the adapter (loaded there first).
+    lora_runtime_load: bool = False

@@ -28,6 +28,8 @@ from .sink import ResponseSink
 from ..routing.router import Router
 from .client import UpstreamError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 from .usage_check import TAIL_BYTES, PromptTokenCheck  # noqa: F401 - TAIL_BYTES bounds _relay's tail
+from ..index.exact_audit import usage_int
+from .lora_loader import RuntimeLoraLoader
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -117,6 +119,8 @@ class Forwarder:
         self.draining = False
         self._streams: set[asyncio.Task] = set()
         self.check_prompt_tokens = PromptTokenCheck(metrics)
+        # --lora-runtime-load: adapters are loaded into the chosen backend before the request goes there
+        self.lora_loader = RuntimeLoraLoader(monitor.session) if router.settings.lora_runtime_load else None
 
     async def forward(
         self, sink: ResponseSink, path: str, raw: bytes, ctx: RequestContext, stream: bool, strategy: str, request_id: str,
@@ -130,6 +134,7 @@ class Forwarder:
         t0 = time.perf_counter()
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
         tokens = ctx.num_tokens if ctx.complete and check_tokens else None  # to compare with usage.prompt_tokens
+        model = router.model_label(ctx.model)
         tried: list[Backend] = []
         last: _Failed | None = None
         for attempt in range(self.max_attempts):
@@ -142,18 +147,26 @@ class Forwarder:
                     raise
                 break
             b = decision.backend
+            if ctx.lora is not None and self.lora_loader is not None and ctx.lora not in b.adapters:
+                card = router.adapters.card(ctx.lora, router.registry)
+                if card is None or not await self.lora_loader.ensure(b, card):
+                    last = _Failed("adapter_load")
+                    tried.append(b)
+                    continue
+            predicted = None if ctx.blind else router.exact_audit.predict(b.url, ctx.hashes)
             rec = router.begin(ctx, decision, strategy, stream)
             probe = b.breaker.attempt()
             verdict = None
             try:
                 verdict = await self._attempt(sink, path, raw, {**headers, **b.auth_headers} if b.api_key else headers,
-                                              decision, rec, stream, strategy, request_id, t0, tokens, ctx.blind)
+                                              decision, rec, stream, strategy, request_id, t0, tokens, ctx.blind, ctx,
+                                              predicted, model)
                 return
             except _Failed as f:
                 verdict = False
                 last = f
                 tried.append(b)
-                self.metrics.child(self.metrics.requests, strategy, b.url, str(f.status or 502)).inc()
+                self.metrics.child(self.metrics.requests, strategy, b.url, str(f.status or 502), model).inc()
                 if attempt + 1 < self.max_attempts:
                     self.metrics.retries.labels(f.reason).inc()
                     if any(x not in tried for x in router.registry.healthy()):
@@ -191,12 +204,14 @@ class Forwarder:
     async def _attempt(
         self, sink: ResponseSink, path: str, raw: bytes, headers: dict[str, str], decision: Decision,
         rec: InFlight, stream: bool, strategy: str, request_id: str, t0: float, tokens: int | None = None,
-        blind: bool = False,
+        blind: bool = False, ctx: RequestContext | None = None, predicted: int | None = None, model: str = "",
     ) -> bool:
         """One try on `decision.backend`: answered (returns whether the backend served it well) or `_Failed`.
 
         `blind`: the policy did not read the prompt, so no matched-block count is reported."""
         b = decision.backend
+        # An event-fed backend's answers are checked against its exact view (index/exact_audit.py).
+        audit = (lambda data: self._audit(b, ctx, predicted, data)) if ctx is not None and predicted is not None else None
         upstream: UpstreamResponse | None = None
         done = False
         try:
@@ -227,11 +242,11 @@ class Forwarder:
             self.router.first_byte(rec)
             t_first = time.perf_counter()
             m = self.metrics
-            m.child(m.ttft, strategy).observe(t_first - t0)
+            m.child(m.ttft, strategy, model).observe(t_first - t0)
             if blind:
                 out_headers = {"x-kvroute-backend": b.url, "x-kvroute-strategy": strategy, "x-request-id": request_id}
             else:
-                m.child(m.matched, strategy).observe(decision.matched_blocks)
+                m.child(m.matched, strategy, model).observe(decision.matched_blocks)
                 out_headers = {
                     "x-kvroute-backend": b.url,
                     "x-kvroute-strategy": strategy,
@@ -252,11 +267,13 @@ class Forwarder:
                     body = await self._relay(sink, upstream, body, out_headers, request_id, b)
                 if tokens is not None and status == 200:  # a whole body (<= RELAY_BUFFER), or a relayed one's tail
                     self.check_prompt_tokens(b, tokens, body)
+                if audit is not None and status == 200:
+                    audit(body)
             else:
-                ok = await self._stream(sink, upstream, first, out_headers, request_id, b, tokens)
+                ok = await self._stream(sink, upstream, first, out_headers, request_id, b, tokens, audit)
             done = ok
-            m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error").inc()
-            m.child(m.latency, strategy).observe(time.perf_counter() - t0)
+            m.child(m.requests, strategy, b.url, str(status) if ok else "stream_error", model).inc()
+            m.child(m.latency, strategy, model).observe(time.perf_counter() - t0)
             if self.access is not None:
                 self.access.info("request", request_id=request_id, path=path, backend=b.url, strategy=strategy,
                                  matched_blocks=None if blind else decision.matched_blocks,
@@ -275,6 +292,15 @@ class Forwarder:
         self.metrics.child(self.metrics.auth_failures, b.url).inc()
         if self.router.registry.set_health(b, False, b.auth_error):
             log.warning("backend %s marked unhealthy: %s", b.url, b.auth_error)
+
+    def _audit(self, b: Backend, ctx: RequestContext, predicted: int, data: bytes) -> None:
+        """Hand the answer's usage.prompt_tokens_details.cached_tokens to the exact-view audit."""
+        cached = usage_int(data, b"cached_tokens")
+        if cached is None:
+            return
+        r = self.router
+        r.exact_audit.observe_answer(b.url, predicted, len(ctx.hashes), ctx.complete, ctx.num_tokens, cached,
+                                     r.hasher.block_size)
 
     async def _relay(
         self, sink: ResponseSink, upstream: UpstreamResponse, buffered: bytes, out_headers: dict[str, str], request_id: str,
@@ -328,7 +354,7 @@ class Forwarder:
 
     async def _stream(
         self, sink: ResponseSink, upstream: UpstreamResponse, first: bytes, out_headers: dict[str, str], request_id: str,
-        b: Backend | None = None, tokens: int | None = None,
+        b: Backend | None = None, tokens: int | None = None, audit=None,
     ) -> bool:
         """Pass the stream through; False when the backend failed it midway (the client got an error event)."""
         ok = True
@@ -345,6 +371,8 @@ class Forwarder:
                         chunk = await upstream.read_chunk()
                         if chunk and tokens is not None and b'"prompt_tokens"' in chunk:  # the usage chunk (stream_options)
                             self.check_prompt_tokens(b, tokens, chunk)
+                        if chunk and audit is not None and b'"cached_tokens"' in chunk:
+                            audit(chunk)
                     except _UPSTREAM_ERRORS as e:
                         ok = False
                         stalled = isinstance(e, TimeoutError)

@@ -19,6 +19,7 @@ from ..backends.registry import Backend, now
 from ..routing.router import Router
 from ..url_hints import backend_url_hint
 from .settings import MonitorSettings
+from ..routing.adapters import parse_model_cards
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -26,11 +27,19 @@ log = logging.getLogger("kvroute.proxy")
 MAX_METRICS_BYTES = 8 * 1024 * 1024
 MAX_MODELS_BYTES = 4 * 1024 * 1024
 MAX_GAUGE = 1e9
+MAX_COUNTER = 1e18  # token counters of a long-lived server outgrow MAX_GAUGE
+MAX_TIMESTAMP = 1e11  # vllm:lora_requests_info's value: a Unix time
 MAX_BLOCKS = float(1 << 31)
 _GAUGES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv_usage",
+}
+# Counters the exact-view audit reads (index/exact_audit.py): tokens looked up / found, requests done.
+_COUNTERS = {
+    "vllm:prefix_cache_queries_total": "prefix_queries",
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+    "vllm:request_success_total": "finished",
 }
 
 
@@ -56,6 +65,16 @@ def parse_vllm_metrics(text: str) -> dict[str, float | str]:
             v = _sane(value, MAX_GAUGE)
             if v is not None:
                 out[_GAUGES[name]] = out.get(_GAUGES[name], 0.0) + v
+        elif name in _COUNTERS:
+            v = _sane(value, MAX_COUNTER)
+            if v is not None:
+                out[_COUNTERS[name]] = out.get(_COUNTERS[name], 0.0) + v
+        elif name == "vllm:lora_requests_info":
+            # A label set once seen stays exposed with the time it was last current: keep the newest.
+            t = _sane(value, MAX_TIMESTAMP)
+            if t is not None and t >= out.get("_lora_t", -1.0):
+                out["_lora_t"] = t
+                out["lora_info"] = dict(_LABEL.findall(labels))  # type: ignore[assignment]
         elif name == "vllm:cache_config_info":
             for k, v in _LABEL.findall(labels):
                 if k in ("num_gpu_blocks", "block_size"):
@@ -158,8 +177,9 @@ class BackendMonitor:
                 err = None if ok else f"/health answered {r.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             ok, err = False, f"{type(e).__name__}: {e}"
-        if ok and (b.models is None or b.auth_error):
-            # vLLM's /health needs no key but /v1/* does: a wrong key shows here, and keeps it out of routing
+        if ok:
+            # vLLM's /health needs no key but /v1/* does: a wrong key shows here, and keeps it out of routing.
+            # Read at every check: adapters come and go at run time (/v1/load_lora_adapter).
             await self.fetch_models(b)
             if b.auth_error:
                 ok, err = False, b.auth_error
@@ -195,7 +215,7 @@ class BackendMonitor:
                 if r.status == 200:
                     data = orjson.loads(await _bounded(r, MAX_MODELS_BYTES))
                     entries = [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
-                    b.models = [m["id"] for m in entries]
+                    b.models, b.adapters = parse_model_cards(entries)
                     lens = [m["max_model_len"] for m in entries if isinstance(m.get("max_model_len"), int)]
                     b.max_model_len = max(lens) if lens else None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -218,6 +238,16 @@ class BackendMonitor:
                         "started with --disable-log-stats?): load and block size are not read from it", b.url)
         b.note_scrape(vals.get("running"), vals.get("waiting"), vals.get("kv_usage"), now(), since=mark)
         s = b.scraped
+        lora = vals.get("lora_info")
+        if isinstance(lora, dict):
+            with contextlib.suppress(ValueError):
+                s.max_loras = int(lora.get("max_lora", ""))
+            s.active_loras = frozenset(x for k in ("running_lora_adapters", "waiting_lora_adapters")
+                                       for x in lora.get(k, "").split(",") if x)
+        if "prefix_queries" in vals and "prefix_hits" in vals and "finished" in vals:
+            self.router.exact_audit.observe_counters(
+                b.url, vals["prefix_queries"], vals["prefix_hits"], vals["finished"], self.router.hasher.block_size,
+                unfinished=vals.get("running", 0.0) + vals.get("waiting", 0.0))
         if "block_size" in vals or "hash_algo" in vals:
             if "block_size" in vals:
                 s.block_size = int(vals["block_size"])

@@ -13,11 +13,14 @@ def _tokens(spec):
     return get_tokenizer().encode(spec.rendered_prompt())
 
 
+NEEDS = {"multimodel": {"models": ("model-a", "model-b")}}  # settings a workload cannot do without
+
+
 @pytest.mark.parametrize("name", WORKLOAD_NAMES)
 def test_same_seed_same_text_other_seed_other_text(name):
-    a = build_workload(WorkloadConfig(name=name, requests=12, seed=3))
-    b = build_workload(WorkloadConfig(name=name, requests=12, seed=3))
-    c = build_workload(WorkloadConfig(name=name, requests=12, seed=4))
+    a = build_workload(WorkloadConfig(name=name, requests=12, seed=3, **NEEDS.get(name, {})))
+    b = build_workload(WorkloadConfig(name=name, requests=12, seed=3, **NEEDS.get(name, {})))
+    c = build_workload(WorkloadConfig(name=name, requests=12, seed=4, **NEEDS.get(name, {})))
     assert [r.rendered_prompt() for r in a.requests] == [r.rendered_prompt() for r in b.requests]
     assert [r.rendered_prompt() for r in a.requests] != [r.rendered_prompt() for r in c.requests]
     assert len(a.requests) == 12
@@ -25,7 +28,7 @@ def test_same_seed_same_text_other_seed_other_text(name):
 
 @pytest.mark.parametrize("name", WORKLOAD_NAMES)
 def test_token_counts_exact_and_fit_model_len(name):
-    w = build_workload(WorkloadConfig(name=name, requests=12))
+    w = build_workload(WorkloadConfig(name=name, requests=12, **NEEDS.get(name, {})))
     for r in w.requests:
         assert r.prompt_tokens == len(_tokens(r))
         assert r.prompt_tokens + r.max_tokens <= 4096

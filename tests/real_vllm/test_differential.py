@@ -4,7 +4,8 @@ Both are configured alike (32-token blocks, 128 blocks, the same step budget, sh
 same seeded sequence of token-id prompts, one at a time with max_tokens=1 (no generated token ever
 fills a block, so the model's output cannot matter): shared roots, branches, exact repeats,
 block-aligned and ragged lengths, prompts longer than the step budget (chunked prefill), salted
-prompts, prompt_logprobs and prefix-cache resets, in a cache small enough to evict. Per request the
+prompts, prompts for either of server b's two LoRA adapters (blocks keyed by the adapter, events
+naming it), prompt_logprobs and prefix-cache resets, in a cache small enough to evict. Per request the
 `cached_tokens` must be equal, and so must the KV-event batches each side published (hashes,
 parents, token ids, extra keys, block size, removals, clears, and the batch boundaries), read back
 through each publisher's replay socket. A mismatch prints a shrunk reproduction.
@@ -36,10 +37,11 @@ SCENARIOS = 10
 REQUESTS = 200
 SHRINK_BUDGET_S = 120.0
 END_MARKER = [95_001] * BLOCK_SIZE  # a one-block prompt no scenario uses: its BlockStored ends a read
+ADAPTERS = ("sql", "chat")  # server b's LoRA adapters (conftest), loaded in this order (lora_id 1, 2)
 
 
 def scenario(seed: int, n: int = REQUESTS) -> list[dict[str, Any]]:
-    """A seeded op list: {"prompt", "salt", "plp"} requests and {"reset": True}."""
+    """A seeded op list: {"prompt", "salt", "plp", "model"} requests and {"reset": True}."""
     rng = random.Random(seed)
     prompts: list[list[int]] = []
     ops: list[dict[str, Any]] = []
@@ -58,7 +60,7 @@ def scenario(seed: int, n: int = REQUESTS) -> list[dict[str, Any]]:
         prompt = prompt[: MAX_MODEL_LEN - 8]
         prompts.append(prompt)
         ops.append({"prompt": prompt, "salt": rng.choice(["tenant-a", "tenant-b"]) if rng.random() < 0.15 else None,
-                    "plp": rng.random() < 0.08})
+                    "plp": rng.random() < 0.08, "model": rng.choice(ADAPTERS) if rng.random() < 0.25 else MODEL_NAME})
         if rng.random() < 0.03:
             ops.append({"reset": True})
     return ops
@@ -75,7 +77,7 @@ class Side:
         if op.get("reset"):
             async with s.post(self.url + "/reset_prefix_cache") as r:
                 return "reset ok" if (await r.json()).get("success") else "reset refused"
-        body: dict[str, Any] = {"model": MODEL_NAME, "prompt": op["prompt"], "max_tokens": 1, "temperature": 0}
+        body: dict[str, Any] = {"model": op.get("model", MODEL_NAME), "prompt": op["prompt"], "max_tokens": 1, "temperature": 0}
         if op["salt"]:
             body["cache_salt"] = op["salt"]
         if op["plp"]:
@@ -183,15 +185,18 @@ def _describe(ops: list[dict[str, Any]]) -> str:
             lines.append("reset")
         else:
             p = op["prompt"]
-            lines.append(f"prompt len {len(p)} head {p[:4]} salt {op['salt']} prompt_logprobs {op['plp']}")
+            lines.append(f"prompt len {len(p)} head {p[:4]} salt {op['salt']} prompt_logprobs {op['plp']} "
+                         f"model {op.get('model', MODEL_NAME)}")
     return "\n".join(lines)
 
 
-async def emulator_twin() -> RunningEmulator:
-    """An emulator configured as server b: same block size, block count, step budget and hash."""
+async def emulator_twin(adapters: dict | None = None) -> RunningEmulator:
+    """An emulator configured as server b: same block size, block count, step budget, hash and adapters
+    (same names, same paths, same load order)."""
     return await start_emulator(EmulatorConfig(
         port=0, model=MODEL_NAME, block_size=BLOCK_SIZE, num_gpu_blocks=NUM_BLOCKS, max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=DIFF_BUDGET, time_scale=0.001, log_requests=False,
+        lora_modules=[f"{n}={p}" for n, p in (adapters or {}).items()], max_loras=1,
         kv_events_config={"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:*",
                           "replay_endpoint": "tcp://127.0.0.1:*", "topic": "kv-events"},
     ))
@@ -202,7 +207,8 @@ def _sides(b: VLLMServer, em: RunningEmulator) -> list[Side]:
 
 
 async def test_emulator_equals_real_vllm_request_for_request(vllm_pair: VLLMPair, request):
-    em = await emulator_twin()
+    assert tuple(vllm_pair.adapters) == ADAPTERS
+    em = await emulator_twin(vllm_pair.adapters)
     try:
         await _differential(_sides(vllm_pair.b, em), lambda msg: say(request, msg))
     finally:
@@ -210,7 +216,8 @@ async def test_emulator_equals_real_vllm_request_for_request(vllm_pair: VLLMPair
 
 
 async def _differential(sides: list[Side], progress=lambda msg: None) -> None:
-    compared = {"requests": 0, "batches": 0, "events": 0, "cached_tokens": 0, "chunked": 0}
+    compared = {"requests": 0, "batches": 0, "events": 0, "cached_tokens": 0, "chunked": 0, "adapter_requests": 0,
+                "adapter_cached_tokens": 0}
     for seed in range(SCENARIOS):
         ops = scenario(seed)
         progress(f"real-vLLM differential: scenario {seed + 1} of {SCENARIOS} ({len(ops)} operations on both sides)")
@@ -225,5 +232,9 @@ async def _differential(sides: list[Side], progress=lambda msg: None) -> None:
         compared["events"] += sum(len(x) for x in events[0])
         compared["cached_tokens"] += sum(r[0] for r in results if isinstance(r[0], int))
         compared["chunked"] += sum(1 for op in ops if not op.get("reset") and len(op["prompt"]) > DIFF_BUDGET)
+        lora_ops = [(op, r) for op, r in zip(ops, results) if op.get("model", MODEL_NAME) != MODEL_NAME]
+        compared["adapter_requests"] += len(lora_ops)
+        compared["adapter_cached_tokens"] += sum(r[0] for _, r in lora_ops if isinstance(r[0], int))
     print(f"\ndifferential: {compared} equal on vLLM and the emulator ({SCENARIOS} scenarios)")
     assert compared["chunked"] > 100 and compared["cached_tokens"] > 0
+    assert compared["adapter_requests"] > 300 and compared["adapter_cached_tokens"] > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvblocks import BlockHasher, salt_extra_keys
+from kvblocks import BlockHasher, LoraKey, extra_keys, salt_extra_keys
 from proxy.index.kv_events import KVEventSource, KVEventSubscriber
 
 from ..kv_events.helpers import RecordingSink, eventually
@@ -47,6 +47,9 @@ def _ours(case: dict, hash_seed: str | None, monkeypatch: pytest.MonkeyPatch) ->
     else:
         monkeypatch.setenv("PYTHONHASHSEED", hash_seed)
     h = BlockHasher(case["block_size"], case["algo"])
+    if case.get("lora"):
+        keys = extra_keys(LoraKey(*case["lora"]), case["cache_salt"])
+        return [d.hex() for d in h.hashes(case["tokens"], keys=keys)]
     return [d.hex() for d in h.hashes(case["tokens"], extra_keys_block0=salt_extra_keys(case["cache_salt"]))]
 
 
@@ -84,6 +87,36 @@ def test_block_hashes_equal_vllms_for_salted_and_plain_prompts(vpy, hash_seed, m
             assert want["event_extra_keys"][0] == [case["cache_salt"]]
             assert all(k is None for k in want["event_extra_keys"][1:])
     assert salted_blocks >= 5
+
+
+def test_lora_block_hashes_and_event_keys_equal_vllms(vpy, monkeypatch):
+    """An adapter request's blocks carry ("lora", name, path) on every block (vLLM's
+    `_gen_lora_extra_hash_keys`), the salt after it on block 0; events carry them untagged. The same
+    text under the base model, another adapter, or the same name at another path hashes apart."""
+    rng = random.Random(11)
+    tokens = [rng.randrange(100_000) for _ in range(80)]
+    cases = [
+        {"tokens": tokens, "block_size": 16, "algo": "sha256", "cache_salt": None, "lora": None},
+        {"tokens": tokens, "block_size": 16, "algo": "sha256", "cache_salt": None, "lora": ["sql", "/a/sql"]},
+        {"tokens": tokens, "block_size": 16, "algo": "sha256", "cache_salt": None, "lora": ["sql", "/b/sql"]},
+        {"tokens": tokens, "block_size": 16, "algo": "sha256", "cache_salt": None, "lora": ["chat", "/a/sql"]},
+    ]
+    for i in range(16):
+        bs = rng.choice([1, 16, 32])
+        cases.append({
+            "tokens": [rng.randrange(100_000) for _ in range(rng.randrange(0, 5 * bs))],
+            "block_size": bs, "algo": rng.choice(["sha256", "sha256_cbor"]),
+            "cache_salt": rng.choice([None, "tenant-a", "ünïcode"]),
+            "lora": [rng.choice(["sql", "ädapter-2"]), rng.choice(["/tmp/x", "/ü/y"])],
+        })
+    theirs = _vllm_hashes(vpy, cases, None)
+    for case, want in zip(cases, theirs):
+        assert _ours(case, None, monkeypatch) == want["hashes"], case
+        if case["lora"] and want["hashes"]:
+            keys = extra_keys(LoraKey(*case["lora"]), case["cache_salt"])
+            assert want["event_extra_keys"] == [list(keys.event(i)) for i in range(len(want["hashes"]))]
+    base, a_sql, b_sql, a_chat = (set(w["hashes"]) for w in theirs[:4])
+    assert len(base) == 5 and not (base & a_sql) and not (a_sql & b_sql) and not (a_sql & a_chat)
 
 
 async def test_subscriber_replays_and_follows_vllms_own_publisher(vpy):

@@ -87,6 +87,32 @@ def tiny_model(python: Path) -> Path:
     return out
 
 
+def tiny_adapters(python: Path, names: tuple[str, ...] = ("sql", "chat")) -> dict[str, Path]:
+    """Tiny LoRA adapters for the tiny model, one per name (distinct seeds), built once per recipe."""
+    recipe = hashlib.sha256((TOOLS / "make_tiny_adapter.py").read_bytes()).hexdigest()[:12]
+    out: dict[str, Path] = {}
+    for seed, name in enumerate(names, 1):
+        path = CACHE / f"tiny-lora-{name}-{recipe}"
+        if not (path / ".complete").exists():
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            r = subprocess.run([str(python), str(TOOLS / "make_tiny_adapter.py"), str(tmp), str(seed)],
+                               capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:
+                raise VLLMUnavailable(f"building the tiny adapter failed: {r.stderr.strip().splitlines()[-1:]}")
+            (tmp / ".complete").touch()
+            if path.exists():
+                subprocess.run(["rm", "-rf", str(path)], check=False)
+            tmp.rename(path)
+        out[name] = path
+    return out
+
+
+def lora_args(adapters: dict[str, Path], max_loras: int = 1) -> list[str]:
+    """vLLM flags serving `adapters` beside the base model (rank 8, as make_tiny_adapter.py builds them)."""
+    return ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", "8",
+            "--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,6 +129,9 @@ class VLLMServer:
     api_key: str | None = None
     cpu: int | None = None  # core the engine's OpenMP threads bind to
     extra_args: list[str] = field(default_factory=list)
+    # True: start vLLM with its event endpoint on 127.0.0.1, as a new user might; vLLM then connects
+    # instead of binding, and a subscriber connecting there hears nothing (issue #23's miswiring).
+    events_connect: bool = False
     port: int = field(default_factory=free_port)
     events_port: int = field(default_factory=free_port)
     replay_port: int = field(default_factory=free_port)
@@ -129,7 +158,8 @@ class VLLMServer:
 
     def argv(self) -> list[str]:
         # vLLM binds its PUB only for a wildcard address; with a host it would connect to a subscriber
-        kv = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{self.events_port}",
+        host = "127.0.0.1" if self.events_connect else "*"
+        kv = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://{host}:{self.events_port}",
               "replay_endpoint": self.replay_endpoint, "topic": "kv-events"}
         args = [
             str(self.python), "-m", "vllm.entrypoints.openai.api_server",

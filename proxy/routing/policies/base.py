@@ -47,6 +47,9 @@ class RequestContext:
     # Routed by a policy that does not read the prompt: nothing was tokenized or looked up, so no
     # matched-block count is claimed (no x-kvroute-matched-blocks header, no kvroute_matched_blocks sample).
     blind: bool = False
+    session: str | None = None  # the client's session key (routing/session.py)
+    lora: str | None = None  # the LoRA adapter the request runs on (routing/adapters.py), None for a base model
+    session_home: Backend | None = field(default=None, repr=False)  # set by the router before `pick`
 
     @property
     def complete(self) -> bool:

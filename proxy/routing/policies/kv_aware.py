@@ -103,6 +103,13 @@ class KvAwarePolicy(Policy):
     home_share = 0.3
     shared_after = 2
     move_valve_s = 0.5
+    # A request with a session key (routing/session.py) goes to the session's home unless home costs
+    # session_valve_s more than the cheapest backend.
+    session_valve_s = 0.5
+    # --lora-runtime-load: a backend without the request's adapter must load it first: lora_load_s, and
+    # lora_swap_s more when vllm:lora_requests_info shows no free adapter slot (it waits for one).
+    lora_load_s = 0.5
+    lora_swap_s = 1.0
 
     def __init__(self, env) -> None:
         super().__init__(env)
@@ -205,6 +212,11 @@ class KvAwarePolicy(Policy):
                 wait = b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0
                 cost += self.memory_weight * short * ppb + wait
                 ttft += wait
+            if ctx.lora is not None and ctx.lora not in b.adapters:  # it loads the adapter first
+                free = s.free_lora_slots()
+                load = self.lora_load_s + (self.lora_swap_s if free == 0 else 0.0)
+                cost += load
+                ttft += load
             overflow = held + (full_blocks - m) - cap
             if overflow > 0:
                 cost += self.eviction_weight * overflow * ppb
@@ -280,6 +292,13 @@ class KvAwarePolicy(Policy):
             return choice
         return home
 
+    def _session_home(self, ctx: RequestContext, candidates: Sequence[Backend], costs: list[float], choice: int) -> int:
+        """Soft session affinity: home unless it costs more than `session_valve_s` over the choice."""
+        home = next((i for i, b in enumerate(candidates) if b is ctx.session_home), None)
+        if home is None or costs[home] - costs[choice] > self.session_valve_s:
+            return choice
+        return home
+
     def _ttft_band(self, costs: list[float]) -> list[float]:
         """Costs with every backend whose predicted TTFT is beyond the band around the fastest one
         priced out. The band's reference is the fastest backend that holds the prefix or can take a
@@ -323,5 +342,7 @@ class KvAwarePolicy(Policy):
                     if w > choice_w:
                         choice, choice_w = i, w
         choice = self._stay_home(ctx, candidates, raw, choice)
+        if ctx.session_home is not None:
+            choice = self._session_home(ctx, candidates, raw, choice)
         b = candidates[choice]
         return Decision(b, ctx.matched(b), f"cost={raw[choice]:.4f}s")
