@@ -13,11 +13,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kvblocks import ExtraKeys, LoraKey, extra_keys
+
 if TYPE_CHECKING:
-    from ..routing.prompt_walk import PromptState
-    from ..routing.router import Router
+    from ..routing.prompt_walk import PromptState, PromptWalker
 
 WINDOW_CHARS = 32
+
+
+def _lora_wire(keys: ExtraKeys | None) -> list[str] | None:
+    """The keys a tail's blocks carry: only the adapter's (a cache_salt tags block 0, never in a tail)."""
+    return None if keys is None or keys.lora is None else [keys.lora.name, keys.lora.path]
+
+
+def _lora_keys(wire: list[str] | None) -> ExtraKeys | None:
+    return None if not wire else extra_keys(LoraKey(wire[0], wire[1]))
 
 
 def tail_wire(st: PromptState, block_size: int, tail_blocks: int, anchor: int | None = None) -> list[Any] | None:
@@ -26,19 +36,19 @@ def tail_wire(st: PromptState, block_size: int, tail_blocks: int, anchor: int | 
     if st.done or not n:
         return None
     at = n - 1 if anchor is None else st.hashes.index(anchor)
-    return [st.text[st.pos:], st.salt, st.pos, st.text[max(0, st.pos - WINDOW_CHARS):st.pos],
+    return [st.text[st.pos:], _lora_wire(st.keys), st.pos, st.text[max(0, st.pos - WINDOW_CHARS):st.pos],
             st.ids[n * block_size:], st.digests[-1], tail_blocks, st.hashes[at + 1:]]
 
 
 class RemotePrompt:
     """The rest of a peer's prompt after `anchor`; `hashes` grows from [anchor] to its end on `finish`."""
 
-    __slots__ = ("rest", "salt", "pos", "window", "partial", "last_digest", "hashes", "done")
+    __slots__ = ("rest", "keys", "pos", "window", "partial", "last_digest", "hashes", "done")
 
     def __init__(self, anchor: int, wire: list[Any]) -> None:
-        rest, salt, pos, window, partial, last_digest, _blocks, between = wire
+        rest, lora, pos, window, partial, last_digest, _blocks, between = wire
         self.rest: str = rest
-        self.salt: str | None = salt
+        self.keys: ExtraKeys | None = _lora_keys(lora)
         self.pos: int = pos
         self.window: str = window
         self.partial: list[int] = partial
@@ -51,19 +61,19 @@ class RemotePrompt:
         if self.done:
             return None
         at = self.hashes.index(anchor)
-        return [self.rest, self.salt, self.pos, self.window, self.partial, self.last_digest, tail_blocks,
+        return [self.rest, _lora_wire(self.keys), self.pos, self.window, self.partial, self.last_digest, tail_blocks,
                 self.hashes[at + 1:]]
 
-    def finish(self, text: str | None, router: Router) -> bool:
+    def finish(self, text: str | None, walker: PromptWalker) -> bool:
         """Hash the rest if `text` (a prompt whose chain reached the anchor) may continue into it (None: hash it anyway)."""
         if self.done:
             return True
         w = self.window
         if text is not None and (not text.startswith(w, self.pos - len(w)) or text[self.pos:self.pos + 1] != self.rest[:1]):
             return False
-        ids = self.partial + router.chunked.encode(self.rest)
+        ids = self.partial + walker.chunked.encode(self.rest)
         from_bytes = int.from_bytes
-        self.hashes += [from_bytes(d[-8:], "big") for d in router.hasher.hashes(ids, parent=self.last_digest)]
+        self.hashes += [from_bytes(d[-8:], "big") for d in walker.hasher.hashes(ids, parent=self.last_digest, keys=self.keys)]
         self.done = True
         self.rest, self.partial = "", []
         return True

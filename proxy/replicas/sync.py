@@ -351,7 +351,7 @@ class ReplicaSync:
             for p in list(tails):
                 other = p.prompt
                 if isinstance(other, RemotePrompt):
-                    other.finish(None, r)
+                    other.finish(None, r.walker)
                 else:
                     r.walker.finish(other)
                 if h in other.hashes:
@@ -362,7 +362,7 @@ class ReplicaSync:
         st = ctx.tail
         if st is None:
             return
-        st.finish(None, self.router)
+        st.finish(None, self.router.walker)
         ctx.hashes = [*ctx.hashes, *st.hashes[1:]]
         ctx.tail = None
 

@@ -38,10 +38,22 @@ async def test_two_workers_serve_one_port_as_one_proxy(workers):
     assert len(children(workers.proc.pid)) == 2
     url = workers.url
     n = 24
+
+    async def propagated() -> bool:  # each worker has heard everything the other one published so far
+        seen = {}
+        for _ in range(12):  # fresh connections: the kernel spreads them over both workers
+            r = (await fresh("GET", url + "/admin/backends"))[2]["replicas"]
+            seen[r["epoch"]] = (r["next_seq"], {p["epoch"]: (p["synced"], p["last_seq"]) for p in r["peers"]})
+        return len(seen) == 2 and all(
+            other[1].get(epoch) == (True, next_seq - 1)
+            for epoch, (next_seq, _) in seen.items() for e2, other in seen.items() if e2 != epoch)
+
     for i in range(n):
-        status, headers, _ = await fresh("POST", url + "/v1/completions", json={"prompt": f"{DOC} q{i}", "max_tokens": 2})
-        assert status == 200
-        if 0 < i < 6:  # the document's blocks are known to whichever worker takes the request (later, kv_aware
+        status, headers, body = await fresh("POST", url + "/v1/completions", json={"prompt": f"{DOC} q{i}", "max_tokens": 2})
+        assert status == 200, (i, body)
+        if i == 0:
+            await wait_for_async(propagated, what="the first request's facts applied by the other worker")
+        elif i < 6:  # the document's blocks are known to whichever worker takes the request (later, kv_aware
             assert int(headers["x-kvroute-matched-blocks"]) >= 20, (i, headers)  # may copy the hot document)
 
     async def answered_by_both() -> bool:
