@@ -31,6 +31,17 @@ class UsageError(Exception):
         self.message = message
 
 
+class ConfigValueError(ValueError):
+    """A setting's value is wrong: `field` is the dataclass field, `message` what is wrong with it (the
+    field not repeated). `load_dataclass` turns it into a UsageError naming the flag, env var or config
+    key the value came from, with no need to find the field in the text."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 def print_usage_error(prog: str, err: UsageError | str) -> None:
     print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
 
@@ -174,8 +185,13 @@ def http_url(where: str, url: str) -> str:
 
 def error_for(e: Exception, field_names: list[str], sources: Mapping[str, str],
               aliases: Mapping[str, str] | None = None) -> UsageError:
-    """A dataclass validation error as a UsageError: field names become flags, WHERE is the first one named
-    (or the env var / config key its value came from)."""
+    """A dataclass validation error as a UsageError naming where the bad value came from (its flag, or the
+    env var / config key). A `ConfigValueError` says its field; for a plain ValueError field names in the
+    text become flags and WHERE is the first one named."""
+    if isinstance(e, ConfigValueError):
+        flag = flag_of(e.field, aliases)
+        where = sources.get(e.field) or flag
+        return UsageError(where, e.message if where == flag else f"{flag} {e.message}")
     message = str(e)
     found = None
     for name in sorted(field_names, key=len, reverse=True):

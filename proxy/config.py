@@ -10,12 +10,14 @@ import argparse
 import dataclasses
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvblocks import BUILTIN_TOKENIZER, HASH_ALGOS
-from kvblocks.cli import ArgumentParser, UsageError, exit_on_usage_error, load_dataclass, with_default
+from kvblocks.cli import ArgumentParser, ConfigValueError, UsageError, exit_on_usage_error, load_dataclass, with_default
 
 from .backend_url import BadBackendURL, check_backend_url
 from .backends.circuit_breaker import CircuitBreaker
@@ -32,139 +34,249 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ProxyConfig:
     """Everything `python -m proxy` and `start_proxy` need; field names match the CLI flags."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backends: list[str] = field(default_factory=list)
-    backends_file: str | None = None
-    strategy: str = "kv_aware"
-    api_keys: list[str] = field(default_factory=list, repr=False)
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 = every interface"})
+    port: int = field(default=8000, metadata={"help": "port to listen on; 0 = OS-assigned (printed at start-up)"})
+    backends: list[str] = field(default_factory=list, metadata={"help": (
+        "backend base URL: scheme://host:port[/path-prefix], no credentials or query (repeatable); none ="
+        " start embedded emulators"
+    )})
+    backends_file: str | None = field(default=None, metadata={"help": (
+        "file with one backend URL per line (# comments), or a JSON list of URLs or {\"url\": URL, "
+        "\"kv_events\": ENDPOINT | {\"endpoint\", \"topic\", \"replay_endpoint\"}}"
+    )})
+    strategy: str = field(default="kv_aware", metadata={"help": (
+        "routing strategy (switch at run time: PUT /admin/strategy)"
+    )})
+    api_keys: list[str] = field(default_factory=list, repr=False, metadata={"help": (
+        "client API key accepted as 'Authorization: Bearer KEY' (repeatable)"
+    )})
     # The admin API's key: the value, or a file holding it (see proxy/admin_auth.py for who may call without one).
-    admin_key: str | None = field(default=None, repr=False)
-    admin_key_file: str | None = None
+    admin_key: str | None = field(default=None, repr=False, metadata={"help": (
+        "key guarding /admin/ (Bearer); without one the admin API is open to local users when bound to "
+        "loopback, and refused to everyone otherwise (prefer --admin-key-file or KVROUTE_ADMIN_KEY: flags"
+        " show in ps)"
+    )})
+    admin_key_file: str | None = field(default=None, metadata={"help": (
+        "file whose first line is the admin key (a mounted secret)"
+    )})
     # False: POST /admin/backends is refused (only the configured backends are ever called).
-    runtime_backends: bool = True
+    runtime_backends: bool = field(default=True, metadata={"help": (
+        "allow POST /admin/backends to add backends at run time (--no-runtime-backends forbids it)"
+    )})
     # Sent upstream (Authorization: Bearer) to backends without a key of their own in the backends file.
-    backend_api_key: str | None = field(default=None, repr=False)
-    max_body_bytes: int = 8 * 1024 * 1024
-    health_interval: float = 2.0
-    metrics_interval: float = 1.0
-    unhealthy_after: int = 2
-    connect_timeout: float = 3.0
-    first_byte_timeout: float = 300.0
-    idle_timeout: float = 600.0
+    backend_api_key: str | None = field(default=None, repr=False, metadata={"help": (
+        "API key the proxy sends upstream (Authorization: Bearer) to backends started with --api-key; a "
+        "backends-file entry's api_key / api_key_env overrides it per backend; never logged"
+    )})
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": (
+        "largest request body accepted; beyond: 413"
+    )})
+    health_interval: float = field(default=2.0, metadata={"help": (
+        "seconds between health checks (GET /health) of each backend"
+    )})
+    metrics_interval: float = field(default=1.0, metadata={"help": (
+        "seconds between scrapes of each backend's /metrics"
+    )})
+    unhealthy_after: int = field(default=2, metadata={"help": (
+        "failed health checks in a row that take a backend out of routing"
+    )})
+    connect_timeout: float = field(default=3.0, metadata={"help": (
+        "seconds to open a backend connection before trying another backend"
+    )})
+    first_byte_timeout: float = field(default=300.0, metadata={"help": (
+        "seconds a backend may take to its first streamed byte (whole body if not streaming) before a "
+        "retry"
+    )})
+    idle_timeout: float = field(default=600.0, metadata={"help": (
+        "seconds a started stream may stay silent before it ends with an SSE error event"
+    )})
     # Resilience: retries before the first byte, with exponential backoff; a circuit breaker per backend.
-    retries: int = 1
-    retry_backoff: float = 0.05
-    retry_backoff_max: float = 2.0
-    breaker_failures: int = 5
-    breaker_cooldown: float = 5.0
-    breaker_successes: int = 2
+    retries: int = field(default=1, metadata={"help": (
+        "extra attempts on other backends when one fails before the first byte"
+    )})
+    retry_backoff: float = field(default=0.05, metadata={"help": (
+        "first retry's backoff in seconds; doubles per retry, with jitter"
+    )})
+    retry_backoff_max: float = field(default=2.0, metadata={"help": "cap of the retry backoff in seconds"})
+    breaker_failures: int = field(default=5, metadata={"help": (
+        "failed requests in a row that open a backend's circuit breaker"
+    )})
+    breaker_cooldown: float = field(default=5.0, metadata={"help": (
+        "seconds an open breaker keeps its backend out before probing it"
+    )})
+    breaker_successes: int = field(default=2, metadata={"help": "successful probes that close a half-open breaker"})
     # Limits on what one client may ask (beyond them: an OpenAI-style 4xx).
-    max_concurrent_per_key: int = 0
-    max_header_bytes: int = 8190
-    max_model_len: int = 4096
+    max_concurrent_per_key: int = field(default=0, metadata={"help": (
+        "requests one API key may have in flight (0 = unlimited); beyond: 429"
+    )})
+    max_header_bytes: int = field(default=8190, metadata={"help": (
+        "longest request line / header field accepted; beyond: 431"
+    )})
+    max_model_len: int = field(default=4096, metadata={"help": (
+        "context length assumed for a backend whose /v1/models does not say (prompt + max_tokens beyond: "
+        "400)"
+    )})
     # The edge's bounds: a client's head must arrive (and its body keep arriving) within
     # client_read_timeout; a non-streamed backend answer larger than max_response_bytes is a 502.
-    client_read_timeout: float = 60.0
+    client_read_timeout: float = field(default=60.0, metadata={"help": (
+        "seconds a client may take to send a request head, or pause mid-body, before 408"
+    )})
     # An idle keep-alive client connection is closed after this long, whichever server parsed it.
-    client_keepalive_timeout: float = 75.0
-    max_response_bytes: int = 64 * 1024 * 1024
+    client_keepalive_timeout: float = field(default=75.0, metadata={"help": (
+        "seconds an idle keep-alive client connection is kept open"
+    )})
+    max_response_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": (
+        "largest non-streamed backend answer relayed; beyond: 502"
+    )})
     # Routing model: what the cost-based policies assume a backend's GPU costs (kvblocks.latency
     # profile, also the embedded emulators' profile) and how fast the backends' clock runs.
-    profile: str = "a100-40gb-llama2-13b"
-    time_scale: float = 1.0
-    default_capacity_blocks: int = 924
-    default_max_tokens: int = 16
-    tokenizer: str = "cl100k_base"
-    block_size: int = 16
-    hash_algo: str = "sha256"
+    profile: str = field(default="a100-40gb-llama2-13b", metadata={"help": (
+        "latency profile of the backends (routing cost model; embedded emulators use it too)"
+    )})
+    time_scale: float = field(default=1.0, metadata={"help": (
+        "backends' time scale (emulator --time-scale); embedded emulators use it too"
+    )})
+    default_capacity_blocks: int = field(default=924, metadata={"help": (
+        "KV blocks assumed per backend until its vllm:cache_config_info says"
+    )})
+    default_max_tokens: int = field(default=16, metadata={"help": (
+        "max_tokens assumed for a request that gives none (routing cost)"
+    )})
+    tokenizer: str = field(default="cl100k_base", metadata={"help": (
+        "cl100k_base (built in), a Hugging Face tokenizer folder, or 'backend' (each prompt through a "
+        "backend's /tokenize, cached)"
+    )})
+    block_size: int = field(default=16, metadata={"help": (
+        "tokens per KV block until the backends report theirs (vllm:cache_config_info), then theirs"
+    )})
+    hash_algo: str = field(default="sha256", metadata={"help": (
+        "sha256 or sha256_cbor until the backends report theirs (prefix_caching_hash_algo), then theirs"
+    )})
     # Embedded emulators, started when no backend is configured.
-    emulators: int = 4
-    emulator_model: str | None = None
-    log_format: str = "console"
-    log_level: str = "info"
-    access_log: bool = False
+    emulators: int = field(default=4, metadata={"help": "number of embedded emulators when no backend is given"})
+    emulator_model: str | None = field(default=None, metadata={"help": (
+        "model name the embedded emulators serve (default: the emulator's)"
+    )})
+    log_format: str = field(default="console", metadata={"help": (
+        "log lines for a terminal, or one JSON object per line (containers)"
+    )})
+    log_level: str = field(default="info", metadata={"help": "lowest level logged"})
+    access_log: bool = field(default=False, metadata={"help": (
+        "one log line per proxied request (backend, strategy, matched blocks, status, latency, request "
+        "id)"
+    )})
     # KV events: `--kv-events` pairs with `--backend` by position ("none" skips one); see kv_event_sources().
-    kv_events: list[str] = field(default_factory=list)
-    kv_events_silence_timeout: float = 10.0
+    kv_events: list[str] = field(default_factory=list, metadata={"help": (
+        "KV-event source of the --backend at the same position: ENDPOINT[?topic=T&replay=ENDPOINT] (as "
+        "reachable from the proxy; 'none' to skip); makes that backend's prefix index exact"
+    )})
+    kv_events_silence_timeout: float = field(default=10.0, metadata={"help": (
+        "seconds a busy backend may publish no KV event before its index falls back to approximate"
+    )})
     # Policy tunables, POLICY.NAME=VALUE (e.g. kv_aware.decode_weight=0.5); see each policy's class attributes.
-    policy_param: list[str] = field(default_factory=list)
+    policy_param: list[str] = field(default_factory=list, metadata={"help": (
+        "a routing policy's tunable, POLICY.NAME=VALUE (repeatable), e.g. kv_aware.decode_weight=0.5"
+    )})
     # Session keys (proxy/routing/session.py): the header naming a client's session ("" = none), and
     # whether the OpenAI `user` field names one when the header is absent.
-    session_header: str = "x-session-id"
-    session_user_field: bool = False
+    session_header: str = field(default="x-session-id", metadata={"help": (
+        "request header whose value names a client session: its requests stay on one backend unless that "
+        "costs kv_aware.session_valve_s more ('' = off)"
+    )})
+    session_user_field: bool = field(default=False, metadata={"help": (
+        "also take the session from the OpenAI 'user' field when the header is absent"
+    )})
     # LoRA: an adapter request may go to a backend of its base model that has not loaded it; the proxy
     # loads it there first (POST /v1/load_lora_adapter; vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
-    lora_runtime_load: bool = False
+    lora_runtime_load: bool = field(default=False, metadata={"help": (
+        "let an adapter request go to a backend of its base model without the adapter, loading it there "
+        "first (/v1/load_lora_adapter); kv_aware charges kv_aware.lora_load_s, more without a free "
+        "adapter slot"
+    )})
     # On SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
-    shutdown_grace: float = 30.0
+    shutdown_grace: float = field(default=30.0, metadata={"help": (
+        "seconds in-flight requests may take to finish after SIGTERM before they are cancelled"
+    )})
     # Replicas that share what they route (proxy/replicas/): this one's PUB address and its peers'.
-    peers: list[str] = field(default_factory=list)
-    replica_bind: str | None = None
-    replica_heartbeat: float = 0.5
+    peers: list[str] = field(default_factory=list, metadata={"help": (
+        "another replica of this proxy to share routing facts with (repeatable): its --replica-bind "
+        "address tcp://HOST:PORT, ipc://PATH, or dns://NAME:PORT for every address a name resolves to (a "
+        "headless Service)"
+    )})
+    replica_bind: str | None = field(default=None, metadata={"help": (
+        "ZMQ address this replica publishes its routing facts on, e.g. tcp://*:5600 (default with a "
+        "dns:// peer: tcp://*:ITS_PORT); its replay socket binds the next port (ephemeral for port *)"
+    )})
+    replica_heartbeat: float = field(default=0.5, metadata={"help": (
+        "seconds between a replica's messages when idle; a peer silent for 3x this is lost"
+    )})
     # `--workers N|auto`: N processes on one port (SO_REUSEPORT), each a replica of the others over ipc://.
-    workers: str = "1"
-    reuse_port: bool = False
+    workers: str = field(default="1", metadata={"help": (
+        "proxy processes sharing the port (SO_REUSEPORT), each a replica of the others; auto = cores"
+    )})
+    reuse_port: bool = field(default=False, metadata={"help": (
+        "bind the port with SO_REUSEPORT so several proxies can share it (--workers sets it)"
+    )})
 
     def __post_init__(self) -> None:
+        E = ConfigValueError
         if self.block_size < 1:
-            raise ValueError("block_size must be >= 1")
+            raise E("block_size", "must be >= 1")
         if self.shutdown_grace < 0:
-            raise ValueError("shutdown_grace must be >= 0")
+            raise E("shutdown_grace", "must be >= 0")
         if self.max_body_bytes < 1024:
-            raise ValueError("max_body_bytes must be >= 1024")
-        if self.retries < 0 or self.retry_backoff < 0 or self.retry_backoff_max < 0:
-            raise ValueError("retries, retry_backoff and retry_backoff_max must be >= 0")
-        if self.breaker_failures < 1 or self.breaker_successes < 1 or self.breaker_cooldown < 0:
-            raise ValueError("breaker_failures and breaker_successes must be >= 1, breaker_cooldown >= 0")
+            raise E("max_body_bytes", "must be >= 1024")
+        for name in ("retries", "retry_backoff", "retry_backoff_max", "breaker_cooldown"):
+            if getattr(self, name) < 0:
+                raise E(name, "must be >= 0")
+        for name in ("breaker_failures", "breaker_successes", "emulators", "unhealthy_after"):
+            if getattr(self, name) < 1:
+                raise E(name, "must be >= 1")
         if self.max_concurrent_per_key < 0:
-            raise ValueError("max_concurrent_per_key must be >= 0 (0 = unlimited)")
-        if self.max_header_bytes < 1024 or self.max_model_len < 2:
-            raise ValueError("max_header_bytes must be >= 1024 and max_model_len >= 2")
-        if self.max_response_bytes < 1024:
-            raise ValueError("max_response_bytes must be >= 1024")
+            raise E("max_concurrent_per_key", "must be >= 0 (0 = unlimited)")
+        for name, least in (("max_header_bytes", 1024), ("max_model_len", 2), ("max_response_bytes", 1024)):
+            if getattr(self, name) < least:
+                raise E(name, f"must be >= {least}")
         for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "client_read_timeout", "time_scale",
                      "client_keepalive_timeout",
                      "health_interval", "metrics_interval", "kv_events_silence_timeout"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+                raise E(name, f"must be > 0 (got {getattr(self, name)})")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be within 0..65535 (got {self.port})")
-        if self.emulators < 1 or self.unhealthy_after < 1:
-            raise ValueError("emulators and unhealthy_after must be >= 1")
+            raise E("port", f"must be within 0..65535 (got {self.port})")
         if self.hash_algo not in HASH_ALGOS:
-            raise ValueError(f"hash_algo must be one of {', '.join(HASH_ALGOS)}, not {self.hash_algo!r}")
+            raise E("hash_algo", f"must be one of {', '.join(HASH_ALGOS)}, not {self.hash_algo!r}")
         if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+            raise E("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.log_level.lower() not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+            raise E("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.tokenizer not in (BUILTIN_TOKENIZER, BACKEND_TOKENIZER) and not os.path.exists(self.tokenizer):
-            raise ValueError(f"tokenizer {self.tokenizer!r}: no such Hugging Face tokenizer folder or file; "
-                             f"use {BUILTIN_TOKENIZER}, {BACKEND_TOKENIZER} or a tokenizer folder")
+            raise E("tokenizer", f"{self.tokenizer!r}: no such Hugging Face tokenizer folder or file; "
+                    f"use {BUILTIN_TOKENIZER}, {BACKEND_TOKENIZER} or a tokenizer folder")
         self.backends = [normalize_url(u) for u in self.backends]
         if self.admin_key_file:
             if self.admin_key:
-                raise ValueError("admin_key_file and admin_key are both set; give the admin key one way")
+                raise E("admin_key_file", "cannot be used with --admin-key; give the admin key one way")
             self.admin_key = read_key_file(self.admin_key_file, "admin_key_file")
         elif self.admin_key is not None and not self.admin_key.strip():
-            raise ValueError("admin_key must not be empty")
+            raise E("admin_key", "must not be empty")
         if self.backends_file:
             try:
                 self._file_backends()
             except FileNotFoundError:
-                raise ValueError(f"backends_file {self.backends_file}: no such file") from None
+                raise E("backends_file", f"{self.backends_file}: no such file") from None
             except (OSError, ValueError, UsageError) as e:
-                raise ValueError(f"backends_file {self.backends_file}: {e}") from None
+                raise E("backends_file", f"{self.backends_file}: {e}") from None
         from kvblocks.latency import PROFILES
 
         from .routing.policies import POLICIES
 
         if self.strategy not in POLICIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(POLICIES)}")
+            raise E("strategy", f"unknown strategy {self.strategy!r}; choose one of {', '.join(POLICIES)}")
         if self.profile not in PROFILES:
-            raise ValueError(f"unknown latency profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+            raise E("profile", f"unknown latency profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         if len(self.kv_events) > len(self.backends):
-            raise ValueError("more --kv-events than --backend flags (they pair by position; use 'none' to skip one)")
+            raise E("kv_events", "more --kv-events than --backend flags (they pair by position; use 'none' to skip one)")
         for value in self.kv_events:
             if value.strip().lower() not in ("", "none"):
                 KVEventSource.parse(value)
@@ -176,19 +288,20 @@ class ProxyConfig:
     def _check_replicas(self) -> None:
         from .replicas.sync import parse_peer
 
+        E = ConfigValueError
         try:
             self.peers = [parse_peer(p) for p in self.peers]
         except ValueError as e:
-            raise ValueError(f"peers: {e}") from None
+            raise E("peers", str(e)) from None
         if self.replica_bind is not None:
             scheme, _, rest = self.replica_bind.partition("://")
             if scheme not in ("tcp", "ipc") or not rest or (scheme == "tcp" and not rest.rpartition(":")[2]):
-                raise ValueError(f"replica_bind {self.replica_bind!r} must be a ZMQ address to bind, such as "
-                                 "tcp://*:5600 or ipc:///run/kvroute/replica-0")
+                raise E("replica_bind", f"{self.replica_bind!r} must be a ZMQ address to bind, such as "
+                        "tcp://*:5600 or ipc:///run/kvroute/replica-0")
         elif self.peers and not self.replica_bind_address():
-            raise ValueError("replica_bind is needed with peers (where this replica publishes for them, e.g. tcp://*:5600)")
+            raise E("replica_bind", "is needed with peers (where this replica publishes for them, e.g. tcp://*:5600)")
         if not self.replica_heartbeat > 0:
-            raise ValueError(f"replica_heartbeat must be > 0 (got {self.replica_heartbeat})")
+            raise E("replica_heartbeat", f"must be > 0 (got {self.replica_heartbeat})")
         self.worker_count()
 
     def replica_bind_address(self) -> str | None:
@@ -206,7 +319,7 @@ class ProxyConfig:
         if w == "auto":
             return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
         if not w.isdigit() or int(w) < 1:
-            raise ValueError(f"workers must be a number >= 1 or auto (got {self.workers!r})")
+            raise ConfigValueError("workers", f"must be a number >= 1 or auto (got {self.workers!r})")
         return int(w)
 
     # -- each component's own settings (built once, by the app) ---------------------------------------
@@ -360,72 +473,6 @@ def read_key_file(path: str, name: str) -> str:
 
 # Dataclass field -> CLI flag stem (and env suffix) when they differ.
 _FLAG_NAMES = {"backends": "backend", "api_keys": "api_key", "peers": "peer"}
-_HELP = {
-    "backends": "backend base URL: scheme://host:port[/path-prefix], no credentials or query (repeatable); "
-    "none = start embedded emulators",
-    "backends_file": "file with one backend URL per line (# comments), or a JSON list of URLs or "
-    '{"url": URL, "kv_events": ENDPOINT | {"endpoint", "topic", "replay_endpoint"}}',
-    "strategy": "routing strategy (switch at run time: PUT /admin/strategy)",
-    "api_keys": "client API key accepted as 'Authorization: Bearer KEY' (repeatable)",
-    "admin_key": "key guarding /admin/ (Bearer); without one the admin API is open to local users when bound to "
-    "loopback, and refused to everyone otherwise (prefer --admin-key-file or KVROUTE_ADMIN_KEY: flags show in ps)",
-    "admin_key_file": "file whose first line is the admin key (a mounted secret)",
-    "runtime_backends": "allow POST /admin/backends to add backends at run time (--no-runtime-backends forbids it)",
-    "client_keepalive_timeout": "seconds an idle keep-alive client connection is kept open",
-    "backend_api_key": "API key the proxy sends upstream (Authorization: Bearer) to backends started with --api-key; "
-    "a backends-file entry's api_key / api_key_env overrides it per backend; never logged",
-    "emulators": "number of embedded emulators when no backend is given",
-    "profile": "latency profile of the backends (routing cost model; embedded emulators use it too)",
-    "time_scale": "backends' time scale (emulator --time-scale); embedded emulators use it too",
-    "log_format": "log lines for a terminal, or one JSON object per line (containers)",
-    "log_level": "lowest level logged",
-    "access_log": "one log line per proxied request (backend, strategy, matched blocks, status, latency, request id)",
-    "host": "address to bind; 0.0.0.0 = every interface",
-    "port": "port to listen on; 0 = OS-assigned (printed at start-up)",
-    "max_body_bytes": "largest request body accepted; beyond: 413",
-    "health_interval": "seconds between health checks (GET /health) of each backend",
-    "metrics_interval": "seconds between scrapes of each backend's /metrics",
-    "unhealthy_after": "failed health checks in a row that take a backend out of routing",
-    "default_capacity_blocks": "KV blocks assumed per backend until its vllm:cache_config_info says",
-    "default_max_tokens": "max_tokens assumed for a request that gives none (routing cost)",
-    "emulator_model": "model name the embedded emulators serve (default: the emulator's)",
-    "tokenizer": "cl100k_base (built in), a Hugging Face tokenizer folder, or 'backend' (each prompt through a backend's /tokenize, cached)",
-    "block_size": "tokens per KV block until the backends report theirs (vllm:cache_config_info), then theirs",
-    "hash_algo": "sha256 or sha256_cbor until the backends report theirs (prefix_caching_hash_algo), then theirs",
-    "kv_events": "KV-event source of the --backend at the same position: ENDPOINT[?topic=T&replay=ENDPOINT] "
-    "(as reachable from the proxy; 'none' to skip); makes that backend's prefix index exact",
-    "connect_timeout": "seconds to open a backend connection before trying another backend",
-    "first_byte_timeout": "seconds a backend may take to its first streamed byte (whole body if not streaming) before a retry",
-    "idle_timeout": "seconds a started stream may stay silent before it ends with an SSE error event",
-    "retries": "extra attempts on other backends when one fails before the first byte",
-    "retry_backoff": "first retry's backoff in seconds; doubles per retry, with jitter",
-    "retry_backoff_max": "cap of the retry backoff in seconds",
-    "breaker_failures": "failed requests in a row that open a backend's circuit breaker",
-    "breaker_cooldown": "seconds an open breaker keeps its backend out before probing it",
-    "breaker_successes": "successful probes that close a half-open breaker",
-    "max_concurrent_per_key": "requests one API key may have in flight (0 = unlimited); beyond: 429",
-    "max_header_bytes": "longest request line / header field accepted; beyond: 431",
-    "max_model_len": "context length assumed for a backend whose /v1/models does not say (prompt + max_tokens beyond: 400)",
-    "client_read_timeout": "seconds a client may take to send a request head, or pause mid-body, before 408",
-    "max_response_bytes": "largest non-streamed backend answer relayed; beyond: 502",
-    "shutdown_grace": "seconds in-flight requests may take to finish after SIGTERM before they are cancelled",
-    "policy_param": "a routing policy's tunable, POLICY.NAME=VALUE (repeatable), e.g. kv_aware.decode_weight=0.5",
-    "session_header": "request header whose value names a client session: its requests stay on one backend unless "
-    "that costs kv_aware.session_valve_s more ('' = off)",
-    "lora_runtime_load": "let an adapter request go to a backend of its base model without the adapter, loading it "
-    "there first (/v1/load_lora_adapter); kv_aware charges kv_aware.lora_load_s, more without a free adapter slot",
-    "session_user_field": "also take the session from the OpenAI 'user' field when the header is absent",
-    "kv_events_silence_timeout": "seconds a busy backend may publish no KV event before its index falls back to approximate",
-    "peers": "another replica of this proxy to share routing facts with (repeatable): its --replica-bind address "
-    "tcp://HOST:PORT, ipc://PATH, or dns://NAME:PORT for every address a name resolves to (a headless Service)",
-    "replica_bind": "ZMQ address this replica publishes its routing facts on, e.g. tcp://*:5600 "
-    "(default with a dns:// peer: tcp://*:ITS_PORT); its replay socket binds the next port (ephemeral for port *)",
-    "replica_heartbeat": "seconds between a replica's messages when idle; a peer silent for 3x this is lost",
-    "workers": "proxy processes sharing the port (SO_REUSEPORT), each a replica of the others; auto = cores",
-    "reuse_port": "bind the port with SO_REUSEPORT so several proxies can share it (--workers sets it)",
-}
-
-
 def _choices(name: str) -> tuple[str, ...] | None:
     from kvblocks.latency import PROFILES
 
@@ -435,12 +482,17 @@ def _choices(name: str) -> tuple[str, ...] | None:
             "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}.get(name)
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(ProxyConfig)}
+_HINTS = typing.get_type_hints(ProxyConfig)
+
+
 def _help(name: str) -> str | None:
+    """A flag's help: its field's metadata (the text sits with the field it describes)."""
     if name == "policy_param":  # the tunables that exist, with their defaults (they live on the policy classes)
         from .routing.policies import tunables_text
 
-        return f"{_HELP[name]}. Tunables (default): {tunables_text()}".replace("%", "%%")
-    return _HELP.get(name)
+        return f"{_FIELDS[name].metadata['help']}. Tunables (default): {tunables_text()}".replace("%", "%%")
+    return _FIELDS[name].metadata.get("help")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -471,13 +523,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _field_kind(f: dataclasses.Field) -> type:
-    t = str(f.type)
-    if t.startswith("bool"):
-        return bool
-    if t.startswith("list"):
-        return list
-    if t.startswith("int"):
-        return int
-    if t.startswith("float"):
-        return float
-    return str
+    """The flag's value type from the field's annotation (`X | None` is X; str when nothing else fits)."""
+    t = _HINTS[f.name]
+    args = [x for x in typing.get_args(t) if x is not type(None)]
+    t = typing.get_origin(t) or t
+    if t in (typing.Union, types.UnionType) and len(args) == 1:
+        t = typing.get_origin(args[0]) or args[0]
+    return t if t in (bool, list, int, float) else str

@@ -51,3 +51,29 @@ def test_unknown_strategy_or_profile_is_rejected():
         ProxyConfig.from_cli(["--strategy", "fastest"], env={})
     with pytest.raises(ValueError):
         ProxyConfig(profile="h200")
+
+
+@pytest.mark.parametrize("argv,env,line", [
+    # each check names the one flag whose value is wrong (two checks used to share a message naming the first)
+    (["--retry-backoff", "-1"], {}, "--retry-backoff: must be >= 0"),
+    (["--max-model-len", "1"], {}, "--max-model-len: must be >= 2"),
+    (["--breaker-cooldown", "-1"], {}, "--breaker-cooldown: must be >= 0"),
+    (["--policy-param", "kv_aware.nope=1"], {}, "--policy-param 'kv_aware.nope=1': kv_aware has no tunable 'nope'"),
+    # a value from the environment is named by its variable, and the message still names the flag
+    ([], {"KVROUTE_UNHEALTHY_AFTER": "0"}, "KVROUTE_UNHEALTHY_AFTER='0': --unhealthy-after must be >= 1"),
+])
+def test_a_bad_value_names_its_own_flag(argv, env, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        ProxyConfig.from_cli(argv, env=env)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"python -m proxy: error: {line}"), err
+
+
+def test_config_errors_carry_their_field():
+    from kvblocks.cli import ConfigValueError
+
+    with pytest.raises(ConfigValueError) as e:
+        ProxyConfig(retry_backoff_max=-1)
+    assert (e.value.field, e.value.message) == ("retry_backoff_max", "must be >= 0")
+    assert isinstance(e.value, ValueError) and str(e.value) == "retry_backoff_max: must be >= 0"
