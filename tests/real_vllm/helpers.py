@@ -1,6 +1,7 @@
 """A proxy in front of the two real vLLM servers, configured as docs/real-vllm.md tells a user to."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from contextlib import asynccontextmanager
@@ -34,6 +35,48 @@ def backends_file(tmp: Path, pair: VLLMPair, exact: bool, key_a: str | None = "<
     return str(path)
 
 
+_current: list[RunningProxy] = []  # the proxy `complete` and `chat` settle against
+
+
+async def published_through(replay_endpoint: str, after: int) -> int:
+    """The last seq a vLLM publisher has sent, asked of its replay socket (events after `after`)."""
+    import zmq
+    import zmq.asyncio
+
+    from kvblocks.kv_events import REPLAY_END_SEQ, parse_replay_reply, replay_request
+
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.connect(replay_endpoint)
+    try:
+        await sock.send_multipart(replay_request(after + 1))
+        last = after
+        while True:
+            seq, _ = parse_replay_reply(await asyncio.wait_for(sock.recv_multipart(), 10))
+            if seq == REPLAY_END_SEQ:
+                return last
+            last = max(last, seq)
+    finally:
+        sock.close(linger=0)
+
+
+async def settle_events(p: RunningProxy) -> None:
+    """Wait until the proxy has applied every KV event its exact backends published so far.
+
+    vLLM publishes events from a thread, so an answer can reach the client before the events of its
+    own prefill (or of the evictions it caused) reach the proxy: a request sent at once may be routed on
+    a view one step old. The tests that compare matched blocks with cached_tokens request by request
+    take the replay socket's last seq as a barrier before the next request."""
+    follower = p.router.kv_events
+    for url, sub in list(follower.subscribers.items()):
+        ep = sub.source.replay_endpoint
+        if not ep or not follower.is_exact(url) or sub.stats.last_seq is None:
+            continue
+        last = await published_through(ep, sub.stats.last_seq)
+        await eventually(lambda: sub.stats.last_seq is not None and sub.stats.last_seq >= last or not follower.is_exact(url),
+                         timeout=10,
+                         what=f"KV events through seq {last} applied")
+
+
 @asynccontextmanager
 async def proxy_for(pair: VLLMPair, tmp: Path, exact: bool, tokenizer: str | None = None, wait_exact: bool = True, **kw):
     """A proxy over both servers; ready once it hashes as vLLM does (32-token blocks, scraped from
@@ -53,8 +96,11 @@ async def proxy_for(pair: VLLMPair, tmp: Path, exact: bool, tokenizer: str | Non
                          timeout=60, what="capacity")
         if exact and wait_exact:
             await eventually(lambda: all(r.kv_events.is_exact(u) for u in urls), timeout=60, what="exact mode on real vLLM")
+        _current.append(p)
         yield p
     finally:
+        if p in _current:
+            _current.remove(p)
         await p.stop()
 
 
@@ -62,14 +108,18 @@ def client(p: RunningProxy) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-async def complete(c: AsyncOpenAI, prompt: str, salt: str | None = None, max_tokens: int = 4) -> tuple[int, int, str]:
-    """(matched blocks the proxy believed, blocks vLLM reported cached, backend) for one completion."""
+async def complete(c: AsyncOpenAI, prompt: str, salt: str | None = None, max_tokens: int = 4) -> tuple[int | None, int, str]:
+    """(matched blocks the proxy believed, blocks vLLM reported cached, backend) for one completion; the
+    first is None under a strategy that does not read the prompt (round robin claims no match)."""
     extra = {"cache_salt": salt} if salt else None
     raw = await c.completions.with_raw_response.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
                                                        temperature=0, extra_body=extra)
     out = raw.parse()
     cached = out.usage.prompt_tokens_details.cached_tokens or 0
-    return int(raw.headers["x-kvroute-matched-blocks"]), cached // BLOCK_SIZE, raw.headers["x-kvroute-backend"]
+    if _current:
+        await settle_events(_current[-1])
+    matched = raw.headers.get("x-kvroute-matched-blocks")
+    return None if matched is None else int(matched), cached // BLOCK_SIZE, raw.headers["x-kvroute-backend"]
 
 
 async def chat(c: AsyncOpenAI, messages: list[dict], max_tokens: int = 8) -> tuple[int, int, str, str]:
@@ -77,6 +127,8 @@ async def chat(c: AsyncOpenAI, messages: list[dict], max_tokens: int = 8) -> tup
                                                             max_tokens=max_tokens, temperature=0)
     out = raw.parse()
     cached = out.usage.prompt_tokens_details.cached_tokens or 0
+    if _current:
+        await settle_events(_current[-1])
     return (int(raw.headers["x-kvroute-matched-blocks"]), cached // BLOCK_SIZE, raw.headers["x-kvroute-backend"],
             out.choices[0].message.content or "")
 

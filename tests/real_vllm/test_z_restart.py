@@ -11,7 +11,7 @@ import pytest
 
 from ..kv_events.helpers import eventually
 from .conftest import VLLMPair
-from .helpers import client, complete, proxy_for
+from .helpers import MODEL_NAME, client, complete, proxy_for
 from .test_proxy_real_vllm import doc
 
 pytestmark = pytest.mark.timeout(1800)
@@ -38,7 +38,12 @@ async def test_vllm_restart_desync_fallback_resync_no_request_lost(vllm: VLLMPai
         await eventually(lambda: follower.is_exact(b.url) and p.router.registry.get(b.url).healthy, timeout=120,
                          what="exact again after the restart")
         assert sum(sub.stats.desyncs.values()) >= 1, sub.stats.desyncs
-        after = [await complete(c, doc(1000 + i % 3, 200)) for i in range(9)]
+        after = []
+        for i in range(9):  # round robin claims no match: ask the exact index what it holds before each request
+            prompt = doc(1000 + i % 3, 200)
+            held = dict(p.router.text_context(prompt, 4, MODEL_NAME, strategy="kv_aware").matches)
+            _, cached, backend = await complete(c, prompt)
+            after.append((held.get(backend, 0), cached, backend))
         await c.close()
     assert [m for m, _, _ in after] == [k for _, k, _ in after], after
     assert b.url in {x[2] for x in after}
