@@ -36,7 +36,7 @@ from emulator.metrics import EngineMetrics
 from emulator.protocol import RequestParser, parse_json_object
 from kvblocks import APIError, clock, get_tokenizer
 from kvblocks.kv_events import EventBatch, encode_batch, encode_seq
-from proxy.backends.registry import Backend, BackendRegistry
+from proxy.backends.registry import BackendRegistry
 from proxy.config import ProxyConfig
 from proxy.upstream.health import BackendMonitor
 from proxy.index.kv_events import KVEventSource
@@ -271,7 +271,7 @@ class Fleet:
             verdict = await self._generate(self.backends[b.url], raw, spec.api, rec, inflight, t0)
         finally:
             router.end(inflight)
-            _judge(b, probe, verdict)
+            b.breaker.judge(probe, verdict)  # as the forwarder does
         return rec
 
     async def _generate(self, sb: SimBackend, raw: bytes, api: str, rec: RequestRecord, inflight, t0: float) -> bool:
@@ -330,14 +330,6 @@ class Fleet:
         return out
 
 
-def _judge(b: Backend, probe: bool, verdict: bool | None) -> None:
-    br = b.breaker
-    if verdict is None:
-        br.release(probe)
-    elif verdict:
-        br.success(probe)
-    else:
-        br.failure(probe)
 
 
 async def _simulate(workload: Workload, config: RunConfig, fleet: Fleet, label: str) -> RunResult:

@@ -80,6 +80,15 @@ class CircuitBreaker:
         if probe:
             self.probes_in_flight = max(0, self.probes_in_flight - 1)
 
+    def judge(self, probe: bool, verdict: bool | None) -> None:
+        """How an attempt went: True served well, False failed, None no verdict (the client left)."""
+        if verdict is None:
+            self.release(probe)
+        elif verdict:
+            self.success(probe)
+        else:
+            self.failure(probe)
+
     def _open(self) -> None:
         self.opened_at = self.clock()
         self.times_opened += 1

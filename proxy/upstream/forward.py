@@ -192,12 +192,7 @@ class Forwarder:
         """Tell the backend's breaker how the attempt went (None: no verdict, e.g. the client left)."""
         br = b.breaker
         before = br.state
-        if verdict is None:
-            br.release(probe)
-        elif verdict:
-            br.success(probe)
-        else:
-            br.failure(probe)
+        br.judge(probe, verdict)
         if br.state is not before:
             log.warning("backend %s: circuit breaker %s -> %s", b.url, before.value, br.state.value)
 
