@@ -305,12 +305,17 @@ async def _outputs(engine: Engine, ereqs: list[EngineRequest]) -> AsyncIterator[
 
 # --- the rest of vLLM's surface --------------------------------------------------------------
 async def models(request: web.Request) -> web.Response:
-    """The base model, then each LoRA adapter with root = its path and parent = the base (vLLM's cards)."""
     st = request.app[STATE]
-    m = st.config.model
-    cards = [(name, m, None, st.config.max_model_len) for name in (m, *st.config.served_model_aliases)]
-    cards += [(name, path, m, None) for name, path in st.lora.cards()]
-    return json_response({"object": "list", "data": [_model_card(st, *c) for c in cards]})
+    return json_response(model_list(st.config, st.lora, st.created))
+
+
+def model_list(config: EmulatorConfig, lora: LoraRegistry, created: int) -> dict:
+    """/v1/models: the base model (and its aliases), then each LoRA adapter with root = its path and
+    parent = the base (vLLM's cards). The fleet simulator answers the proxy's monitor with it too."""
+    m = config.model
+    cards = [(name, m, None, config.max_model_len) for name in (m, *config.served_model_aliases)]
+    cards += [(name, path, m, None) for name, path in lora.cards()]
+    return {"object": "list", "data": [_model_card(created, *c) for c in cards]}
 
 
 async def load_lora_adapter(request: web.Request) -> web.Response:
@@ -330,11 +335,11 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
-def _model_card(st: EmulatorState, model_id: str, root: str, parent: str | None, max_len: int | None) -> dict:
+def _model_card(created: int, model_id: str, root: str, parent: str | None, max_len: int | None) -> dict:
     return {
         "id": model_id,
         "object": "model",
-        "created": st.created,
+        "created": created,
         "owned_by": "vllm",
         "root": root,
         "parent": parent,
@@ -342,7 +347,7 @@ def _model_card(st: EmulatorState, model_id: str, root: str, parent: str | None,
         "permission": [{
             "id": f"modelperm-{uuid.uuid4().hex}",
             "object": "model_permission",
-            "created": st.created,
+            "created": created,
             "allow_create_engine": False,
             "allow_sampling": True,
             "allow_logprobs": True,

@@ -33,7 +33,9 @@ from prometheus_client import generate_latest
 from emulator.config import EmulatorConfig
 from emulator.engine import Engine, make_engine
 from emulator.metrics import EngineMetrics
+from emulator.lora import LoraRegistry
 from emulator.protocol import RequestParser, parse_json_object
+from emulator.server import model_list
 from kvblocks import APIError, clock, get_tokenizer
 from kvblocks.kv_events import EventBatch, encode_batch, encode_seq
 from proxy.backends.registry import BackendRegistry
@@ -55,7 +57,8 @@ from .workloads import RequestSpec, Workload
 SIM_URL = "http://sim-backend-{:02d}:8000"
 # The series of a /metrics exposition each reader parses (the full text's other lines are histograms
 # neither reads; leaving them out makes a scrape ~20x cheaper and changes no value read).
-PROXY_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", CACHE_CONFIG)
+PROXY_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", CACHE_CONFIG,
+                "vllm:lora_requests_info")
 LOADGEN_SERIES = (*GAUGES, *(name + "_total" for name in GAUGES), CACHE_CONFIG)
 # Wall-clock runs start the clock at an arbitrary monotonic value; so does the simulation (never 0,
 # so a timestamp of 0.0 meaning "never" cannot collide with a real one).
@@ -64,7 +67,13 @@ VIRTUAL_EPOCH = 1000.0
 
 @dataclass
 class FleetSpec:
-    """The simulated system: N emulators of one model/GPU/profile behind one proxy configuration."""
+    """The simulated system: N emulators of one GPU/profile behind one proxy configuration.
+
+    By default every backend serves one model (the `model` spec's name). `served_models` splits the
+    fleet between several names (`model_backends` of each, default an even split, the first names
+    taking the remainder; every one sized by the `model` spec); `lora_modules` (NAME=PATH) are LoRA
+    adapters, each served by `lora_copies` consecutive backends (default: all), as
+    `python -m emulator --lora-modules --max-loras --lora-load-s` serves them."""
 
     backends: int = 4
     profile: str | None = None  # emulator latency profile (default: the emulator's)
@@ -76,14 +85,56 @@ class FleetSpec:
     policy_params: list[str] = field(default_factory=list)
     proxy_metrics_interval: float | None = None  # default: the proxy's
     emulator_seed: int = 0
+    served_models: list[str] = field(default_factory=list)
+    model_backends: list[int] = field(default_factory=list)
+    lora_modules: list[str] = field(default_factory=list)
+    lora_copies: int | None = None
+    max_loras: int = 1
+    lora_load_s: float = 0.0
 
-    def emulator_config(self) -> EmulatorConfig:
+    def __post_init__(self) -> None:
+        if self.model_backends:
+            assert len(self.model_backends) == len(self.served_models), "one backend count per served model"
+            assert sum(self.model_backends) == self.backends and min(self.model_backends) >= 1, "every backend one model"
+        assert self.lora_copies is None or 1 <= self.lora_copies, "an adapter is on at least one backend"
+
+    def backends_per_model(self) -> list[int]:
+        """How many backends serve each of `served_models` (in order)."""
+        if self.model_backends:
+            return list(self.model_backends)
+        n, k = self.backends, len(self.served_models)
+        return [n // k + (1 if j < n % k else 0) for j in range(k)]
+
+    def served_model(self, i: int) -> str | None:
+        """The model name backend `i` serves (None: the model spec's name)."""
+        if not self.served_models:
+            return None
+        for name, count in zip(self.served_models, self.backends_per_model()):
+            if i < count:
+                return name
+            i -= count
+        raise IndexError(i)
+
+    def adapters(self, i: int) -> list[str]:
+        """The NAME=PATH adapters backend `i` serves: adapter j is on backends j .. j+copies-1 (mod N)."""
+        copies = self.lora_copies or self.backends
+        return [m for j, m in enumerate(self.lora_modules) if (i - j) % self.backends < copies]
+
+    def emulator_config(self, i: int = 0) -> EmulatorConfig:
+        """Backend `i`'s configuration (its model name and adapters; every other setting is the fleet's)."""
         kw: dict[str, Any] = dict(port=0, log_requests=False, seed=self.emulator_seed)
         for name in ("profile", "model", "gpu", "num_gpu_blocks", "max_model_len"):
             v = getattr(self, name)
             if v is not None:
                 kw[name] = v
-        return EmulatorConfig(**kw)
+        config = EmulatorConfig(**kw)
+        served = self.served_model(i)
+        if served is not None:  # a name, sized by the model spec
+            config = replace(config, model=served, num_gpu_blocks=config.resolved_num_gpu_blocks)
+        if self.lora_modules:
+            config = replace(config, enable_lora=True, lora_modules=self.adapters(i), max_loras=self.max_loras,
+                             lora_load_s=self.lora_load_s)
+        return config
 
     def proxy_config(self, strategy: str) -> ProxyConfig:
         emu = self.emulator_config()
@@ -123,7 +174,9 @@ class SimBackend:
         self.metrics = EngineMetrics(config)
         self.engine: Engine = make_engine(config, tokenizer, self.metrics)
         self.metrics.bind(self.engine)
-        self.parser = RequestParser(config.model, tokenizer, config.max_model_len)
+        self.lora = LoraRegistry(config.model, config.lora_modules, config.max_loras)
+        self.parser = RequestParser(config.model, tokenizer, config.max_model_len, self.lora.adapters,
+                                    tuple(config.served_model_aliases))
         self.ids = itertools.count()
         self.finishing: dict[str, asyncio.Future[None]] = {}
         self.engine.finish_listeners.append(self._finished)
@@ -153,9 +206,8 @@ class SimBackend:
         return generate_latest(self.metrics.registry.restricted_registry(series))
 
     def models(self) -> dict[str, Any]:
-        c = self.config
-        return {"object": "list", "data": [{"id": c.model, "object": "model", "owned_by": "vllm", "root": c.model,
-                                            "max_model_len": c.max_model_len}]}
+        """The emulator's /v1/models body: its model, then its adapters (root = path, parent = model)."""
+        return model_list(self.config, self.lora, 0)
 
 
 class _Body:
@@ -214,9 +266,9 @@ class Fleet:
 
     def __init__(self, spec: FleetSpec, strategy: str, seed: int = 0) -> None:
         self.spec = spec
-        emu = spec.emulator_config()
         tokenizer = ChunkedEncoder(get_tokenizer())
-        self.backends = {SIM_URL.format(i): SimBackend(SIM_URL.format(i), emu, tokenizer) for i in range(spec.backends)}
+        self.backends = {SIM_URL.format(i): SimBackend(SIM_URL.format(i), spec.emulator_config(i), tokenizer)
+                         for i in range(spec.backends)}
         cfg = spec.proxy_config(strategy)
         self.router = Router(cfg.routing(), BackendRegistry(cfg.new_breaker))
         self.router.env.rng.seed(repr((seed, "router")))
@@ -227,7 +279,7 @@ class Fleet:
                 sub = self.router.kv_events.subscribers[url]
                 b.publish_to(lambda frames, sub=sub: asyncio.get_running_loop().create_task(sub.receive(frames)))
         self.monitor = BackendMonitor(self.router, SimSession(self.backends), cfg.monitoring())
-        self.model = emu.model
+        self.model = spec.emulator_config(0).model
         self.strategy = self.router.strategy
 
     async def start(self) -> None:
@@ -240,7 +292,9 @@ class Fleet:
             b.engine.abort_all()
 
     async def send(self, spec: RequestSpec, model: str, run_start: float) -> RequestRecord:
-        """One streamed request, through the proxy's routing and one engine; never raises for request errors."""
+        """One streamed request, through the proxy's routing and one engine; never raises for request errors.
+        `model` is the run's; a request naming its own (an adapter, one of several models) sends that."""
+        model = spec.model or model
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         rec = RequestRecord(spec.index, spec.chain, spec.turn, spec.api, t0 - run_start,
@@ -281,7 +335,7 @@ class Fleet:
             g = sb.parser.chat(body) if api == "chat" else sb.parser.completion(body)
             k = next(sb.ids)
             er = sb.engine.make_request(f"{rec.request_id}-0-{k}", g.prompts[0], g.params, g.cache_salt,
-                                        client_request_id=rec.request_id)
+                                        client_request_id=rec.request_id, lora=sb.lora.get(g.model))
         except APIError as e:
             rec.status, rec.error = e.status, f"BadRequestError: {e.message}"
             return True  # answered: the backend served it well (a 4xx is the client's)
@@ -334,7 +388,8 @@ class Fleet:
 
 async def _simulate(workload: Workload, config: RunConfig, fleet: Fleet, label: str) -> RunResult:
     loop = asyncio.get_running_loop()
-    model = config.model or fleet.model
+    # A split fleet serves its own names, not the model spec's (which --model also sets as the run's).
+    model = fleet.model if fleet.spec.served_models else (config.model or fleet.model)
     arrivals = make_arrivals(workload.name, config.rate, config.concurrency, config.workload.seed,
                              config.workload.burst_size)
     result = RunResult(label, workload, config, arrivals.describe(), model)

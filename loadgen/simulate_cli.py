@@ -50,6 +50,20 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
                    help="the proxy follows every backend's KV events (exact index), as with --kv-events on python -m proxy (default: off, as python -m proxy without it)")
     g.add_argument("--policy-param", action="append", default=[], metavar="POLICY.NAME=VALUE",
                    help="a policy tunable, as python -m proxy --policy-param (repeatable; default: none)")
+    g.add_argument("--model-backends", default="",
+                   help="with --models: backends serving each of them, comma-separated in --models order, summing to "
+                        "--backends (default: an even split, the first models taking the remainder; every model's "
+                        "cache sized by --model)")
+    g.add_argument("--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters the backends serve, as python -m emulator --lora-modules (default: with the "
+                        "lora workload its adapters, LORA_PREFIXk=/adapters/LORA_PREFIXk; otherwise none)")
+    g.add_argument("--lora-copies", type=int, default=None,
+                   help="backends serving each adapter: adapter j on backends j..j+N-1 (default: every backend)")
+    g.add_argument("--max-loras", type=int, default=1,
+                   help="distinct adapters one backend runs in a step, as python -m emulator --max-loras (default %(default)s)")
+    g.add_argument("--lora-load-s", type=float, default=0.0,
+                   help="emulated s a step pays to bring an adapter into a slot, as python -m emulator --lora-load-s "
+                        "(default %(default)s)")
     g.add_argument("--metrics-interval", type=float, default=0.5,
                    help="emulated s between the load generator's samples of the backends' metrics (default %(default)s)")
     g.add_argument("--max-error-share", type=float, default=0.05,
@@ -88,9 +102,12 @@ def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
     if ns.sweep and not ns.rates:
         raise UsageError("--rates", "--sweep needs --rates (comma-separated offered loads)")
     if ns.against_wall and (ns.sweep or ns.kv_events or ns.model or ns.gpu or ns.profile or ns.num_gpu_blocks
-                            or ns.policy_param):
+                            or ns.policy_param or cfg.workload.models or ns.lora_modules
+                            or cfg.workload.name == "lora"):
         raise UsageError("--against-wall", "compares the proxy's default setup: no --sweep, --kv-events, --model, "
-                         "--gpu, --profile, --num-gpu-blocks or --policy-param with it")
+                         "--gpu, --profile, --num-gpu-blocks, --policy-param, --models, --lora-modules or lora "
+                         "workload with it")
+    fleet_shape(ns, cfg)
     if ns.find_backends and ns.sweep:
         raise UsageError("--find-backends", "plans one load (--rate or the trace's speed-up), not a --sweep")
     if ns.max_backends < 1:
@@ -109,6 +126,65 @@ def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
         fleet_spec(ns, cfg).emulator_config()
     except ValueError as e:
         raise UsageError("--max-model-len", str(e)) from None
+
+
+def model_backends(ns: argparse.Namespace, cfg: RunConfig) -> list[int]:
+    """--model-backends as counts, one per --models entry, summing to --backends ([] = even split)."""
+    models = cfg.workload.models
+    if not ns.model_backends:
+        if len(models) > ns.backends:
+            raise UsageError("--models", f"{len(models)} models need at least {len(models)} backends (--backends {ns.backends})")
+        return []
+    if not models:
+        raise UsageError("--model-backends", "splits the fleet between --models; give --models A,B too")
+    try:
+        counts = [int(x) for x in ns.model_backends.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError("--model-backends", f"{ns.model_backends!r}: expected comma-separated integers") from None
+    if len(counts) != len(models) or min(counts) < 1 or sum(counts) != ns.backends:
+        raise UsageError("--model-backends", f"needs one count >= 1 per model of --models ({len(models)}) summing to "
+                         f"--backends ({ns.backends}); got {ns.model_backends!r}")
+    if ns.find_backends:
+        raise UsageError("--model-backends", "--find-backends varies the fleet size: leave the split even")
+    return counts
+
+
+def lora_modules(ns: argparse.Namespace, cfg: RunConfig) -> list[str]:
+    """--lora-modules, checked; by default the lora workload's adapters (every name it sends is served)."""
+    from emulator.lora import parse_lora_module
+
+    wl = cfg.workload
+    wanted = [f"{wl.lora_prefix}{k}" for k in range(wl.adapters)] if wl.name == "lora" else []
+    if ns.lora_modules is None:
+        return [f"{name}=/adapters/{name}" for name in wanted]
+    names = []
+    for spec in ns.lora_modules:
+        try:
+            names.append(parse_lora_module(spec)[0])
+        except ValueError as e:
+            raise UsageError("--lora-modules", str(e).replace("lora_modules entry", "entry")) from None
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError("--lora-modules", f"adapter {dup[0]!r} given twice")
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise UsageError("--lora-modules", f"the lora workload sends adapters no backend would serve: {', '.join(missing)}")
+    return list(ns.lora_modules)
+
+
+def fleet_shape(ns: argparse.Namespace, cfg: RunConfig) -> None:
+    """Checks of the fleet-shape flags (models split, adapters)."""
+    model_backends(ns, cfg)
+    mods = lora_modules(ns, cfg)
+    if ns.max_loras < 1:
+        raise UsageError("--max-loras", f"must be >= 1 (got {ns.max_loras})")
+    if ns.lora_load_s < 0:
+        raise UsageError("--lora-load-s", f"must be >= 0 (got {ns.lora_load_s:g})")
+    if ns.lora_copies is not None:
+        if not mods:
+            raise UsageError("--lora-copies", "places adapters: give --lora-modules (or the lora workload)")
+        if not 1 <= ns.lora_copies <= ns.backends:
+            raise UsageError("--lora-copies", f"must be within 1..--backends ({ns.backends}); got {ns.lora_copies}")
 
 
 def seeds(ns: argparse.Namespace) -> list[int]:
@@ -133,13 +209,22 @@ def fleet_spec(ns: argparse.Namespace, cfg: RunConfig, backends: int | None = No
 
     return FleetSpec(backends=backends or ns.backends, profile=ns.profile, model=ns.model, gpu=ns.gpu,
                      num_gpu_blocks=ns.num_gpu_blocks, max_model_len=cfg.workload.max_model_len,
-                     kv_events=ns.kv_events, policy_params=list(ns.policy_param))
+                     kv_events=ns.kv_events, policy_params=list(ns.policy_param),
+                     served_models=list(cfg.workload.models), model_backends=[] if backends else model_backends(ns, cfg),
+                     lora_modules=lora_modules(ns, cfg), lora_copies=ns.lora_copies, max_loras=ns.max_loras,
+                     lora_load_s=ns.lora_load_s)
 
 
 def describe(spec) -> str:
     emu = spec.emulator_config()
+    served = (", ".join(f"{n}: {m}" for m, n in zip(spec.served_models, spec.backends_per_model()))
+              + f" (each sized as {spec.model or 'the default model'})") if spec.served_models else emu.model
+    lora = ""
+    if spec.lora_modules:
+        lora = (f", {len(spec.lora_modules)} LoRA adapters on {spec.lora_copies or spec.backends} backends each, "
+                f"max_loras {spec.max_loras}, load {spec.lora_load_s:g} s")
     return (f"simulated in virtual time: the proxy's router over {spec.backends} emulated backends "
-            f"({emu.model} on {emu.gpu}, {emu.resolved_num_gpu_blocks} KV blocks, profile {emu.profile}"
+            f"({served} on {emu.gpu}, {emu.resolved_num_gpu_blocks} KV blocks, profile {emu.profile}{lora}"
             f"{', KV events followed' if spec.kv_events else ''})")
 
 

@@ -113,6 +113,60 @@ def test_kv_events_keep_the_proxy_index_exact_and_metrics_agree():
         assert {k: got[k] for k in vals} == pytest.approx(vals)
 
 
+def _lora_spec(**kw):
+    mods = [f"lora-{k}=/adapters/lora-{k}" for k in range(4)]
+    return FleetSpec(backends=4, lora_modules=mods, lora_copies=2, max_loras=2, lora_load_s=0.02, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["kv_aware", "round_robin", "least_loaded"])
+def test_an_adapter_request_reaches_only_backends_serving_the_adapter(strategy):
+    """Adapter j is on backends j and j+1 only; the proxy learns that from their /v1/models cards (as
+    from real servers) and routes every adapter request there; with KV events its exact index, hashing
+    the adapter's blocks with the adapter's key, predicts what the engines report cached."""
+    cfg = _cfg(name="lora", requests=40, rate=6.0, adapters=4)
+    spec = _lora_spec(kv_events=True)
+    wl = build_workload(cfg.workload)
+    result = simulate_run(wl, cfg, spec, strategy)
+    serving = {k: {f"http://sim-backend-{(k + c) % 4:02d}:8000" for c in range(2)} for k in range(4)}
+    assert len(result.records) == 40 and all(r.ok for r in result.records)
+    for r, req in zip(result.records, wl.requests):
+        assert req.model == f"lora-{r.tags['adapter']}" and r.backend in serving[r.tags["adapter"]], r
+    assert len({r.backend for r in result.records}) == 4
+    if strategy == "kv_aware":
+        hits = [r for r in result.records if r.cached_tokens]
+        assert hits and sum(r.matched_blocks * 16 == r.cached_tokens for r in hits) >= 0.9 * len(hits)
+        assert _records(simulate_run(wl, cfg, spec, strategy)) == _records(result)
+
+
+def test_the_proxy_learns_adapters_and_slots_from_the_simulated_backends():
+    async def main():
+        fleet = Fleet(_lora_spec(), "kv_aware")
+        await fleet.start()
+        await asyncio.sleep(1.0)  # one /metrics scrape at least
+        got = {b.url[-7:-5]: (sorted(b.adapters), sorted(b.models), b.scraped.max_loras) for b in fleet.router.registry}
+        await fleet.stop()
+        return got
+
+    got = _run_virtual(main)
+    model = FleetSpec().emulator_config().model
+    assert got["00"] == (["lora-0", "lora-3"], sorted([model, "lora-0", "lora-3"]), 2)
+    assert got["01"][0] == ["lora-0", "lora-1"] and got["03"][0] == ["lora-2", "lora-3"]
+
+
+def test_multimodel_requests_reach_only_backends_of_their_model():
+    cfg = _cfg(name="multimodel", requests=40, rate=6.0, models=("m-a", "m-b", "m-c"))
+    spec = FleetSpec(backends=4, served_models=["m-a", "m-b", "m-c"], model_backends=[1, 2, 1])
+    wl = build_workload(cfg.workload)
+    where = {"m-a": {"00"}, "m-b": {"01", "02"}, "m-c": {"03"}}
+    for strategy in ("kv_aware", "round_robin"):
+        result = simulate_run(wl, cfg, spec, strategy)
+        assert all(r.ok for r in result.records) and len(result.records) == 40
+        for r, req in zip(result.records, wl.requests):
+            assert r.backend[-7:-5] in where[req.model], (strategy, req.model, r.backend)
+        assert {r.backend[-7:-5] for r in result.records if r.tags["model"] == "m-b"} == {"01", "02"}
+    assert _records(simulate_run(wl, cfg, spec, "kv_aware")) == _records(simulate_run(wl, cfg, spec, "kv_aware"))
+
+
 def test_simulate_cli_writes_what_compare_writes(tmp_path):
     cmd = [sys.executable, "-m", "loadgen", "simulate", "--workload", "rag", "--requests", "20", "--rate", "4",
            "--documents", "3", "--strategies", "default,round_robin", "--backends", "3", "--out", str(tmp_path)]
@@ -135,6 +189,14 @@ def test_simulate_cli_writes_what_compare_writes(tmp_path):
     (["--strategies", "nope"], "--strategies"),
     (["--policy-param", "kv_aware.nope=1"], "--policy-param"),
     (["--seeds", "a,b"], "--seeds"),
+    (["--model-backends", "2,2"], "--model-backends"),
+    (["--workload", "multimodel", "--models", "a,b", "--model-backends", "3,2"], "--model-backends"),
+    (["--workload", "multimodel", "--models", "a,b,c", "--backends", "2"], "--models"),
+    (["--lora-modules", "nopath"], "--lora-modules"),
+    (["--workload", "lora", "--adapters", "3", "--lora-modules", "lora-0=/a"], "--lora-modules"),
+    (["--workload", "lora", "--max-loras", "0"], "--max-loras"),
+    (["--workload", "lora", "--lora-load-s", "-1"], "--lora-load-s"),
+    (["--workload", "lora", "--lora-copies", "9"], "--lora-copies"),
 ])
 def test_simulate_cli_bad_flags_exit_2_naming_the_flag(args, flag, capsys):
     from loadgen.__main__ import main
