@@ -81,6 +81,22 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-tokens", type=int, default=d.base_tokens, help="lora: tokens of the shared base preamble (default %(default)s)")
     g.add_argument("--models", default=",".join(d.models),
                    help="multimodel: comma-separated model names the requests pick from (default: none)")
+    g.add_argument("--b2b-customers", type=int, default=d.b2b_customers,
+                   help="b2b-saas: customers, each with its own shared context (default %(default)s)")
+    g.add_argument("--b2b-context-tokens", type=int, default=d.b2b_context_tokens,
+                   help="b2b-saas: tokens of a customer's shared context (default %(default)s)")
+    g.add_argument("--b2b-users", type=int, default=d.b2b_users,
+                   help="b2b-saas: users per customer, each with a fixed question (default %(default)s)")
+    g.add_argument("--b2b-question-tokens", type=int, default=d.b2b_question_tokens,
+                   help="b2b-saas: tokens of a user's question (default %(default)s)")
+    g.add_argument("--b2b-output-tokens", type=int, default=d.b2b_output_tokens,
+                   help="b2b-saas: max_tokens, with ignore_eos (default %(default)s)")
+    g.add_argument("--b2b-stages", default=d.b2b_stages,
+                   help="b2b-saas: Poisson arrival stages RATE:SECONDS,... used without --rate/--concurrency "
+                        "(default: llm-d's warm-up and 3 -> 60 QPS ladder, %(default)s)")
+    g.add_argument("--b2b-stage-scale", type=float, default=d.b2b_stage_scale,
+                   help="b2b-saas: multiply every stage's duration (0.1 = same rates, a tenth of the requests) "
+                        "(default %(default)s)")
     g.add_argument("--trace-path", default=d.trace_path,
                    help="trace: Mooncake JSONL file (default: the conversation trace shipped in loadgen/data/)")
     g.add_argument("--trace-offset", type=int, default=d.trace_offset, help="trace: first line to replay (default %(default)s)")

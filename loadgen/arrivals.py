@@ -56,13 +56,20 @@ class BurstArrivals:
 
 @dataclass(frozen=True)
 class TraceArrivals:
-    """Chains start at their first request's `arrival` offset (set by the trace workload)."""
+    """Chains start at their first request's `arrival` offset (set by the trace workload, or b2b-saas's
+    Poisson stages)."""
+
+    label: str = "trace timestamps"
 
     def start_times(self, chains: list[list[RequestSpec]]) -> list[float]:
         return [c[0].arrival or 0.0 for c in chains]
 
     def describe(self) -> str:
-        return "trace timestamps"
+        return self.label
+
+
+# Workloads that set their own arrival times, used unless a rate or concurrency is given.
+OWN_ARRIVALS = {"trace": "trace timestamps", "b2b-saas": "Poisson stages (the workload's ramp)"}
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,9 @@ Arrivals = PoissonArrivals | BurstArrivals | TraceArrivals | ConcurrencyArrivals
 
 def make_arrivals(workload_name: str, rate: float, concurrency: int, seed: int, burst: int = 1) -> Arrivals:
     """A rate gives Poisson (in bursts when `burst` > 1), a concurrency a closed loop; otherwise the
-    trace's own times, or concurrency 1."""
-    if workload_name == "trace" and not concurrency and not rate:
-        return TraceArrivals()
+    workload's own times (trace, b2b-saas), or concurrency 1."""
+    if workload_name in OWN_ARRIVALS and not concurrency and not rate:
+        return TraceArrivals(OWN_ARRIVALS[workload_name])
     if rate > 0:
         return BurstArrivals(rate, burst, seed) if burst > 1 else PoissonArrivals(rate, seed)
     return ConcurrencyArrivals(max(1, concurrency))

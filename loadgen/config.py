@@ -22,7 +22,11 @@ TRACE_FILE = "mooncake_fast25_conversation_trace.jsonl"
 # Shipped inside the package (Apache-2.0, source and licence in loadgen/data/), so `trace` runs from a clone.
 DEFAULT_TRACE = str(files("loadgen").joinpath("data", TRACE_FILE))
 WORKLOAD_NAMES = ("rag", "multiturn", "sysprompt", "prefix-sweep", "tenants", "trace", "burst", "mixed",
-                  "rotating-prefix", "lora", "multimodel")
+                  "rotating-prefix", "lora", "multimodel", "b2b-saas")
+# llm-d's precise prefix-cache benchmark (llm-d-kv-cache-manager benchmarking/73-capacity): a 50 s warm-up at
+# 15 QPS (one full set of 750 prompts), then Poisson stages ramping 3 -> 60 QPS; RATE:SECONDS each.
+B2B_STAGES = ("15:50,3:20,10:20,15:20,20:38,22:34,25:30,30:25,35:21,40:38,43:36,46:33,49:30,52:29,55:27,"
+              "57:26,60:25")
 
 
 @dataclass
@@ -73,6 +77,15 @@ class WorkloadConfig:
     base_tokens: int = 400
     # multimodel: the models requests name (Zipf popularity, zipf_s), each with system_prompts of its own
     models: tuple[str, ...] = ()
+    # b2b-saas: llm-d's precise prefix-cache benchmark (150 customers x 6,000-token context, 5 users each with
+    # a 1,200-token question, 1,000 output tokens with ignore_eos, Poisson stages 3 -> 60 QPS)
+    b2b_customers: int = 150
+    b2b_context_tokens: int = 6000
+    b2b_users: int = 5
+    b2b_question_tokens: int = 1200
+    b2b_output_tokens: int = 1000
+    b2b_stages: str = B2B_STAGES
+    b2b_stage_scale: float = 1.0
     # trace
     trace_path: str = DEFAULT_TRACE
     trace_offset: int = 0
@@ -107,13 +120,42 @@ class WorkloadConfig:
             raise ValueError("base_tokens must be >= 0 and lora_prefix non-empty")
         if self.burst < 0:
             raise ValueError("burst must not be negative")
+        for name in ("b2b_customers", "b2b_users", "b2b_question_tokens", "b2b_output_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.b2b_context_tokens < 0:
+            raise ValueError("b2b_context_tokens must be >= 0")
+        if not self.b2b_stage_scale > 0:
+            raise ValueError("b2b_stage_scale must be > 0")
+        parse_stages(self.b2b_stages)
         if not (0 <= self.mixed_rag and 0 <= self.mixed_chat and self.mixed_rag + self.mixed_chat <= 1):
             raise ValueError("mixed_rag and mixed_chat must be shares summing to at most 1")
+
+    @property
+    def b2b_stage_list(self) -> list[tuple[float, float]]:
+        """`b2b_stages` as (rate per s, seconds) pairs."""
+        return parse_stages(self.b2b_stages)
 
     @property
     def burst_size(self) -> int:
         """Requests per burst of arrivals."""
         return self.burst or (8 if self.name == "burst" else 1)
+
+
+def parse_stages(text: str) -> list[tuple[float, float]]:
+    """RATE:SECONDS,... as (rate per s, seconds) pairs; ValueError names b2b_stages."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            rate, seconds = (float(x) for x in part.split(":"))
+        except ValueError:
+            raise ValueError(f"b2b_stages: {part!r} is not RATE:SECONDS") from None
+        if rate <= 0 or seconds <= 0:
+            raise ValueError(f"b2b_stages: {part!r} needs a positive rate and duration")
+        out.append((rate, seconds))
+    if not out:
+        raise ValueError("b2b_stages needs at least one RATE:SECONDS stage")
+    return out
 
 
 @dataclass
@@ -165,8 +207,11 @@ class RunConfig:
     @property
     def load_description(self) -> str:
         """The load level in words, for reports."""
-        if self.workload.name == "trace":
+        if self.workload.name == "trace" and not self.rate and not self.concurrency:
             return f"trace timestamps at {self.workload.trace_speedup:g}x speed-up (emulated time)"
+        if self.workload.name == "b2b-saas" and not self.rate and not self.concurrency:
+            return (f"Poisson stages {self.workload.b2b_stages} (RATE:SECONDS, durations x "
+                    f"{self.workload.b2b_stage_scale:g}; emulated time)")
         if self.rate > 0:
             return f"Poisson arrivals at {self.rate:g} req/s (emulated time)"
         if self.concurrency > 0:

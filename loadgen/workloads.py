@@ -266,6 +266,61 @@ def rotating_prefix(cfg: WorkloadConfig) -> Workload:
     })
 
 
+def b2b_saas(cfg: WorkloadConfig) -> Workload:
+    """llm-d's precise prefix-cache benchmark shape ("B2B SaaS", inference-perf `shared_prefix`): C customers,
+    each a shared context; U users per customer, each with a fixed question, so the C x U prompts are
+    context + question, shuffled once and sent in turn (prompt i % (C x U)), each one coming back every
+    C x U requests. Arrivals: Poisson stages (RATE:SECONDS, the workload's own times, as a trace's) unless
+    --rate/--concurrency is given; `b2b_stage_scale` shortens every stage (same rates, fewer requests)."""
+    rng = random.Random(repr((cfg.seed, "b2b-saas")))
+    out = min(cfg.b2b_output_tokens, cfg.max_model_len // 4)
+    ctx_n, q_n = cfg.b2b_context_tokens, cfg.b2b_question_tokens
+    notes = []
+    budget = cfg.max_model_len - out
+    if ctx_n + q_n > budget:  # keep the context:question ratio when a small max_model_len must hold them
+        scale = budget / (ctx_n + q_n)
+        ctx_n, q_n = int(ctx_n * scale), max(1, int(q_n * scale))
+        notes.append(f"context {cfg.b2b_context_tokens} and question {cfg.b2b_question_tokens} tokens scaled to "
+                     f"{ctx_n} and {q_n} to fit max_model_len {cfg.max_model_len} minus {out} output tokens")
+    if out < cfg.b2b_output_tokens:
+        notes.append(f"output capped at {out} tokens (max_model_len / 4)")
+    prompts = [(c, u) for c in range(cfg.b2b_customers) for u in range(cfg.b2b_users)]
+    rng.shuffle(prompts)
+    times = staged_poisson(cfg.b2b_stage_list, cfg.b2b_stage_scale, cfg.requests, rng)
+    if len(times) < cfg.requests:
+        notes.append(f"the stages end after {len(times)} arrivals (fewer than --requests {cfg.requests})")
+    contexts: dict[int, str] = {}
+    reqs = []
+    for i, t in enumerate(times):
+        c, u = prompts[i % len(prompts)]
+        if c not in contexts:
+            contexts[c] = seeded_words(ctx_n, cfg.seed, "b2b-context", c)
+        prompt = contexts[c] + seeded_words(q_n, cfg.seed, "b2b-question", c, u)
+        reqs.append(RequestSpec(i, "completions", out, prompt=prompt, chain=i, arrival=t,
+                                prompt_tokens=ctx_n + q_n, tags={"customer": c, "user": u}))
+    demand = cfg.b2b_customers * (ctx_n + cfg.b2b_users * q_n)
+    return Workload("b2b-saas", reqs, {
+        "customers": cfg.b2b_customers, "context_tokens": ctx_n, "users_per_customer": cfg.b2b_users,
+        "question_tokens": q_n, "output_tokens": out, "stages": cfg.b2b_stages, "stage_scale": cfg.b2b_stage_scale,
+        "resident_tokens": demand, "span_s": times[-1] if times else 0.0,
+    }, notes)
+
+
+def staged_poisson(stages: list[tuple[float, float]], scale: float, limit: int, rng: random.Random) -> list[float]:
+    """Arrival times of a Poisson process whose rate steps through (rate, seconds x scale) stages; at most
+    `limit` of them, none after the last stage ends."""
+    out: list[float] = []
+    start = 0.0
+    for rate, seconds in stages:
+        end = start + seconds * scale
+        t = start + rng.expovariate(rate)
+        while t < end and len(out) < limit:
+            out.append(t)
+            t += rng.expovariate(rate)
+        start = end
+    return out
+
+
 def mixed(cfg: WorkloadConfig) -> Workload:
     """RAG questions, chat sessions and unique prompts at once, interleaved in a seeded order (a chat
     session is one chain: its turns follow each other with think time)."""
@@ -353,6 +408,7 @@ WORKLOADS = {
     "rotating-prefix": rotating_prefix,
     "lora": lora,
     "multimodel": multimodel,
+    "b2b-saas": b2b_saas,
 }
 
 

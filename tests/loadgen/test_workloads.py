@@ -95,3 +95,59 @@ def test_bad_config_is_rejected():
         WorkloadConfig(name="nope")
     with pytest.raises(ValueError):
         WorkloadConfig(requests=0)
+
+
+def test_b2b_saas_has_llm_d_shape_cycling_fixed_prompts():
+    """C customers x U users fixed prompts (context + the user's own question), shuffled once, sent in
+    turn: prompt i comes back at i + C x U; a customer's users share its context's blocks."""
+    cfg = WorkloadConfig(name="b2b-saas", requests=40, b2b_customers=4, b2b_users=3, b2b_context_tokens=320,
+                         b2b_question_tokens=64, b2b_output_tokens=8, b2b_stages="10:100")
+    w = build_workload(cfg)
+    assert len(w.requests) == 40 and all(r.prompt_tokens == 384 and r.max_tokens == 8 for r in w.requests)
+    keys = [(r.tags["customer"], r.tags["user"]) for r in w.requests]
+    assert len(set(keys[:12])) == 12 and keys[12:24] == keys[:12] and keys[24:36] == keys[:12]
+    assert keys[:12] != sorted(keys[:12])  # shuffled once, as inference-perf's shared_prefix does
+    by_key = {}
+    for r, k in zip(w.requests, keys):
+        assert by_key.setdefault(k, r.rendered_prompt()) == r.rendered_prompt()
+    hasher = BlockHasher()
+    same = [r for r, k in zip(w.requests, keys) if k[0] == keys[0][0]]
+    h = [hasher.hashes(_tokens(r)) for r in same[:2]]
+    other = next(r for r, k in zip(w.requests, keys) if k[0] != keys[0][0])
+    assert h[0][:320 // 16] == h[1][:320 // 16] and h[0][-1] != h[1][-1]
+    assert hasher.hashes(_tokens(other))[0] != h[0][0]
+    assert w.params["resident_tokens"] == 4 * (320 + 3 * 64)
+
+
+def test_b2b_saas_arrivals_ramp_through_the_stages():
+    from loadgen.arrivals import TraceArrivals, make_arrivals
+
+    cfg = WorkloadConfig(name="b2b-saas", requests=5000, b2b_customers=2, b2b_users=2, b2b_context_tokens=16,
+                         b2b_question_tokens=16, b2b_output_tokens=4, b2b_stages="5:40,50:40")
+    w = build_workload(cfg)
+    t = [r.arrival for r in w.requests]
+    assert t == sorted(t) and t[-1] < 80
+    slow, fast = sum(x < 40 for x in t), sum(x >= 40 for x in t)
+    assert 150 < slow < 250 and 1800 < fast < 2200  # ~5/s then ~50/s
+    assert any("stages end after" in n for n in w.notes)  # fewer arrivals than --requests
+    half = build_workload(WorkloadConfig(**{**cfg.__dict__, "b2b_stage_scale": 0.5}))
+    assert half.requests[-1].arrival < 40 and len(half.requests) < len(w.requests) * 0.6
+    arr = make_arrivals("b2b-saas", 0, 0, 0)
+    assert isinstance(arr, TraceArrivals) and "stages" in arr.describe()
+    assert arr.start_times(w.chains())[:5] == t[:5]
+    assert not isinstance(make_arrivals("b2b-saas", 20, 0, 0), TraceArrivals)  # --rate: fixed Poisson
+
+
+def test_b2b_saas_defaults_are_llm_d_benchmark_and_scale_into_small_models():
+    d = WorkloadConfig(name="b2b-saas")
+    assert (d.b2b_customers, d.b2b_context_tokens, d.b2b_users, d.b2b_question_tokens, d.b2b_output_tokens) == (
+        150, 6000, 5, 1200, 1000)
+    stages = d.b2b_stage_list
+    assert stages[0] == (15, 50) and [r for r, _ in stages[1:]] == sorted(r for r, _ in stages[1:])
+    assert stages[1][0] == 3 and stages[-1][0] == 60
+    w = build_workload(WorkloadConfig(name="b2b-saas", requests=6, max_model_len=8448))
+    assert all(r.prompt_tokens == 7200 and r.max_tokens == 1000 for r in w.requests) and not w.notes
+    small = build_workload(WorkloadConfig(name="b2b-saas", requests=6))  # 4096: context and question shrink
+    assert all(r.prompt_tokens + r.max_tokens <= 4096 for r in small.requests) and "scaled" in small.notes[0]
+    with pytest.raises(ValueError, match="b2b_stages"):
+        WorkloadConfig(name="b2b-saas", b2b_stages="3:x")
