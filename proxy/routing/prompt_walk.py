@@ -25,10 +25,12 @@ PREFIX_HASH_ENTRIES = 4096
 @dataclass(eq=False)
 class PromptState:
     """A prompt tokenized and hashed up to `pos`; `hashes` are int forms, `digests` the chain's bytes.
-    `keys`: its extra hash keys (LoRA adapter, cache_salt), None for a plain base-model prompt."""
+    `keys`: its extra hash keys (LoRA adapter, cache_salt), None for a plain base-model prompt;
+    `hasher`: its model's block hashing (None: the walker's)."""
 
     text: str
     keys: ExtraKeys | None = None
+    hasher: BlockHasher | None = None
     pos: int = 0  # text[:pos] is tokenized
     chain: int = 0  # chunk-cache id naming text[:pos] (0: no cached prefix)
     chunks: int = 0  # chunks taken so far (sets the next chunk's size)
@@ -54,13 +56,13 @@ class PromptWalker:
     """Advances `PromptState`s over one chunked tokenizer, block hasher and prefix index (a router's).
 
     Keeps the block hashes of up to PREFIX_HASH_ENTRIES text prefixes (LRU) so a shared document is
-    hashed once; `set_hasher` voids them."""
+    hashed once (per hashing and extra keys); `set_hasher` voids them."""
 
     def __init__(self, chunked: ChunkedTokenizer, index: PrefixIndex, hasher: BlockHasher) -> None:
         self.chunked = chunked
         self.index = index
         self.hasher = hasher
-        self._prefix_hashes: OrderedDict[tuple[ExtraKeys | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
+        self._prefix_hashes: OrderedDict[tuple[BlockHasher, ExtraKeys | None, int], tuple[int, list[int], list[bytes]]] = OrderedDict()
 
     def set_hasher(self, hasher: BlockHasher) -> None:
         """Hash with `hasher` from now on (the backends' block size or algorithm changed): cached prefix
@@ -73,12 +75,12 @@ class PromptWalker:
         ids, st.pos, prefix_id = self.chunked.next_chunk(st.text, st.pos, st.chain, st.chunks)
         st.chunks += 1
         st.ids += ids
-        bs = self.hasher.block_size
-        n_blocks = len(st.ids) // bs
+        hasher = st.hasher or self.hasher
+        n_blocks = len(st.ids) // hasher.block_size
         cache = self._prefix_hashes
         if prefix_id is not None:
             st.chain = prefix_id
-            key = (st.keys, prefix_id)
+            key = (hasher, st.keys, prefix_id)
             hit = cache.get(key)
             if hit is not None and hit[0] == n_blocks:
                 cache.move_to_end(key)
@@ -89,13 +91,13 @@ class PromptWalker:
         done = len(st.hashes)
         if n_blocks > done:
             parent = st.digests[-1] if done else None
-            new = self.hasher.hashes(st.ids, parent=parent, start_block=done, keys=st.keys)
+            new = hasher.hashes(st.ids, parent=parent, start_block=done, keys=st.keys)
             st.digests += new
             from_bytes = int.from_bytes
             st.hashes += [from_bytes(d[-8:], "big") for d in new]
         if prefix_id is not None:
             # The lists only ever grow, so sharing them is safe: an entry says how many blocks it covers.
-            cache[(st.keys, prefix_id)] = (n_blocks, st.hashes, st.digests)
+            cache[(hasher, st.keys, prefix_id)] = (n_blocks, st.hashes, st.digests)
             if len(cache) > PREFIX_HASH_ENTRIES:
                 cache.popitem(last=False)
 
@@ -158,4 +160,4 @@ class PromptWalker:
 
     def tail_blocks(self, st: PromptState) -> int:
         """Estimated full blocks after the known ones (what a pending tail occupies on its backend)."""
-        return max(0, st.estimated_tokens() // self.hasher.block_size - len(st.hashes))
+        return max(0, st.estimated_tokens() // (st.hasher or self.hasher).block_size - len(st.hashes))

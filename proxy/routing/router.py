@@ -58,6 +58,10 @@ class Router:
         self.tokenizer = get_tokenizer(BUILTIN_TOKENIZER if s.tokenizer == BACKEND_TOKENIZER else s.tokenizer)
         self.chunked = ChunkedTokenizer(self.tokenizer)
         self._hashing_split: set[tuple[int, str]] = set()
+        # Per model (adapters included), the hashing its backends report when it differs from the
+        # fleet's (`hasher`): several models with their own block sizes behind one proxy.
+        self._model_hashers: dict[str, BlockHasher] = {}
+        self._model_split_logged: set[str] = set()
         self.registry = registry if registry is not None else BackendRegistry(CircuitBreaker)
         self.index = PrefixIndex(s.default_capacity_blocks)
         self.adapters = AdapterCatalog()
@@ -120,11 +124,24 @@ class Router:
             self.sessions.forget_backend(url)
         return b
 
+    def hasher_for(self, model: str | None) -> BlockHasher:
+        """How `model`'s prompts are cut into blocks and hashed: as its backends do when they agree on
+        it and differ from the fleet (`follow_block_hashing`), else the fleet's hasher."""
+        if model is not None and self._model_hashers:
+            return self._model_hashers.get(model, self.walker.hasher)
+        return self.walker.hasher
+
     def follow_block_hashing(self) -> bool:
-        """Hash blocks as the backends do: adopt the block size and hash algorithm their
-        `vllm:cache_config_info` reports when all reporting backends agree (a split is logged: no one
-        hashing can match them all). Beliefs built on the old hashes are dropped; event-fed (exact)
-        parts stay, since they carry the backends' own hashes. Returns whether the hashing changed."""
+        """Hash blocks as the backends do (from their `vllm:cache_config_info`): the fleet's hashing is
+        the block size and hash algorithm all reporting backends agree on; a model (or adapter) whose
+        own backends agree on another hashing gets its own hasher, so models served with different
+        block sizes are all predicted. A split no hashing can match (a model's backends disagreeing) is
+        logged once. Beliefs built on the old hashes are dropped; event-fed (exact) parts stay, since
+        they carry the backends' own hashes. Returns whether any hashing changed."""
+        fleet = self._follow_fleet_hashing()
+        return self._follow_model_hashing() or fleet
+
+    def _follow_fleet_hashing(self) -> bool:
         cur = (self.hasher.block_size, self.hasher.algo)
         reported = {
             (b.scraped.block_size or cur[0], b.scraped.hash_algo or cur[1])
@@ -133,7 +150,8 @@ class Router:
         }
         if len(reported) != 1:
             if len(reported) > 1 and reported != self._hashing_split:
-                log.warning("backends disagree on block hashing %s; keeping %d-token blocks, %s", sorted(reported), *cur)
+                log.info("backends differ in block hashing %s: %d-token blocks, %s unless a model's backends agree "
+                         "on their own", sorted(reported), *cur)
             self._hashing_split = reported
             return False
         ((bs, algo),) = reported
@@ -145,6 +163,41 @@ class Router:
         for url in self.index.backends():
             if not self.kv_events.is_exact(url):
                 self.index.clear(url)
+        return True
+
+    def _follow_model_hashing(self) -> bool:
+        default = (self.hasher.block_size, self.hasher.algo)
+        per_model: dict[str, set[tuple[int, str]]] = {}
+        for b in self.registry:
+            s = b.scraped
+            if b.models and (s.block_size or s.hash_algo):
+                setting = (s.block_size or default[0], s.hash_algo or default[1])
+                for m in b.models:
+                    per_model.setdefault(m, set()).add(setting)
+        new: dict[str, BlockHasher] = {}
+        for m, settings in per_model.items():
+            if len(settings) > 1:
+                if m not in self._model_split_logged:
+                    self._model_split_logged.add(m)
+                    log.warning("the backends of model %r disagree on block hashing %s; its prefixes are hashed "
+                                "as %d-token blocks, %s and will not match all of them", m, sorted(settings), *default)
+                continue
+            ((bs, algo),) = settings
+            if (bs, algo) != default and algo in HASH_ALGOS and bs >= 1:
+                old = self._model_hashers.get(m)
+                new[m] = old if old is not None and (old.block_size, old.algo) == (bs, algo) else BlockHasher(bs, algo)
+        if new == self._model_hashers:
+            return False
+        changed = {m for m in new.keys() | self._model_hashers.keys() if new.get(m) != self._model_hashers.get(m)}
+        for m in sorted(changed):
+            h = new.get(m)
+            log.info("model %r: %d-token blocks, %s (its backends' hashing)", m,
+                     *((h.block_size, h.algo) if h is not None else default))
+        self._model_hashers = new
+        for b in self.registry:  # what was believed of these backends was hashed the old way
+            if b.models and changed.intersection(b.models) and b.url in self.index.backends() \
+                    and not self.kv_events.is_exact(b.url):
+                self.index.clear(b.url)
         return True
 
     def reset(self) -> None:
@@ -175,13 +228,15 @@ class Router:
         Blind when `strategy` names a policy that does not read the prompt: nothing is tokenized (the
         count is estimated; `complete(ctx)` still tokenizes on demand, e.g. for the length check)."""
         keys = self.extra_keys(model, cache_salt)
-        st = PromptState(text, keys)
+        hasher = self.hasher_for(model)
+        st = PromptState(text, keys, hasher)
         if lazy and text and not self.policies[strategy or self.strategy].reads_prompt:
             return RequestContext(
                 st.hashes, st.estimated_tokens(),
                 max_tokens if max_tokens is not None else self.settings.default_max_tokens,
                 model, self.index, {}, tail=st, completer=self.complete, blind=True,
                 lora=keys.lora.name if keys is not None and keys.lora is not None else None,
+                block_size=hasher.block_size,
             )
         matches = None
         if lazy:
@@ -192,6 +247,7 @@ class Router:
             st.hashes, st.estimated_tokens(), max_tokens if max_tokens is not None else self.settings.default_max_tokens,
             model, self.index, matches, tail=None if st.done else st, completer=self.complete,
             lora=keys.lora.name if keys is not None and keys.lora is not None else None,
+            block_size=hasher.block_size,
         )
 
     def complete(self, ctx: RequestContext, stop_at: int | None = None) -> None:
@@ -212,7 +268,7 @@ class Router:
         adapter named by `model` keys every block)."""
         keys = self.extra_keys(model, cache_salt)
         from_bytes = int.from_bytes
-        return [from_bytes(d[-8:], "big") for d in self.hasher.hashes(token_ids, keys=keys)]
+        return [from_bytes(d[-8:], "big") for d in self.hasher_for(model).hashes(token_ids, keys=keys)]
 
     def context(
         self, token_ids: Sequence[int], max_tokens: int | None = None, model: str | None = None, cache_salt: str | None = None
@@ -225,6 +281,7 @@ class Router:
             model,
             self.index,
             lora=model if self.adapters.lora_key(model, self.registry) is not None else None,
+            block_size=self.hasher_for(model).block_size,
         )
 
     def candidates(self, model: str | None = None, exclude: Collection[Backend] = ()) -> list[Backend]:
@@ -282,17 +339,18 @@ class Router:
         b = decision.backend
         prof = self.env.profile
         t = now()
-        uncached = max(0.0, ctx.num_tokens / self.env.block_size - decision.matched_blocks)
+        bs = ctx.block_size or self.env.block_size
+        uncached = max(0.0, ctx.num_tokens / bs - decision.matched_blocks)
         prefill_s = prof.prefill_base + uncached * prof.prefill_per_block
         pending_s, _ = b.pending_prefill(t) if b.requests else (0.0, 0)
         expected = float("inf") if stream else t + FIRST_TOKEN_MARGIN * (pending_s + prefill_s) * self.env.time_scale
         rec = InFlight(
-            self.registry.new_request_id(), b, ctx.num_tokens / self.env.block_size, uncached, ctx.max_tokens,
+            self.registry.new_request_id(), b, ctx.num_tokens / bs, uncached, ctx.max_tokens,
             prefill_s, expected, t,
             decode_wall=max(0.0, ctx.max_tokens * prof.decode_per_token * self.env.time_scale),
             # Blocks it adds to what is pinned: cached prefix blocks are shared with whoever else uses
             # them (five requests on one document pin it once), so only its own prompt and output count.
-            held_blocks=uncached + ctx.max_tokens / self.env.block_size,
+            held_blocks=uncached + ctx.max_tokens / bs,
         )
         b.add(rec)
         b.processed += 1

@@ -295,7 +295,7 @@ class Forwarder:
             return
         r = self.router
         r.exact_audit.observe_answer(b.url, predicted, len(ctx.hashes), ctx.complete, ctx.num_tokens, cached,
-                                     r.hasher.block_size)
+                                     ctx.block_size or r.hasher.block_size)
 
     async def _relay(
         self, sink: ResponseSink, upstream: UpstreamResponse, buffered: bytes, out_headers: dict[str, str], request_id: str,

@@ -246,7 +246,8 @@ class BackendMonitor:
                                        for x in lora.get(k, "").split(",") if x)
         if "prefix_queries" in vals and "prefix_hits" in vals and "finished" in vals:
             self.router.exact_audit.observe_counters(
-                b.url, vals["prefix_queries"], vals["prefix_hits"], vals["finished"], self.router.hasher.block_size,
+                b.url, vals["prefix_queries"], vals["prefix_hits"], vals["finished"],
+                b.scraped.block_size or self.router.hasher.block_size,
                 unfinished=vals.get("running", 0.0) + vals.get("waiting", 0.0))
         if "block_size" in vals or "hash_algo" in vals:
             if "block_size" in vals:

@@ -50,6 +50,8 @@ class RequestContext:
     session: str | None = None  # the client's session key (routing/session.py)
     lora: str | None = None  # the LoRA adapter the request runs on (routing/adapters.py), None for a base model
     session_home: Backend | None = field(default=None, repr=False)  # set by the router before `pick`
+    # Tokens per block of `hashes`: the block size of the model's backends (0: the fleet's, env.block_size).
+    block_size: int = 0
 
     @property
     def complete(self) -> bool:

@@ -133,7 +133,7 @@ class KvAwarePolicy(Policy):
         ppb = prof.prefill_per_block
         dpt = prof.decode_per_token
         interference = self.interference_weight * prof.batch_coef * dpt
-        bs = env.block_size
+        bs = ctx.block_size or env.block_size
         index = env.index
         t = now()
         n_tok = ctx.num_tokens
@@ -280,7 +280,7 @@ class KvAwarePolicy(Policy):
         if not matches:
             return choice
         m = max(matches.values())
-        if m < 2 or matches.get(candidates[choice].url, 0) >= m or m * self.env.block_size < self.home_share * ctx.num_tokens:
+        if m < 2 or matches.get(candidates[choice].url, 0) >= m or m * (ctx.block_size or self.env.block_size) < self.home_share * ctx.num_tokens:
             return choice
         home = next((i for i, b in enumerate(candidates) if matches.get(b.url, 0) == m), None)
         if home is None:  # the history's backend is not a candidate (unhealthy, other model)

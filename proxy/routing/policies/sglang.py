@@ -55,7 +55,7 @@ class SGLangCacheAwarePolicy(Policy):
             d = tree_matches.get(b.url, 0)
             if d > best_depth or (d == best_depth and d and self._last_insert.get(b.url, 0) > self._last_insert.get(best.url, 0)):
                 best, best_depth = b, d
-        rate = best_depth * self.env.block_size / ctx.num_tokens if ctx.num_tokens else 0.0
+        rate = best_depth * (ctx.block_size or self.env.block_size) / ctx.num_tokens if ctx.num_tokens else 0.0
         if best is not None and rate > self.cache_threshold:
             return Decision(best, ctx.matched(best), f"match_rate={rate:.2f}")
         b = self._min_load(candidates)
