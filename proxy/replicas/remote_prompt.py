@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kvblocks import ExtraKeys, LoraKey, extra_keys
+from kvblocks import BlockHasher, ExtraKeys, LoraKey, extra_keys
 
 if TYPE_CHECKING:
     from ..routing.prompt_walk import PromptState, PromptWalker
@@ -64,8 +64,9 @@ class RemotePrompt:
         return [self.rest, _lora_wire(self.keys), self.pos, self.window, self.partial, self.last_digest, tail_blocks,
                 self.hashes[at + 1:]]
 
-    def finish(self, text: str | None, walker: PromptWalker) -> bool:
-        """Hash the rest if `text` (a prompt whose chain reached the anchor) may continue into it (None: hash it anyway)."""
+    def finish(self, text: str | None, walker: PromptWalker, hasher: BlockHasher | None = None) -> bool:
+        """Hash the rest if `text` (a prompt whose chain reached the anchor) may continue into it (None: hash it anyway).
+        `hasher`: that prompt's (its model's) hashing; default the walker's."""
         if self.done:
             return True
         w = self.window
@@ -73,7 +74,7 @@ class RemotePrompt:
             return False
         ids = self.partial + walker.chunked.encode(self.rest)
         from_bytes = int.from_bytes
-        self.hashes += [from_bytes(d[-8:], "big") for d in walker.hasher.hashes(ids, parent=self.last_digest, keys=self.keys)]
+        self.hashes += [from_bytes(d[-8:], "big") for d in (hasher or walker.hasher).hashes(ids, parent=self.last_digest, keys=self.keys)]
         self.done = True
         self.rest, self.partial = "", []
         return True

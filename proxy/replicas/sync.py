@@ -230,7 +230,7 @@ class ReplicaSync:
     def _begin_fact(self, entry: tuple[InFlight, RequestContext, int, str, int], t: float) -> list[Any]:
         rec, ctx, matched, strategy, tail_blocks = entry
         st = ctx.tail
-        tail = None if st is None else tail_wire(st, self.router.hasher.block_size, tail_blocks)
+        tail = None if st is None else tail_wire(st, (st.hasher or self.router.hasher).block_size, tail_blocks)
         exp = rec.expected_first_token
         return [BEGIN, rec.id, rec.backend.url, strategy, list(ctx.hashes), matched, tail, ctx.num_tokens,
                 rec.max_tokens, rec.prompt_blocks, rec.uncached_blocks, rec.prefill_s,
@@ -246,14 +246,13 @@ class ReplicaSync:
         r = self.router
         approx = [url for url in r.index.backends() if not r.kv_events.is_exact(url)]
         blocks = [[url, r.index.lru(url)] for url in approx]
-        bs = r.hasher.block_size
         tails = []
         for url, p in r.index.tails():
             if url not in approx:
                 continue
             try:
                 w = p.prompt.wire(p.anchor, p.blocks) if isinstance(p.prompt, RemotePrompt) \
-                    else tail_wire(p.prompt, bs, p.blocks, p.anchor)
+                    else tail_wire(p.prompt, (p.prompt.hasher or r.hasher).block_size, p.blocks, p.anchor)
             except ValueError:  # hashed otherwise since (the backends' hashing changed)
                 continue
             if w is not None:

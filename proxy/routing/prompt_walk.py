@@ -148,7 +148,7 @@ class PromptWalker:
             # (`pos`), so unless this text agrees up to and including that character it cannot match.
             # (A prompt already finished, e.g. for another policy, costs nothing to resolve.)
             if type(other) is not PromptState:  # a peer replica's prompt (proxy/replicas/remote_prompt.py)
-                if not other.finish(st.text, self):
+                if not other.finish(st.text, self, st.hasher):
                     continue
             elif not other.done:
                 if not st.text.startswith(other.text[: other.pos + 1]):
