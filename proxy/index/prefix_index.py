@@ -22,6 +22,8 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvblocks.clock import monotonic
+
 DEFAULT_CAPACITY_BLOCKS = 924
 PROMPT_END_ENTRIES = 65536
 
@@ -30,7 +32,7 @@ PROMPT_END_ENTRIES = 65536
 class _BackendStore:
     slot: int
     capacity: int
-    lru: OrderedDict[int, None] = field(default_factory=OrderedDict)  # oldest first
+    lru: OrderedDict[int, float] = field(default_factory=OrderedDict)  # block -> last touched, oldest first
     phantom: int = 0  # estimated blocks of pending tails, not in `lru`
 
 
@@ -112,6 +114,19 @@ class PrefixIndex:
         st = self._stores.get(backend)
         return min(len(st.lru) + st.phantom, st.capacity) if st else 0
 
+    def coldest_touch(self, backend: Hashable) -> float | None:
+        """When the backend's least recently used block was last touched (None: it holds none): a copy
+        that must evict finds nothing warmer than this at the head of the line."""
+        st = self._stores.get(backend)
+        if not st or not st.lru:
+            return None
+        return next(iter(st.lru.values()))
+
+    def touched(self, backend: Hashable, h: int) -> float | None:
+        """When block `h` was last touched on `backend` (None: not held there)."""
+        st = self._stores.get(backend)
+        return st.lru.get(h) if st else None
+
     def owners(self, h: int) -> int:
         """Bitmask of the slots holding block `h`."""
         return self._owners.get(h, 0)
@@ -159,12 +174,13 @@ class PrefixIndex:
         bit = 1 << st.slot
         lru = st.lru
         owners = self._owners
+        t = monotonic()
         for h in reversed(hashes):
             if h in lru:
                 lru.move_to_end(h)
             else:
-                lru[h] = None
                 owners[h] = owners.get(h, 0) | bit
+            lru[h] = t
         if tail is not None and hashes:
             anchor = hashes[-1]
             tails = self._pending.setdefault(anchor, [])
@@ -237,12 +253,13 @@ class PrefixIndex:
         bit = 1 << st.slot
         lru = st.lru
         owners = self._owners
+        t = monotonic()
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
             else:
-                lru[h] = None
                 owners[h] = owners.get(h, 0) | bit
+            lru[h] = t
 
     def removed(self, backend: Hashable, hashes: Iterable[int]) -> None:
         """Exact mode (BlockRemoved): the backend evicted these blocks."""
