@@ -4,9 +4,11 @@
     cost(b) = overlap_weight x P(b)                                    # 2: this request's TTFT, and again the
                                                                        #    requests that come to b while it runs
             - overlap_weight x (1 - keep) x prefill(hot prefix blocks b lacks)   # a copy of a hot shared
-                                                                       #    prefix, where b has room: keep =
-                                                                       #    1 / (1 + uses / (holders + 1)) when
-                                                                       #    the caches can afford it, else 1/2
+                                                                       #    prefix, where b has room (or only
+                                                                       #    colder blocks to evict): keep =
+                                                                       #    1 / (1 + amortize x uses to come /
+                                                                       #    (holders + 1)) when the caches can
+                                                                       #    afford it, else 1/2
             + [b has pending prefills] x prefill_base                  # the queue it waits behind: vLLM (and the
               + pending uncached blocks x prefill_per_block            #   emulator) prefill all waiting prompts
               + decode_step(decoding requests on b)                    #   in one step, so the base is paid once
@@ -40,8 +42,10 @@ Tunables (class attributes; `--policy-param kv_aware.NAME=VALUE`):
 | decode_weight | 0.5 | its own decode slowed by the requests decoding beside it |
 | memory_weight | 2.0 | blocks short of KV memory (waits, or preempts and recomputes) |
 | eviction_weight | 0.25 | cached blocks it would evict on b |
-| replicate_weight, amortize | 1.0, 1.0 | waiving a copy's second prefill; past uses sharing a copy |
-| replicate_share, hot_horizon_s | 0.25, 60 s | cache share hot copies may fill; how long a prefix stays hot |
+| replicate_weight, amortize | 1.0, 2.0 | waiving a copy's second prefill; uses to come sharing a copy |
+| hot_after, uses_prior | 0, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
+| replicate_share | 0.25 | cache share hot copies may fill |
+| hot_horizon_s, hot_silence_gaps, hot_min_life_s | 60 s, 8, 5 s | how long a prefix stays hot (hot_prefixes.py) |
 | ttft_band, ttft_slack_s, ttft_slack_rel | 1 (on), 0.02 s, 0.25 | the TTFT band |
 | tie_blocks, tie_s, tie_rotate | 1 block, 0.03 s, 1 (on) | what counts as a tie; rotate ties |
 | home_share, shared_after, move_valve_s | 0.3, 2, 0.5 s | when a chat turn stays home; when a prefix is shared |
@@ -54,8 +58,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from ...backends.registry import Backend, now
-from .rendezvous import request_key, weight
 from .base import Decision, Policy, RequestContext
+from .hot_prefixes import HotPrefixes
+from .rendezvous import request_key, weight
 
 SCRAPE_FRESH_S = 5.0
 REUSE_ENTRIES = 65536
@@ -82,11 +87,18 @@ class KvAwarePolicy(Policy):
     # Copies of hot prefixes (0 = never waive a copy's second prefill charge); `amortize` scales the
     # past uses that share a copy's prefill (0 = the old rule: charged once instead of twice);
     # `replicate_share` of every cache is what hot prefixes may fill with copies; a prefix counts as
-    # hot for `hot_horizon_s` emulated seconds after its last use.
+    # hot until it has been silent for `hot_silence_gaps` of its usual gaps between uses, and never
+    # longer than `hot_horizon_s` emulated seconds after its last use (hot_prefixes.py).
     replicate_weight = 1.0
-    amortize = 1.0
+    amortize = 2.0
     replicate_share = 0.25
     hot_horizon_s = 60.0
+    hot_silence_gaps = 8.0
+    hot_min_life_s = 5.0
+    # A prefix matched by `hot_after` earlier requests may be copied; `uses_prior` is added to its
+    # past uses when amortising (a prefix matched once is likely matched again).
+    hot_after = 0
+    uses_prior = 1.0
     # TTFT band (0 = off): backends beyond max(ttft_slack_s, ttft_slack_rel x fastest) of the
     # fastest predicted TTFT are not weighed.
     ttft_band = 1.0
@@ -114,8 +126,7 @@ class KvAwarePolicy(Policy):
     def __init__(self, env) -> None:
         super().__init__(env)
         self._reuse: OrderedDict[int, int] = OrderedDict()  # deepest matched block -> requests that matched it
-        self._hot: OrderedDict[int, tuple[int, float]] = OrderedDict()  # hot prefix end -> (blocks, last used)
-        self._footprint = 0
+        self._hot = HotPrefixes(self.hot_horizon_s, self.hot_silence_gaps, REUSE_ENTRIES, self.hot_min_life_s)
         self._last_pick: dict[str, int] = {}
         self._picks = 0
         # A typical unseen request's prefill: 1024 uncached tokens, as SMG's least_load assumes. A
@@ -150,7 +161,7 @@ class KvAwarePolicy(Policy):
         if deepest > max_hit:
             deepest = max_hit
         uses = self._reuse.get(ctx.hashes[deepest - 1], 0) if deepest >= 2 else 0
-        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self.shared_after
+        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self.hot_after
         holders = sum(1 for b in candidates if matches.get(b.url, 0) >= deepest) if hot else 0
         affordable = False
         if hot and self.amortize > 0:
@@ -160,10 +171,22 @@ class KvAwarePolicy(Policy):
             # copy is made only when a queue pays for it.
             cap = sum(index.capacity(b.url) for b in candidates)
             affordable = holders < self.replicate_share * cap / max(1.0, self.hot_footprint())
+        if hot and not affordable and uses < self.shared_after:
+            hot = False  # where copies cannot be afforded, only a shared document's earns the old discount
         if affordable:
             # The copy's prefill is paid once and shared by the requests it will serve there: past
             # uses per copy stand in for future ones.
-            keep = 1.0 / (1.0 + self.amortize * uses / (holders + 1))
+            # uses to come: as many as it had (plus a prior), or what this workload's prefixes
+            # typically had left when they died, whichever is more (hot_prefixes.py)
+            future = max(uses + self.uses_prior, self._hot.typical_uses - uses)
+            keep = 1.0 / (1.0 + self.amortize * future / (holders + 1))
+            # Blocks untouched for longer than this prefix stays live are worth less than its copy:
+            # a copy that evicts only those is not charged for the eviction.
+            # (a prefix seen once has one gap: since its last use on a holder)
+            h_deep = ctx.hashes[deepest - 1]
+            last = max((index.touched(b.url, h_deep) or 0.0 for b in candidates if matches.get(b.url, 0) >= deepest),
+                       default=0.0)
+            cold_before = t - self._hot.life(h_deep, env.time_scale, t - last if last else None)
         else:
             keep = 1.0 - 1.0 / self.overlap_weight  # the old rule: the prefill once, not twice
         out = []
@@ -179,7 +202,12 @@ class KvAwarePolicy(Policy):
             own = (prompt_blocks - m) * ppb
             cost = self.overlap_weight * own
             saved = 0.0
-            if hot and m < deepest and held + (full_blocks - m) <= cap:
+            # Room for the copy: free blocks, or blocks colder than this prefix's life (LRU order).
+            cold = False
+            if affordable and m < deepest and held + (full_blocks - m) > cap:
+                oldest = index.coldest_touch(b.url)
+                cold = oldest is not None and oldest < cold_before
+            if hot and m < deepest and (held + (full_blocks - m) <= cap or cold):
                 saved = self.replicate_weight * (1.0 - keep) * (deepest - m) * ppb
                 cost -= self.overlap_weight * saved
             if b.requests:
@@ -218,11 +246,11 @@ class KvAwarePolicy(Policy):
                 cost += load
                 ttft += load
             overflow = held + (full_blocks - m) - cap
-            if overflow > 0:
+            if overflow > 0 and not cold:
                 cost += self.eviction_weight * overflow * ppb
             out.append(cost)
             ttfts.append(ttft)
-            fits.append(m >= deepest or (affordable and overflow <= 0))
+            fits.append(m >= deepest or (affordable and (overflow <= 0 or cold)))
         return out
 
     def observe(self, ctx: RequestContext, backend: Backend) -> None:
@@ -238,33 +266,21 @@ class KvAwarePolicy(Policy):
             n = reuse[h] = reuse.pop(h, 0) + 1
             if len(reuse) > REUSE_ENTRIES:
                 del reuse[next(iter(reuse))]
-            if n >= self.shared_after:
+            if n >= self.hot_after:
                 hot = self._hot
-                old = hot.pop(h, None)
-                if old is not None:
-                    self._footprint -= old[0]
-                hot[h] = (m, now())
-                self._footprint += m
+                hot.horizon_s, hot.silence_gaps, hot.min_life_s = self.hot_horizon_s, self.hot_silence_gaps, self.hot_min_life_s
+                hot.touch(h, m, now(), self.env.time_scale)
 
     def hot_footprint(self) -> float:
-        """Blocks of the hot shared prefixes used within `hot_horizon_s` (each counted once)."""
+        """Blocks of the hot shared prefixes still in use (each counted once; hot_prefixes.py)."""
         hot = self._hot
-        horizon = now() - self.hot_horizon_s * self.env.time_scale
-        while hot:
-            h, (depth, seen) = next(iter(hot.items()))
-            if seen >= horizon and len(hot) <= REUSE_ENTRIES:
-                break
-            del hot[h]
-            self._footprint -= depth
-        if not hot:
-            self._footprint = 0
-        return self._footprint
+        hot.horizon_s, hot.silence_gaps, hot.min_life_s = self.hot_horizon_s, self.hot_silence_gaps, self.hot_min_life_s
+        return hot.footprint(now())
 
     def reset(self) -> None:
         """Forget reuse counts, hot prefixes and the rotation (the backends' caches were reset)."""
         self._reuse.clear()
         self._hot.clear()
-        self._footprint = 0
         self._last_pick.clear()
 
     def forget_backend(self, url: str) -> None:

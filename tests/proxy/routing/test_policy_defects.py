@@ -229,14 +229,15 @@ def test_a_hot_prefix_that_every_cache_can_afford_is_copied_once_one_request_que
     assert not second_goes_to(crowd=30)
 
 
-def test_hot_footprint_forgets_prefixes_not_used_within_the_horizon():
+def test_hot_footprint_forgets_prefixes_not_used_within_their_life():
     r = setup_router()
     pol = r.policies["kv_aware"]
     _hot_home(r, 300, uses=3)
     assert pol.hot_footprint() == 62
-    pol.hot_horizon_s = 0.0
-    assert pol.hot_footprint() == 0
     pol.reset()
+    assert pol.hot_footprint() == 0
+    pol.hot_horizon_s = 0.0
+    _hot_home(r, 301, uses=3)
     assert pol.hot_footprint() == 0
 
 
