@@ -26,6 +26,7 @@ run multiturn --workload multiturn --turns 4 --think-time 1 --rates "$(scale 2,4
 run tenants --workload tenants --tenants $((24 * K)) --tenant-tokens 2000 --rates "$(scale 3,6,9)" --requests $((144 * K))
 run mixed --workload mixed --documents $((16 * K)) --turns 4 --rates "$(scale 4,8,12)" --requests $((160 * K))
 run trace --workload trace --trace-max-output 128 --rates "$(scale 1,1.5,2)" --requests $((90 * K))
+run rotating --workload rotating-prefix --output-tokens 16 --rates "$(scale 5,10,20)" --requests $((300 * K))
 case " $ONLY " in *" all "*)
-  $PY -m loadgen sweep-table docs/results/sim/{burst,sysprompt,rag,multiturn,tenants,mixed,trace}-$B ;;
+  $PY -m loadgen sweep-table docs/results/sim/{burst,sysprompt,rag,multiturn,tenants,mixed,trace,rotating}-$B ;;
 esac

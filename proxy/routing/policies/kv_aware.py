@@ -43,7 +43,7 @@ Tunables (class attributes; `--policy-param kv_aware.NAME=VALUE`):
 | memory_weight | 2.0 | blocks short of KV memory (waits, or preempts and recomputes) |
 | eviction_weight | 0.25 | cached blocks it would evict on b |
 | replicate_weight, amortize | 1.0, 2.0 | waiving a copy's second prefill; uses to come sharing a copy |
-| hot_after, uses_prior | 0, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
+| hot_after, uses_prior | 1, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
 | replicate_share | 0.25 | cache share hot copies may fill |
 | hot_horizon_s, hot_silence_gaps, hot_min_life_s | 60 s, 8, 5 s | how long a prefix stays hot (hot_prefixes.py) |
 | ttft_band, ttft_slack_s, ttft_slack_rel | 1 (on), 0.02 s, 0.25 | the TTFT band |
@@ -97,7 +97,7 @@ class KvAwarePolicy(Policy):
     hot_min_life_s = 5.0
     # A prefix matched by `hot_after` earlier requests may be copied; `uses_prior` is added to its
     # past uses when amortising (a prefix matched once is likely matched again).
-    hot_after = 0
+    hot_after = 1
     uses_prior = 1.0
     # TTFT band (0 = off): backends beyond max(ttft_slack_s, ttft_slack_rel x fastest) of the
     # fastest predicted TTFT are not weighed.
