@@ -94,8 +94,15 @@ async def test_a_miswired_event_socket_is_caught_by_the_answers_and_routing_goes
 async def test_a_miswired_event_socket_is_caught_by_the_prefix_cache_counters(cluster):
     em, proxy = await miswired(cluster, metrics_interval=0.05)
     client = cluster.client(proxy)
-    for i in range(3):  # distinct prompts: no answer can miss, only the counters can tell
+    audit = proxy.router.exact_audit
+    # The counters' baseline is the first scrape taken in exact mode: wait for it, or on a slow machine
+    # every request may finish before it and leave no growth to see.
+    await eventually(lambda: em.url in audit.states and audit.states[em.url].batches is not None,
+                     what="a scrape of the counters in exact mode")
+    for i in range(12):  # distinct prompts: no answer can miss, only the counters can tell
         await send(client, [5000 + 400 * i + k for k in range(10 * BLOCK)])
+        if i >= 2 and proxy.router.kv_events.mode(em.url) == "approximate":
+            break
     await eventually(lambda: proxy.router.kv_events.mode(em.url) == "approximate", what="leaving exact mode")
     backend, metrics = await admin_and_metrics(proxy)
     assert backend["exact_audit"]["untrusted"] == NO_EVENTS and "no KV event" in backend["exact_audit"]["why"]
