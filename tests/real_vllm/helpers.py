@@ -95,7 +95,8 @@ async def proxy_for(pair: VLLMPair, tmp: Path, exact: bool, tokenizer: str | Non
         await eventually(lambda: all(r.index.capacity(u) == NUM_BLOCKS - 1 for u in urls if r.registry.get(u).healthy),
                          timeout=60, what="capacity")
         if exact and wait_exact:
-            await eventually(lambda: all(r.kv_events.is_exact(u) for u in urls), timeout=60, what="exact mode on real vLLM")
+            # (a loaded machine has taken over a minute to answer the replay request after earlier tests)
+            await eventually(lambda: all(r.kv_events.is_exact(u) for u in urls), timeout=180, what="exact mode on real vLLM")
         _current.append(p)
         yield p
     finally:
