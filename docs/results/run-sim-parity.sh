@@ -19,3 +19,4 @@ run burst --workload burst --burst-prefixes 4 --rate 8 --requests 160
 run sysprompt --workload sysprompt --rate 8 --requests 160
 run multiturn --workload multiturn --turns 4 --think-time 1 --rate 2 --requests 96
 run trace --workload trace --trace-max-output 128 --trace-speedup 2 --requests 90
+run rotating --workload rotating-prefix --output-tokens 16 --rate 10 --requests 300
