@@ -32,9 +32,20 @@ def word_token_ids() -> tuple[int, ...]:
 
 
 def token_ids(rng: random.Random, n: int) -> list[int]:
-    """n seeded word-token ids."""
+    """n seeded word-token ids: the draws of `rng.randrange(len(vocab))`, inlined (a trace's prompts
+    draw millions; the same getrandbits rejection loop CPython's randrange runs, so the same texts)."""
     vocab = word_token_ids()
-    return [vocab[rng.randrange(len(vocab))] for _ in range(n)]
+    m = len(vocab)
+    k = m.bit_length()
+    draw = rng.getrandbits
+    out = []
+    add = out.append
+    for _ in range(n):
+        r = draw(k)
+        while r >= m:
+            r = draw(k)
+        add(vocab[r])
+    return out
 
 
 def words(rng: random.Random, n: int) -> str:

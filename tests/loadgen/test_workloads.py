@@ -151,3 +151,16 @@ def test_b2b_saas_defaults_are_llm_d_benchmark_and_scale_into_small_models():
     assert all(r.prompt_tokens + r.max_tokens <= 4096 for r in small.requests) and "scaled" in small.notes[0]
     with pytest.raises(ValueError, match="b2b_stages"):
         WorkloadConfig(name="b2b-saas", b2b_stages="3:x")
+
+
+def test_token_ids_draw_what_randrange_draws():
+    """The inlined draw keeps every seeded text (and so every published result) as it was."""
+    import random
+
+    from loadgen.text import token_ids, word_token_ids
+
+    vocab = word_token_ids()
+    for seed in range(5):
+        a, b = random.Random(seed), random.Random(seed)
+        assert token_ids(a, 3000) == [vocab[b.randrange(len(vocab))] for _ in range(3000)]
+        assert a.random() == b.random()  # the generators are left in the same state
