@@ -6,8 +6,8 @@
 Reads each strategy's records (written by `loadgen simulate`), adds what the summaries lack (TTFT p90 and
 mean, goodput: requests per second that met the SLO, and their output tokens per second), writes FOLDER/
 anchor.json and FOLDER/anchor.md, prints the table, then drops the records and plots (`--keep` keeps them)
-so the results stay small in the repository. Run again on a folder without records, it re-renders from
-anchor.json. Published figures:
+so the results stay small in the repository. Strategies without records keep their figures from the
+folder's anchor.json: a strategy rerun into the folder alone replaces its own row only. Published figures:
 - llm-d, "KV-Cache Wins You Can See" and llm-d-kv-cache-manager benchmarking/73-capacity (summary across QPS):
   precise 0.542 s TTFT p90 / 0.298 s mean / 8,730.0 output tok/s; estimated (approximate prefix)
   31.083 / 13.316 / 6,944.4; load 94.865 / 46.987 / 4,266.4 (the blog's table prints 4,428.7, random's
@@ -65,17 +65,20 @@ def measure(folder: Path, slo_ttft: float, slo_tpot: float) -> dict[str, Any]:
 
 
 def collect(folder: Path, slo_ttft: float, slo_tpot: float) -> dict[str, Any]:
-    """Figures of every strategy under `folder` (from records, or the anchor.json written before)."""
-    rows = {}
-    for sub in sorted(p for p in folder.iterdir() if (p / "summary.json").is_file()):
+    """Figures of every strategy under `folder`: measured from records where there are some, else kept from
+    the anchor.json written before (so one strategy can be rerun into the folder on its own)."""
+    before = read_json(folder / "anchor.json") if (folder / "anchor.json").is_file() else {}
+    rows = dict(before.get("strategies", {}))
+    subs = sorted(p for p in folder.iterdir() if (p / "summary.json").is_file())
+    for sub in subs:
         if (sub / "records.jsonl").is_file():
             rows[sub.name] = measure(sub, slo_ttft, slo_tpot)
-    if not rows and (folder / "anchor.json").is_file():
-        return read_json(folder / "anchor.json")
-    top = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
-    any_summary = next(iter(top.values()), {}) if isinstance(top, dict) else {}
-    return {"slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot}, "load": any_summary.get("load", ""),
-            "workload_params": any_summary.get("workload_params", {}), "notes": any_summary.get("notes", []),
+    one = read_json(subs[0] / "summary.json") if subs else {}
+    return {"slo": before.get("slo", {"ttft_s": slo_ttft, "tpot_s": slo_tpot}) if not any(
+                (s / "records.jsonl").is_file() for s in subs) else {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
+            "load": one.get("load", before.get("load", "")),
+            "workload_params": one.get("workload_params", before.get("workload_params", {})),
+            "notes": one.get("notes", before.get("notes", [])),
             "strategies": {k: rows[k] for k in sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else 99)}}
 
 
