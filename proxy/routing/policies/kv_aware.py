@@ -186,7 +186,7 @@ class KvAwarePolicy(Policy):
             h_deep = ctx.hashes[deepest - 1]
             last = max((index.touched(b.url, h_deep) or 0.0 for b in candidates if matches.get(b.url, 0) >= deepest),
                        default=0.0)
-            cold_before = t - self._hot.life(h_deep, env.time_scale, t - last if last else None)
+            cold_before = t - self._hot_prefixes().life(h_deep, env.time_scale, t - last if last else None)
         else:
             keep = 1.0 - 1.0 / self.overlap_weight  # the old rule: the prefill once, not twice
         out = []
@@ -267,15 +267,17 @@ class KvAwarePolicy(Policy):
             if len(reuse) > REUSE_ENTRIES:
                 del reuse[next(iter(reuse))]
             if n >= self.hot_after:
-                hot = self._hot
-                hot.horizon_s, hot.silence_gaps, hot.min_life_s = self.hot_horizon_s, self.hot_silence_gaps, self.hot_min_life_s
-                hot.touch(h, m, now(), self.env.time_scale)
+                self._hot_prefixes().touch(h, m, now(), self.env.time_scale)
 
     def hot_footprint(self) -> float:
         """Blocks of the hot shared prefixes still in use (each counted once; hot_prefixes.py)."""
+        return self._hot_prefixes().footprint(now())
+
+    def _hot_prefixes(self) -> HotPrefixes:
+        """The hot-prefix tracker with this policy's tunables (--policy-param sets them after __init__)."""
         hot = self._hot
         hot.horizon_s, hot.silence_gaps, hot.min_life_s = self.hot_horizon_s, self.hot_silence_gaps, self.hot_min_life_s
-        return hot.footprint(now())
+        return hot
 
     def reset(self) -> None:
         """Forget reuse counts, hot prefixes and the rotation (the backends' caches were reset)."""
