@@ -200,8 +200,8 @@ async def run_soak(cfg: SoakConfig) -> dict:
                     v = await _scrape_in_flight(url)
                     if v is not None:
                         in_flight.append(v)
-                    next_scrape += 1.0
-                await asyncio.sleep(0.2)
+                    next_scrape += 0.25
+                await asyncio.sleep(0.05)
 
         async def loaded_probes() -> tuple[list[float], list[float]]:
             await asyncio.sleep(max(0.0, steady_at - time.time()))
@@ -247,6 +247,7 @@ async def run_soak(cfg: SoakConfig) -> dict:
         "tokens_per_s": ok * cfg.max_tokens / (cfg.ramp + cfg.duration),
         "in_flight_mean": statistics.fmean(in_flight) if in_flight else float("nan"),
         "in_flight_min": min(in_flight) if in_flight else float("nan"),
+        "in_flight_max": max(in_flight) if in_flight else float("nan"),
         "quiet_p50": statistics.median(quiet), "quiet_p99": q_p99,
         "loaded_p50": statistics.median(ttfts) if ttfts else float("nan"), "loaded_p99": l_p99,
         "ratio_p99": l_p99 / q_p99,
@@ -260,7 +261,8 @@ async def run_soak(cfg: SoakConfig) -> dict:
         "in_flight_after": settled,
     }
     print(f"streams: {res['streams']} finished ({ok} complete, {failed} failed); ~{res['tokens_per_s']:.0f} tokens/s through the proxy")
-    print(f"streams open in the proxy during the steady phase: mean {res['in_flight_mean']:.0f}, min {res['in_flight_min']:.0f}"
+    print(f"streams open in the proxy during the steady phase: mean {res['in_flight_mean']:.0f}, min {res['in_flight_min']:.0f}, "
+          f"max {res['in_flight_max']:.0f} ({len(in_flight)} scrapes)"
           f" (target {cfg.clients}); in flight after the load: {settled}")
     print(f"proxy RSS: {res['rss_before_mb']:.1f} MB before, {res['rss_peak_mb']:.1f} MB peak, {res['rss_after_mb']:.1f} MB after; "
           f"CPU (cores, of {psutil.cpu_count()}): proxy {res['proxy_cpu_per_s']:.2f}, emulators {res['emulator_cpu_per_s']:.2f}, "
