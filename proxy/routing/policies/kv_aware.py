@@ -26,8 +26,10 @@
 Load terms read per-backend running totals, so a decision costs the same with thousands of
 requests in flight. Then the TTFT band: only backends whose predicted TTFT is within
 max(ttft_slack_s, ttft_slack_rel x fastest) of the fastest (over backends holding the prefix or able
-to afford a copy) are weighed by cost. Costs within `tie_blocks` blocks of weighted prefill, or
-within `tie_s` among backends holding as much of the prompt as the cheapest, tie: least recently
+to afford a copy) are weighed by cost. Costs within `tie_blocks` blocks of weighted prefill among
+backends holding at most `tie_blocks` fewer of the prompt's blocks than the cheapest, or within
+`tie_s` among backends holding as many, tie (a tie never gives more cached blocks away than it
+calls a tie): least recently
 routed-to wins, then fewest indexed blocks, then rendezvous hashing. A chat's next turn (its prompt
 continues a routed prompt through that one's end, >= `home_share` cached there) stays home unless
 home costs `move_valve_s` more.
@@ -43,7 +45,7 @@ Tunables (class attributes; `--policy-param kv_aware.NAME=VALUE`):
 | memory_weight | 2.0 | blocks short of KV memory (waits, or preempts and recomputes) |
 | eviction_weight | 0.25 | cached blocks it would evict on b |
 | replicate_weight, amortize | 1.0, 2.0 | waiving a copy's second prefill; uses to come sharing a copy |
-| hot_after, uses_prior | 1, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
+| hot_after, uses_prior | 0, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
 | replicate_share | 0.25 | cache share hot copies may fill |
 | hot_horizon_s, hot_silence_gaps, hot_min_life_s | 60 s, 8, 5 s | how long a prefix stays hot (hot_prefixes.py) |
 | ttft_band, ttft_slack_s, ttft_slack_rel | 1 (on), 0.02 s, 0.25 | the TTFT band |
@@ -97,7 +99,7 @@ class KvAwarePolicy(Policy):
     hot_min_life_s = 5.0
     # A prefix matched by `hot_after` earlier requests may be copied; `uses_prior` is added to its
     # past uses when amortising (a prefix matched once is likely matched again).
-    hot_after = 1
+    hot_after = 0
     uses_prior = 1.0
     # TTFT band (0 = off): backends beyond max(ttft_slack_s, ttft_slack_rel x fastest) of the
     # fastest predicted TTFT are not weighed.
@@ -335,9 +337,11 @@ class KvAwarePolicy(Policy):
         costs = self._ttft_band(raw) if self.ttft_band > 0 else raw
         best = min(costs)
         tol = self.tie_blocks * self.overlap_weight * self.env.profile.prefill_per_block + 1e-12
-        # Within tie_s only backends holding as much of this prompt as the cheapest one tie: a
-        # rotation never gives cached blocks away.
+        # Within tie_s only backends holding as much of this prompt as the cheapest one tie, within
+        # tol those holding at most tie_blocks fewer: a rotation (or, between replicas that do not
+        # share it, the fewest-blocks rule) never gives away more cached blocks than it calls a tie.
         m_best = ctx.matched(candidates[costs.index(best)])
+        m_tol = m_best - self.tie_blocks
         tie_s = self.tie_s + 1e-12
         index = self.env.index
         # Ties ranked by (last picked, blocks held), then the highest rendezvous weight; the weights
@@ -347,7 +351,8 @@ class KvAwarePolicy(Policy):
         last = self._last_pick
         for i, b in enumerate(candidates):
             gap = costs[i] - best
-            if gap <= tol or (gap <= tie_s and ctx.matched(b) == m_best):
+            m = ctx.matched(b)
+            if (gap <= tol and m >= m_tol) or (gap <= tie_s and m >= m_best):
                 rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url))
                 if choice_rank is None or rank < choice_rank:
                     choice, choice_rank, choice_w = i, rank, None
