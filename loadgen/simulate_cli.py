@@ -73,6 +73,10 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
     g.add_argument("--slo-ttft-p99", type=float, default=2.0, help="goodput SLO: TTFT p99, emulated s (default %(default)s)")
     g.add_argument("--slo-tpot-p50", type=float, default=0.05, help="goodput SLO: TPOT p50, emulated s (default %(default)s)")
     g.add_argument("--keep-records", action="store_true", help="with --sweep: also write every point's records (default: off)")
+    g.add_argument("--reuse", default="",
+                   help="with --sweep: comma-separated strategies whose points are read from OUT where a summary of the "
+                        "same workload, load, seed and fleet is there (their code did not change), not simulated again "
+                        "(default: none)")
     g.add_argument("--find-backends", action="store_true",
                    help="capacity planning: per strategy, the fewest backends (up to --max-backends) meeting "
                         "--slo-ttft-p99 and --slo-tpot-p50 with no failed request (OUT/capacity.json, table, plot; default: off)")
@@ -114,6 +118,11 @@ def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
         raise UsageError("--max-backends", f"must be >= 1 (got {ns.max_backends})")
     if ns.rates and not ns.sweep:
         raise UsageError("--rates", "is for --sweep (a single run takes --rate)")
+    if ns.reuse and not ns.sweep:
+        raise UsageError("--reuse", "is for --sweep (it reads a sweep's points from OUT)")
+    unknown = set(_names(ns.reuse)) - set(_names(ns.strategies))
+    if unknown:
+        raise UsageError("--reuse", f"{', '.join(sorted(unknown))} not in --strategies")
     try:
         parse_policy_params(ns.policy_param)
     except ValueError as e:
@@ -228,6 +237,23 @@ def describe(spec) -> str:
             f"{', KV events followed' if spec.kv_events else ''})")
 
 
+def _stored_point(path: Path, name: str, rate: float, workload, seed: int, spec, fleet: str) -> dict | None:
+    """A summary `--reuse` may stand in for a run: the same strategy, load, workload (params, seed,
+    requests) and fleet (its description, or for summaries written before it was stored, its
+    backend count); None when there is none or it differs, so the point is simulated."""
+    from .results import read_json
+
+    if not path.exists():
+        return None
+    s = read_json(path)
+    same_fleet = s["fleet"] == fleet if "fleet" in s else len(s.get("per_backend") or {}) == spec.backends
+    if (s.get("strategy") == name and s.get("offered_rate") == rate and s.get("workload") == workload.name
+            and s.get("workload_params") == {**workload.params, "seed": seed}
+            and s.get("requests_planned") == len(workload.requests) and same_fleet):
+        return s
+    return None
+
+
 def _names(text: str) -> list[str]:
     from proxy.routing.policies import DEFAULT_POLICY
 
@@ -306,7 +332,10 @@ def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     names = _names(ns.strategies)
     seed_list, rate_list = seeds(ns), rates(ns)
     is_trace = cfg.workload.name == "trace"
-    res = SweepResult(target=describe(spec))
+    fleet = describe(spec)
+    res = SweepResult(target=fleet)
+    reuse = set(_names(ns.reuse))
+    reused = 0
     first = None
     for seed in seed_list:
         for rate in rate_list:
@@ -314,17 +343,23 @@ def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
             c = replace(cfg, rate=0.0 if is_trace else rate, concurrency=0, workload=wl)
             workload = build_workload(wl)
             for name in names:
-                result = simulate_run(workload, c, spec, name, label=f"{name} @ {rate:g}")
-                s = summarize(result)
-                s["strategy"], s["offered_rate"], s["simulated"] = name, rate, True
-                s["workload_params"] = {**s["workload_params"], "seed": seed}
-                first = first or s
                 folder = out / _safe(name) / f"rate-{rate:g}" / (f"seed-{seed}" if len(seed_list) > 1 else "")
-                folder.mkdir(parents=True, exist_ok=True)
-                if ns.keep_records:
-                    write_records(folder, result)
-                write_json(folder / SUMMARY_JSON, s)
+                s = _stored_point(folder / SUMMARY_JSON, name, rate, workload, seed, spec, fleet) if name in reuse else None
+                if s is None:
+                    result = simulate_run(workload, c, spec, name, label=f"{name} @ {rate:g}")
+                    s = summarize(result)
+                    s["strategy"], s["offered_rate"], s["simulated"], s["fleet"] = name, rate, True, fleet
+                    s["workload_params"] = {**s["workload_params"], "seed": seed}
+                    folder.mkdir(parents=True, exist_ok=True)
+                    if ns.keep_records:
+                        write_records(folder, result)
+                    write_json(folder / SUMMARY_JSON, s)
+                else:
+                    reused += 1
+                first = first or s
                 res.points.setdefault(name, {}).setdefault(rate, []).append(point(s))
+    if reuse:
+        print(f"reused {reused} stored points of {', '.join(sorted(reuse))}; the rest simulated")
     res = finish_sweep(res, cfg, names, rate_list, seed_list, slo, first, command, res.target)
     print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
     if res.goodput_verdict:

@@ -5,13 +5,15 @@
 # saw in the 4-backend wall-clock sweeps. Deterministic: the same flags give the same tables.
 # Run from the repository root (heavy: nice it on a shared machine):
 #   BACKENDS=16 SEEDS=0,1,2 nice -n 19 bash docs/results/run-sim-sweeps.sh [workload ...]
+# After a change to one strategy only, REUSE=round_robin,least_loaded,sglang reads the others' stored
+# points (same workload, load, seed and fleet) instead of simulating them again.
 set -e
 PY=${PY:-.venv/bin/python}
 B=${BACKENDS:-16}
 K=$((B / 4))
 SEEDS=${SEEDS:-0,1,2}
 STRATS=${STRATS:-kv_aware,sglang,round_robin,least_loaded}
-COMMON="--strategies $STRATS --backends $B --seeds $SEEDS --slo-ttft-p99 1.0 --slo-tpot-p50 0.03"
+COMMON="--strategies $STRATS --backends $B --seeds $SEEDS --slo-ttft-p99 1.0 --slo-tpot-p50 0.03${REUSE:+ --reuse $REUSE}"
 ONLY="${*:-all}"
 scale() { python3 -c "import sys; print(','.join(f'{float(x) * $K:g}' for x in sys.argv[1].split(',')))" "$1"; }
 run() {

@@ -182,10 +182,35 @@ def test_simulate_cli_writes_what_compare_writes(tmp_path):
     assert (tmp_path / "report.md").is_file()
 
 
+def test_a_sweep_reuses_stored_points_only_where_they_match(tmp_path):
+    """`--reuse`: a strategy's stored points stand in for runs of the same workload, load, seed and fleet
+    (the sweep's tables are the same); a point of another fleet size is simulated again."""
+    base = [sys.executable, "-m", "loadgen", "simulate", "--sweep", "--workload", "rag", "--requests", "16",
+            "--documents", "3", "--rates", "2,4", "--strategies", "kv_aware,round_robin", "--out", str(tmp_path)]
+
+    def sweep(*extra: str) -> tuple[str, dict]:
+        proc = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data = orjson.loads((tmp_path / "sweep.json").read_bytes())
+        return proc.stdout, {k: data[k] for k in ("points", "goodput")}
+
+    _, first = sweep("--backends", "3")
+    stored = tmp_path / "round_robin" / "rate-2" / "summary.json"
+    mtime = stored.stat().st_mtime_ns
+    out, again = sweep("--backends", "3", "--reuse", "round_robin")
+    assert "reused 2 stored points of round_robin" in out and again == first
+    assert stored.stat().st_mtime_ns == mtime
+    out, _ = sweep("--backends", "2", "--reuse", "round_robin")  # another fleet: nothing to reuse
+    assert "reused 0 stored points" in out
+    assert orjson.loads(stored.read_bytes())["fleet"].startswith("simulated in virtual time: the proxy's router over 2 ")
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--backends", "0"], "--backends"),
     (["--rates", "1,2"], "--rates"),
     (["--sweep"], "--rates"),
+    (["--reuse", "round_robin"], "--reuse"),
+    (["--sweep", "--rates", "1", "--strategies", "kv_aware", "--reuse", "round_robin"], "--reuse"),
     (["--strategies", "nope"], "--strategies"),
     (["--policy-param", "kv_aware.nope=1"], "--policy-param"),
     (["--seeds", "a,b"], "--seeds"),
