@@ -91,12 +91,17 @@ class FleetSpec:
     lora_copies: int | None = None
     max_loras: int = 1
     lora_load_s: float = 0.0
+    # The real stack's fixed time a request spends outside the engines (client, proxy and backend
+    # HTTP, tokenizing): a routed request reaches its engine this many emulated s later. 0 = none;
+    # `simulate --against-wall` measures it, a gateway's floor can be given (--overhead-ms).
+    overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model_backends:
             assert len(self.model_backends) == len(self.served_models), "one backend count per served model"
             assert sum(self.model_backends) == self.backends and min(self.model_backends) >= 1, "every backend one model"
         assert self.lora_copies is None or 1 <= self.lora_copies, "an adapter is on at least one backend"
+        assert self.overhead_s >= 0, "overhead is time, not negative"
 
     def backends_per_model(self) -> list[int]:
         """How many backends serve each of `served_models` (in order)."""
@@ -322,6 +327,8 @@ class Fleet:
         rec.backend, rec.strategy, rec.matched_blocks = b.url, self.strategy, decision.matched_blocks
         verdict: bool | None = None
         try:
+            if self.spec.overhead_s:
+                await asyncio.sleep(self.spec.overhead_s)
             verdict = await self._generate(self.backends[b.url], raw, spec.api, rec, inflight, t0)
         finally:
             router.end(inflight)

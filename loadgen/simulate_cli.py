@@ -64,6 +64,10 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
     g.add_argument("--lora-load-s", type=float, default=0.0,
                    help="emulated s a step pays to bring an adapter into a slot, as python -m emulator --lora-load-s "
                         "(default %(default)s)")
+    g.add_argument("--overhead-ms", type=float, default=None,
+                   help="emulated ms every request spends outside the engines (HTTP, proxy, tokenizing; a gateway's "
+                        "floor): it reaches its engine this long after it is routed (default: 0; with --against-wall "
+                        "measured on the real stack first)")
     g.add_argument("--metrics-interval", type=float, default=0.5,
                    help="emulated s between the load generator's samples of the backends' metrics (default %(default)s)")
     g.add_argument("--max-error-share", type=float, default=0.05,
@@ -118,6 +122,8 @@ def check(ns: argparse.Namespace, cfg: RunConfig) -> None:
         raise UsageError("--max-backends", f"must be >= 1 (got {ns.max_backends})")
     if ns.rates and not ns.sweep:
         raise UsageError("--rates", "is for --sweep (a single run takes --rate)")
+    if ns.overhead_ms is not None and not ns.overhead_ms >= 0:
+        raise UsageError("--overhead-ms", f"must be >= 0 (got {ns.overhead_ms})")
     if ns.reuse and not ns.sweep:
         raise UsageError("--reuse", "is for --sweep (it reads a sweep's points from OUT)")
     unknown = set(_names(ns.reuse)) - set(_names(ns.strategies))
@@ -221,7 +227,7 @@ def fleet_spec(ns: argparse.Namespace, cfg: RunConfig, backends: int | None = No
                      kv_events=ns.kv_events, policy_params=list(ns.policy_param),
                      served_models=list(cfg.workload.models), model_backends=[] if backends else model_backends(ns, cfg),
                      lora_modules=lora_modules(ns, cfg), lora_copies=ns.lora_copies, max_loras=ns.max_loras,
-                     lora_load_s=ns.lora_load_s)
+                     lora_load_s=ns.lora_load_s, overhead_s=(ns.overhead_ms or 0.0) / 1000)
 
 
 def describe(spec) -> str:
@@ -234,7 +240,8 @@ def describe(spec) -> str:
                 f"max_loras {spec.max_loras}, load {spec.lora_load_s:g} s")
     return (f"simulated in virtual time: the proxy's router over {spec.backends} emulated backends "
             f"({served} on {emu.gpu}, {emu.resolved_num_gpu_blocks} KV blocks, profile {emu.profile}{lora}"
-            f"{', KV events followed' if spec.kv_events else ''})")
+            f"{', KV events followed' if spec.kv_events else ''}"
+            f"{f', {spec.overhead_s * 1000:g} ms a request outside the engines' if spec.overhead_s else ''})")
 
 
 def _stored_point(path: Path, name: str, rate: float, workload, seed: int, spec, fleet: str) -> dict | None:
@@ -401,6 +408,8 @@ def against_wall(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     from .results import write_json
 
     out = Path(cfg.out)
+    if ns.overhead_ms is None:
+        ns.overhead_ms = calibrate_overhead(cfg, ns.backends, out / "overhead")
     sim_cfg = replace(cfg, out=str(out / "sim"))
     ns_sim = argparse.Namespace(**{**vars(ns), "seeds": str(cfg.workload.seed)})
     _compare(ns_sim, sim_cfg, command)
@@ -410,6 +419,7 @@ def against_wall(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
     res = asyncio.run(compare(wall_cfg, _names(ns.strategies), None, command, ns.backends, "subprocess"))
     table = {name: parity(sims[name], res.summaries[name]) for name in res.summaries}
     write_json(out / "parity.json", {"workload": cfg.workload.name, "limits": PARITY, "strategies": table,
+                                     "overhead_ms": ns.overhead_ms,
                                      "sim": {n: _key_figures(s) for n, s in sims.items()},
                                      "wall": {n: _key_figures(s) for n, s in res.summaries.items()}})
     print("| strategy | hit rate sim / wall | TTFT p50 sim / wall | TTFT p99 sim / wall | E2E p50 sim / wall "
@@ -421,6 +431,41 @@ def against_wall(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
               f"| {_f(a['ttft_p99'])} / {_f(b['ttft_p99'])} | {_f(a['e2e_p50'])} / {_f(b['e2e_p50'])} "
               f"| {p['requests_per_backend']['sim']} / {p['requests_per_backend']['wall']} | {'yes' if p['ok'] else 'no'} |")
     return 0 if all(p["ok"] for p in table.values()) else 1
+
+
+CALIBRATION_REQUESTS = 16
+CALIBRATION_WARMUP = 2
+
+
+def calibrate_overhead(cfg: RunConfig, backends: int, out: Path) -> float:
+    """The real stack's per-request time outside the engines, in ms: the workload's first
+    CALIBRATION_REQUESTS requests one at a time through `python -m proxy` and `backends` emulators
+    (time scale 1, round robin; OUT/wall) and simulated without overhead; the median of wall TTFT
+    minus simulated TTFT, request by request, after CALIBRATION_WARMUP cold ones. One at a time, the
+    engines' timing is the profile's alone, so the difference is HTTP, the proxy and tokenizing; a
+    loaded run pays more (CPU contention), which the simulation does not model."""
+    import asyncio
+    import contextlib
+    import io
+    import statistics
+
+    from .compare import compare
+    from .simulate import FleetSpec, simulate_run
+    from .workloads import build_workload
+
+    n = min(CALIBRATION_REQUESTS, cfg.workload.requests or CALIBRATION_REQUESTS)
+    c = replace(cfg, rate=0.0, concurrency=1, duration=0.0, workload=replace(cfg.workload, requests=n))
+    sim = {r.index: r.ttft for r in simulate_run(build_workload(c.workload), c, FleetSpec(backends=backends),
+                                                 "round_robin").records if r.ttft is not None}
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = asyncio.run(compare(replace(c, out=str(out / "wall"), time_scale=1.0, progress=False), ["round_robin"],
+                                  None, "", backends, "subprocess"))
+    wall = {r.index: r.ttft for r in res.results["round_robin"].records if r.ttft is not None}
+    diffs = [wall[i] - sim[i] for i in sorted(sim)[CALIBRATION_WARMUP:] if i in wall]
+    ms = max(0.0, statistics.median(diffs) * 1000) if diffs else 0.0
+    print(f"the real stack's time outside the engines, one request at a time ({len(diffs)} requests after "
+          f"{CALIBRATION_WARMUP} warm-up): {ms:.1f} ms a request; the simulation adds it (--overhead-ms)")
+    return ms
 
 
 def _key_figures(s: dict[str, Any]) -> dict[str, Any]:
