@@ -13,13 +13,15 @@
 #   multimodel-light: the workload's default prompts (3 of 600 tokens per model, every cache holds them).
 # Run from the repository root (heavy: nice it on a shared machine):
 #   BACKENDS=4 SEEDS=0,1,2 nice -n 5 bash docs/results/run-fleet-sweeps.sh [lora|lora-free-slots|multimodel|multimodel-light ...]
+# After a change to one strategy only, REUSE=sglang,round_robin,least_loaded reads the others' stored
+# points (same workload, load, seed and fleet) instead of simulating them again.
 set -e
 PY=${PY:-.venv/bin/python}
 B=${BACKENDS:-4}
 K=$((B / 4))
 SEEDS=${SEEDS:-0,1,2}
 STRATS=${STRATS:-kv_aware,sglang,round_robin,least_loaded}
-COMMON="--strategies $STRATS --backends $B --seeds $SEEDS --slo-ttft-p99 1.0 --slo-tpot-p50 0.03"
+COMMON="--strategies $STRATS --backends $B --seeds $SEEDS --slo-ttft-p99 1.0 --slo-tpot-p50 0.03${REUSE:+ --reuse $REUSE}"
 ONLY="${*:-all}"
 scale() { python3 -c "import sys; print(','.join(f'{float(x) * $K:g}' for x in sys.argv[1].split(',')))" "$1"; }
 run() {
