@@ -220,22 +220,40 @@ async def test_a_mismatched_tokenizer_is_visible(vllm: VLLMPair, tmp_path):
 
 async def test_scraped_vllm_metrics_drive_a_replicas_decisions(vllm: VLLMPair, tmp_path):
     """A proxy replica that routed nothing itself sees server a's queue only through a's /metrics
-    (a runs 4 sequences at most: 8 long requests leave 4 waiting) and sends new prompts to b."""
+    (a runs 4 sequences at most: 8 long requests leave 4 waiting) and sends new prompts to b.
+
+    The 8 are kept in flight (one ends, another starts) and each prompt is sent once a scrape shows
+    the queue: on a slow machine the first 8 ended while the prompts were still being sent, and a
+    drained queue rightly stops counting (a CI run saw b, a, b, a)."""
     async with proxy_for(vllm, tmp_path, exact=False) as p:
         a = p.router.registry.get(vllm.a.url)
         headers = {"Authorization": f"Bearer {API_KEY_A}"}
-        body = {"model": MODEL_NAME, "prompt": doc(500, 300), "max_tokens": 1500, "ignore_eos": True}
+        body = {"model": MODEL_NAME, "max_tokens": 1500, "ignore_eos": True}
+        stop = asyncio.Event()
+
+        async def keep_busy(s: aiohttp.ClientSession, first: int) -> None:
+            k = first
+            while not stop.is_set():
+                async with s.post(vllm.a.url + "/v1/completions", json={**body, "prompt": doc(k, 300)}) as r:
+                    await r.read()
+                k += 8
+
+        def queued() -> bool:
+            return (a.scraped.waiting or 0) >= 3 and (a.scraped.running or 0) >= 3
+
         async with aiohttp.ClientSession(headers=headers) as s:
-            load = [asyncio.create_task(s.post(vllm.a.url + "/v1/completions", json={**body, "prompt": doc(500 + i, 300)}))
-                    for i in range(8)]
+            load = [asyncio.create_task(keep_busy(s, 1000 + i)) for i in range(8)]  # never a picked doc (600..603)
             try:
-                await eventually(lambda: (a.scraped.waiting or 0) >= 3 and (a.scraped.running or 0) >= 3, timeout=60,
-                                 what="a's queue in its /metrics")
+                await eventually(queued, timeout=60, what="a's queue in its /metrics")
                 assert (a.scraped.kv_usage or 0) > 0
                 c = client(p)
-                picks = [(await complete(c, doc(600 + i, 60), max_tokens=1))[2] for i in range(4)]
+                picks = []
+                for i in range(4):
+                    await eventually(queued, timeout=60, what="a's queue in its /metrics")
+                    picks.append((await complete(c, doc(600 + i, 60), max_tokens=1))[2])
                 await c.close()
             finally:
+                stop.set()
                 for t in load:
                     t.cancel()
                 await asyncio.gather(*load, return_exceptions=True)
