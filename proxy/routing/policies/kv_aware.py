@@ -45,7 +45,7 @@ Tunables (class attributes; `--policy-param kv_aware.NAME=VALUE`):
 | memory_weight | 2.0 | blocks short of KV memory (waits, or preempts and recomputes) |
 | eviction_weight | 0.25 | cached blocks it would evict on b |
 | replicate_weight, amortize | 1.0, 2.0 | waiving a copy's second prefill; uses to come sharing a copy |
-| hot_after, uses_prior | 0, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
+| hot_after, adapter_hot_after, uses_prior | 0, 1, 1 | matches before a prefix may be copied (an adapter's prompt); uses a prefix seen once expects |
 | replicate_share | 0.25 | cache share hot copies may fill |
 | hot_horizon_s, hot_silence_gaps, hot_min_life_s | 60 s, 8, 5 s | how long a prefix stays hot (hot_prefixes.py) |
 | ttft_band, ttft_slack_s, ttft_slack_rel | 1 (on), 0.02 s, 0.25 | the TTFT band |
@@ -101,6 +101,10 @@ class KvAwarePolicy(Policy):
     # past uses when amortising (a prefix matched once is likely matched again).
     hot_after = 0
     uses_prior = 1.0
+    # A copy of an adapter's prefix also brings the adapter into another backend's slots, which this
+    # policy does not price: adapter prompts are copied from their `adapter_hot_after`-th repeat
+    # (first-repeat copies spread adapters: the lora sweep on 4 backends, goodput 6 -> 4 req/s).
+    adapter_hot_after = 1
     # TTFT band (0 = off): backends beyond max(ttft_slack_s, ttft_slack_rel x fastest) of the
     # fastest predicted TTFT are not weighed.
     ttft_band = 1.0
@@ -163,7 +167,8 @@ class KvAwarePolicy(Policy):
         if deepest > max_hit:
             deepest = max_hit
         uses = self._reuse.get(ctx.hashes[deepest - 1], 0) if deepest >= 2 else 0
-        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self.hot_after
+        hot_after = self.hot_after if ctx.lora is None else max(self.adapter_hot_after, self.hot_after)
+        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= hot_after
         holders = sum(1 for b in candidates if matches.get(b.url, 0) >= deepest) if hot else 0
         affordable = False
         if hot and self.amortize > 0:
