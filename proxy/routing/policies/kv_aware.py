@@ -167,8 +167,7 @@ class KvAwarePolicy(Policy):
         if deepest > max_hit:
             deepest = max_hit
         uses = self._reuse.get(ctx.hashes[deepest - 1], 0) if deepest >= 2 else 0
-        hot_after = self.hot_after if ctx.lora is None else max(self.adapter_hot_after, self.hot_after)
-        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= hot_after
+        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self._hot_after(ctx)
         holders = sum(1 for b in candidates if matches.get(b.url, 0) >= deepest) if hot else 0
         affordable = False
         if hot and self.amortize > 0:
@@ -273,8 +272,13 @@ class KvAwarePolicy(Policy):
             n = reuse[h] = reuse.pop(h, 0) + 1
             if len(reuse) > REUSE_ENTRIES:
                 del reuse[next(iter(reuse))]
-            if n >= self.hot_after:
+            if n >= self._hot_after(ctx):
                 self._hot_prefixes().touch(h, m, now(), self.env.time_scale)
+
+    def _hot_after(self, ctx: RequestContext) -> float:
+        """Matches before `ctx`'s prefix may be copied: `hot_after`, at least `adapter_hot_after` for an
+        adapter's prompt (its copy would bring the adapter into another backend's slots)."""
+        return self.hot_after if ctx.lora is None else max(self.adapter_hot_after, self.hot_after)
 
     def hot_footprint(self) -> float:
         """Blocks of the hot shared prefixes still in use (each counted once; hot_prefixes.py)."""
@@ -356,6 +360,8 @@ class KvAwarePolicy(Policy):
         last = self._last_pick
         for i, b in enumerate(candidates):
             gap = costs[i] - best
+            if gap > tol and gap > tie_s:
+                continue
             m = ctx.matched(b)
             if (gap <= tol and m >= m_tol) or (gap <= tie_s and m >= m_best):
                 rank = (last.get(b.url, -1) if self.tie_rotate > 0 else 0, index.num_blocks(b.url))
