@@ -70,12 +70,12 @@ def collect(folder: Path, slo_ttft: float, slo_tpot: float) -> dict[str, Any]:
     before = read_json(folder / "anchor.json") if (folder / "anchor.json").is_file() else {}
     rows = dict(before.get("strategies", {}))
     subs = sorted(p for p in folder.iterdir() if (p / "summary.json").is_file())
-    for sub in subs:
-        if (sub / "records.jsonl").is_file():
-            rows[sub.name] = measure(sub, slo_ttft, slo_tpot)
+    measured = [sub for sub in subs if (sub / "records.jsonl").is_file()]
+    for sub in measured:
+        rows[sub.name] = measure(sub, slo_ttft, slo_tpot)
     one = read_json(subs[0] / "summary.json") if subs else {}
-    return {"slo": before.get("slo", {"ttft_s": slo_ttft, "tpot_s": slo_tpot}) if not any(
-                (s / "records.jsonl").is_file() for s in subs) else {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
+    slo = {"ttft_s": slo_ttft, "tpot_s": slo_tpot}
+    return {"slo": slo if measured else before.get("slo", slo),
             "load": one.get("load", before.get("load", "")),
             "workload_params": one.get("workload_params", before.get("workload_params", {})),
             "notes": one.get("notes", before.get("notes", [])),
