@@ -367,7 +367,7 @@ def _sweep(ns: argparse.Namespace, cfg: RunConfig, command: str) -> int:
                 res.points.setdefault(name, {}).setdefault(rate, []).append(point(s))
     if reuse:
         print(f"reused {reused} stored points of {', '.join(sorted(reuse))}; the rest simulated")
-    res = finish_sweep(res, cfg, names, rate_list, seed_list, slo, first, command, res.target)
+    res = finish_sweep(res, cfg, names, rate_list, seed_list, slo, first, command, res.target, simulated=True)
     print("goodput: " + ", ".join(f"{n} {g:g}" for n, g in res.goodput.items()))
     if res.goodput_verdict:
         v = res.goodput_verdict

@@ -353,7 +353,7 @@ async def sweep(config: RunConfig, strategies: list[str], rates: list[float], ta
 
 def finish_sweep(res: SweepResult, config: RunConfig, names: list[str], rates: list[float], seeds: list[int],
                  slo: SLO, first_summary: dict[str, Any] | None, command: str, where: str,
-                 peer: bool = False) -> SweepResult:
+                 peer: bool = False, simulated: bool = False) -> SweepResult:
     """Goodput, regret and noise from `res.points`; sweep.json, the plot and report.md in `config.out`
     (shared by the wall-clock sweep and `simulate --sweep`)."""
     out = Path(config.out)
@@ -374,7 +374,7 @@ def finish_sweep(res: SweepResult, config: RunConfig, names: list[str], rates: l
     })
     if res.points and first_summary is not None:
         res.plots = [sweep_plot(res.points, config.workload.name, is_trace, out)]
-        res.report = sweep_report(res, first_summary, command, where, slo, subject, is_trace, out, peer)
+        res.report = sweep_report(res, first_summary, command, where, slo, subject, is_trace, out, peer, simulated)
     return res
 
 
@@ -403,7 +403,7 @@ def sweep_plot(points: dict[str, dict[float, list[dict[str, Any]]]], workload: s
 
 
 def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: str, slo: SLO, subject: str,
-                 is_trace: bool, out: Path, peer: bool = False) -> Path:
+                 is_trace: bool, out: Path, peer: bool = False, simulated: bool = False) -> Path:
     unit = "x" if is_trace else " req/s"
     lines = _header(f"Goodput sweep on `{first['workload']}`", command, first, target)
     seeds = sorted({sd for p in res.points.values() for ps in p.values() for q in ps for sd in [q["seed"]]})
@@ -411,6 +411,9 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
     ran = (f"`{subject}` (another router) ran the seeded workload ({first['requests_planned']} requests per "
            f"point) at every {load}; between runs every backend's prefix cache was reset on the backend (the "
            "router's own view of the caches was not)." if peer else
+           f"Every strategy ran the same seeded workload ({first['requests_planned']} requests per point) at every "
+           f"{load}, each run a fresh simulation: the proxy's router with an empty index over new emulated "
+           "backends with empty caches." if simulated else
            f"Every strategy ran the same seeded workload ({first['requests_planned']} requests per point) at every "
            f"{load}, against one proxy; between runs the strategy was switched and the proxy's index and every "
            "backend's prefix cache were reset.")
