@@ -35,6 +35,7 @@ class InFlight:
     held_blocks: float = 0.0  # KV blocks it adds to the pinned ones while running: uncached prompt + output
     phase: int = 0  # one of the PHASE_* constants below: which running totals it is counted in
     decode_end: float = 0.0
+    lora: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 # Where an in-flight request sits in its backend's running totals.
@@ -98,6 +99,7 @@ class Backend:
     n_decoding: int = 0
     decode_end_sum: float = 0.0
     held_blocks: float = 0.0
+    loras: dict[str, int] = field(default_factory=dict)  # adapter -> our in-flight requests with it
     _pending_heap: list = field(default_factory=list, repr=False)
     _decode_heap: list = field(default_factory=list, repr=False)
 
@@ -117,6 +119,8 @@ class Backend:
     def add(self, r: InFlight) -> None:
         """`r` was routed here: queued prefill, decode tokens to come, blocks it will pin."""
         self.requests[r.id] = r
+        if r.lora is not None:
+            self.loras[r.lora] = self.loras.get(r.lora, 0) + 1
         self.n_unstarted += 1
         self.unstarted_tokens += r.max_tokens
         self.held_blocks += r.held_blocks
@@ -146,6 +150,12 @@ class Backend:
     def remove(self, r: InFlight) -> None:
         if self.requests.pop(r.id, None) is None:
             return
+        if r.lora is not None:
+            n = self.loras[r.lora] - 1
+            if n:
+                self.loras[r.lora] = n
+            else:
+                del self.loras[r.lora]
         if r.first_byte_at is None:
             self._leave_unstarted(r)
         elif r.phase == PHASE_DECODE:
@@ -155,6 +165,7 @@ class Backend:
         self.held_blocks -= r.held_blocks
         if not self.requests:  # exact zeros: no float drift survives an idle moment
             self.pending_s = self.unstarted_tokens = self.decode_end_sum = self.held_blocks = 0.0
+            self.loras.clear()
             self.n_pending = self.n_decoding = self.n_unstarted = 0
             self._pending_heap.clear()
             self._decode_heap.clear()
@@ -204,6 +215,32 @@ class Backend:
         """Wall seconds until the first decoding request is expected to end (0 when none decodes)."""
         self._advance(now)
         return self._decode_heap[0][0] - now if self.n_decoding and self._decode_heap else 0.0
+
+    def lora_slot_wait(self, lora: str, now: float, max_loras: int | None, also_active: frozenset[str] = frozenset()) -> float:
+        """Wall seconds until `lora` can run here: 0 when it runs already or a slot is free, else until
+        every in-flight request of one of the adapters holding the slots has ended (vLLM schedules at
+        most `max_loras` distinct adapters in a batch; the rest wait). `also_active`: adapters the
+        backend reported running or waiting that are not ours (another router's), of unknown end."""
+        loras = self.loras
+        if max_loras is None or lora in loras or lora in also_active:
+            return 0.0
+        active = len(loras) + sum(1 for a in also_active if a not in loras)
+        if active < max_loras:
+            return 0.0
+        if not loras:  # held by requests we did not send: the first of ours to end is all we know
+            return self.soonest_end(now)
+        last_end: dict[str, float] = {}  # adapter -> when its last in-flight request is expected to end
+        for r in self.requests.values():
+            if r.lora is None:
+                continue
+            if r.first_byte_at is not None:
+                end = r.decode_end
+            else:
+                start = r.expected_first_token if r.expected_first_token != float("inf") else now
+                end = max(now, start) + r.decode_wall
+            if end > last_end.get(r.lora, -1.0):
+                last_end[r.lora] = end
+        return max(0.0, min(last_end.values()) - now)
 
     def scrape_mark(self) -> int:
         """Taken as a /metrics scrape is sent, and handed back to `note_scrape` with its answer."""

@@ -9,9 +9,10 @@ only the PUB address (`--peer tcp://host:port`, or a DNS name), even with epheme
 A payload is a list of facts, each a list whose first item is its kind:
 
     BEGIN  rid url strategy hashes matched tail num_tokens max_tokens prompt_blocks uncached
-           prefill_s expect_in decode_wall held_blocks started
+           prefill_s expect_in decode_wall held_blocks started [lora]
            (tail: None or the prompt's unread rest after its last hash, `remote_prompt.tail_wire`;
-           expect_in: seconds until the expected first token, -1 for a stream, which waits for its first chunk)
+           expect_in: seconds until the expected first token, -1 for a stream, which waits for its first chunk;
+           lora: the adapter's name or None, left out by releases before it: a peer's adapters hold slots too)
     FIRST  rid                 END  rid
     RESET                      STRATEGY name
     ADD    url                 REMOVE url

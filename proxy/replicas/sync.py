@@ -234,7 +234,8 @@ class ReplicaSync:
         exp = rec.expected_first_token
         return [BEGIN, rec.id, rec.backend.url, strategy, list(ctx.hashes), matched, tail, ctx.num_tokens,
                 rec.max_tokens, rec.prompt_blocks, rec.uncached_blocks, rec.prefill_s,
-                -1.0 if exp == INF else max(0.0, exp - t), rec.decode_wall, rec.held_blocks, rec.first_byte_at is not None]
+                -1.0 if exp == INF else max(0.0, exp - t), rec.decode_wall, rec.held_blocks, rec.first_byte_at is not None,
+                rec.lora]
 
     def snapshot(self) -> bytes:
         """The whole approximate index (each backend's blocks oldest first, and pending tails) and our own
@@ -299,7 +300,8 @@ class ReplicaSync:
 
     def _apply_begin(self, remote: dict[int, InFlight], f: list[Any]) -> None:
         (_, rid, url, strategy, hashes, matched, tail, num_tokens, max_tokens, prompt_blocks, uncached, prefill_s,
-         expect_in, decode_wall, held_blocks, started) = f
+         expect_in, decode_wall, held_blocks, started, *rest) = f
+        lora = rest[0] if rest and isinstance(rest[0], str) else None  # absent from a peer of an older release
         r = self.router
         b = r.registry.get(url)
         if b is None:
@@ -310,7 +312,7 @@ class ReplicaSync:
         t = now()
         rec = InFlight(r.registry.new_request_id(), b, prompt_blocks, uncached, max_tokens, prefill_s,
                        INF if expect_in < 0 else t + expect_in, t,
-                       decode_wall=decode_wall, held_blocks=held_blocks)
+                       decode_wall=decode_wall, held_blocks=held_blocks, lora=lora)
         b.add(rec)
         remote[rid] = rec
         if started:

@@ -351,6 +351,7 @@ class Router:
             # Blocks it adds to what is pinned: cached prefix blocks are shared with whoever else uses
             # them (five requests on one document pin it once), so only its own prompt and output count.
             held_blocks=uncached + ctx.max_tokens / bs,
+            lora=ctx.lora,
         )
         b.add(rec)
         b.processed += 1

@@ -178,3 +178,34 @@ async def test_killing_a_replica_loses_no_request_on_the_other(base, emulators, 
         for p in (f"{tmp_path}/a", f"{tmp_path}/a.replay"):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+async def test_a_peers_adapter_requests_hold_slots_in_the_other_replicas_view(tmp_path):
+    """A's request on an adapter reaches B with its adapter (the BEGIN fact's `lora`), so B's kv_aware
+    sees that backend's adapter slots taken by it (Backend.loras), and frees them when it ends."""
+    scale = 0.1  # a 1000-token answer is still decoding while B looks
+    ems = await start_emulators(EmulatorConfig(port=0, time_scale=scale, log_requests=False,
+                                               lora_modules=["sql=/adapters/sql"], max_loras=1), 2)
+    base = ProxyConfig(port=0, backends=[e.url for e in ems], time_scale=scale, replica_heartbeat=0.25,
+                       health_interval=0.2, metrics_interval=0.2)
+    a = await start_proxy(replace(base, replica_bind=f"ipc://{tmp_path}/a", peers=[f"ipc://{tmp_path}/b"]))
+    b = await start_proxy(replace(base, replica_bind=f"ipc://{tmp_path}/b", peers=[f"ipc://{tmp_path}/a"]))
+    try:
+        await wait_for(lambda: all(x.adapters for p in (a, b) for x in p.router.registry), what="adapters learned")
+        async with aiohttp.ClientSession() as s:
+            async def slow():
+                async with s.post(a.url + "/v1/completions", json={"model": "sql", "prompt": prompt("alpha", 0),
+                                                                   "max_tokens": 1000}) as r:
+                    await r.read()
+                    return r.status
+            task = asyncio.create_task(slow())
+            await wait_for(lambda: a.router.registry.total_in_flight() == 1, what="A's adapter request in flight")
+            home = next(x.url for x in a.router.registry if x.in_flight)
+            await wait_for(lambda: b.router.registry.get(home).loras == {"sql": 1}, what="B counting A's adapter")
+            assert await task == 200
+            await wait_for(lambda: all(not x.loras for x in b.router.registry), what="B's adapter counts back to zero")
+    finally:
+        await b.stop()
+        await a.stop()
+        for e in ems:
+            await e.stop()

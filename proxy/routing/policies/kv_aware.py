@@ -45,12 +45,13 @@ Tunables (class attributes; `--policy-param kv_aware.NAME=VALUE`):
 | memory_weight | 2.0 | blocks short of KV memory (waits, or preempts and recomputes) |
 | eviction_weight | 0.25 | cached blocks it would evict on b |
 | replicate_weight, amortize | 1.0, 2.0 | waiving a copy's second prefill; uses to come sharing a copy |
-| hot_after, adapter_hot_after, uses_prior | 0, 1, 1 | matches before a prefix may be copied (an adapter's prompt); uses a prefix seen once expects |
+| hot_after, uses_prior | 0, 1 | matches before a prefix may be copied; uses a prefix seen once expects |
 | replicate_share | 0.25 | cache share hot copies may fill |
 | hot_horizon_s, hot_silence_gaps, hot_min_life_s | 60 s, 8, 5 s | how long a prefix stays hot (hot_prefixes.py) |
 | ttft_band, ttft_slack_s, ttft_slack_rel | 1 (on), 0.02 s, 0.25 | the TTFT band |
 | tie_blocks, tie_s, tie_rotate | 1 block, 0.03 s, 1 (on) | what counts as a tie; rotate ties |
 | home_share, shared_after, move_valve_s | 0.3, 2, 0.5 s | when a chat turn stays home; when a prefix is shared |
+| lora_load_s, lora_swap_s, lora_slot_weight | 0.5 s, 1 s, 1.0 | loading an adapter (--lora-runtime-load); waiting for a slot |
 
 Why each term exists, with the measurements and issues behind it: docs/policies/kv_aware.md.
 """
@@ -101,10 +102,6 @@ class KvAwarePolicy(Policy):
     # past uses when amortising (a prefix matched once is likely matched again).
     hot_after = 0
     uses_prior = 1.0
-    # A copy of an adapter's prefix also brings the adapter into another backend's slots, which this
-    # policy does not price: adapter prompts are copied from their `adapter_hot_after`-th repeat
-    # (first-repeat copies spread adapters: the lora sweep on 4 backends, goodput 6 -> 4 req/s).
-    adapter_hot_after = 1
     # TTFT band (0 = off): backends beyond max(ttft_slack_s, ttft_slack_rel x fastest) of the
     # fastest predicted TTFT are not weighed.
     ttft_band = 1.0
@@ -128,6 +125,11 @@ class KvAwarePolicy(Policy):
     # lora_swap_s more when vllm:lora_requests_info shows no free adapter slot (it waits for one).
     lora_load_s = 0.5
     lora_swap_s = 1.0
+    # A backend serving the adapter whose --max-loras slots (vllm:lora_requests_info) other adapters'
+    # in-flight requests hold (ours and peer replicas'): the request waits until one adapter's last
+    # request ends (Backend.lora_slot_wait), charged lora_slot_weight x. The scrape's adapter list is
+    # not used: it still names adapters whose requests ended since, and would charge a wait for them.
+    lora_slot_weight = 1.0
 
     def __init__(self, env) -> None:
         super().__init__(env)
@@ -167,7 +169,7 @@ class KvAwarePolicy(Policy):
         if deepest > max_hit:
             deepest = max_hit
         uses = self._reuse.get(ctx.hashes[deepest - 1], 0) if deepest >= 2 else 0
-        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self._hot_after(ctx)
+        hot = deepest >= 2 and self.replicate_weight > 0 and uses >= self.hot_after
         holders = sum(1 for b in candidates if matches.get(b.url, 0) >= deepest) if hot else 0
         affordable = False
         if hot and self.amortize > 0:
@@ -246,11 +248,18 @@ class KvAwarePolicy(Policy):
                 wait = b.soonest_end(t) / env.time_scale if env.time_scale > 0 else 0.0
                 cost += self.memory_weight * short * ppb + wait
                 ttft += wait
-            if ctx.lora is not None and ctx.lora not in b.adapters:  # it loads the adapter first
-                free = s.free_lora_slots()
-                load = self.lora_load_s + (self.lora_swap_s if free == 0 else 0.0)
-                cost += load
-                ttft += load
+            if ctx.lora is not None:
+                if ctx.lora not in b.adapters:  # it loads the adapter first
+                    free = s.free_lora_slots()
+                    load = self.lora_load_s + (self.lora_swap_s if free == 0 else 0.0)
+                    cost += load
+                    ttft += load
+                if s.max_loras is not None and self.lora_slot_weight:
+                    wait = b.lora_slot_wait(ctx.lora, t, s.max_loras)
+                    if wait > 0.0:
+                        wait = self.lora_slot_weight * wait / env.time_scale if env.time_scale > 0 else 0.0
+                        cost += wait
+                        ttft += wait
             overflow = held + (full_blocks - m) - cap
             if overflow > 0 and not cold:
                 cost += self.eviction_weight * overflow * ppb
@@ -272,13 +281,8 @@ class KvAwarePolicy(Policy):
             n = reuse[h] = reuse.pop(h, 0) + 1
             if len(reuse) > REUSE_ENTRIES:
                 del reuse[next(iter(reuse))]
-            if n >= self._hot_after(ctx):
+            if n >= self.hot_after:
                 self._hot_prefixes().touch(h, m, now(), self.env.time_scale)
-
-    def _hot_after(self, ctx: RequestContext) -> float:
-        """Matches before `ctx`'s prefix may be copied: `hot_after`, at least `adapter_hot_after` for an
-        adapter's prompt (its copy would bring the adapter into another backend's slots)."""
-        return self.hot_after if ctx.lora is None else max(self.adapter_hot_after, self.hot_after)
 
     def hot_footprint(self) -> float:
         """Blocks of the hot shared prefixes still in use (each counted once; hot_prefixes.py)."""
