@@ -116,7 +116,7 @@ class Runner:
         result = RunResult(self.label, self.workload, cfg, arrivals.describe(), model)
         self.records_so_far = result.records
         result.metrics_before = await scrape_all(self.backends) if self.backends else {}
-        self.watch = LatenessWatch(self.label, cfg.lateness_limit, cfg.time_scale, result.metrics_before)
+        self.watch = LatenessWatch(self.label, cfg.lateness_limit, cfg.time_scale, result.metrics_before, cfg.log_format)
         sampler = MetricsSampler(self.backends, cfg.metrics_interval, self.watch.on_scrape)
         progress = Progress(len(self.workload.requests), self.label, cfg.progress)
         loop = asyncio.get_running_loop()

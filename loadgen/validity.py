@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kvblocks.logs import get_logger
+
 # Healthy runs on the 2-core dev machine stay below ~2.5 emulated ms per step (docs/results/*-sweep);
 # a CPU-bound one (4 emulators at --time-scale 0.1) reached ~117 ms. 10 ms is a third of a decode step.
 DEFAULT_LATENESS_LIMIT = 0.01
@@ -53,8 +55,9 @@ class LatenessWatch:
     passes the limit (above the progress bar), so a starved run is known before it ends."""
 
     def __init__(self, label: str, limit: float, time_scale: float,
-                 before: dict[str, dict[str, float]] | None = None) -> None:
+                 before: dict[str, dict[str, float]] | None = None, log_format: str = "console") -> None:
         self.label, self.limit, self.time_scale = label, limit, time_scale
+        self.log_format = log_format  # "json": through the log stack, one object a line, as --log-format says
         self.before = before or {}
         self.warned: list[str] = []  # the warnings printed, one per clock at most
         self._kinds: set[str] = set()
@@ -66,6 +69,10 @@ class LatenessWatch:
             return
         self._kinds.add(kind)
         self.warned.append(what)
+        if self.log_format == "json":
+            get_logger("loadgen.validity").warning("machine-bound run: marked invalid", run=self.label, reason=what,
+                                                   lateness_limit_ms=self.limit * 1000)
+            return
         tqdm.write(f"warning: {self.label}: {what} (emulated; > --lateness-limit {self.limit * 1000:g} ms): the "
                    "machine, not the strategy, sets these latencies; the run is marked invalid", file=sys.stderr)
 

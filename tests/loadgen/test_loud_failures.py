@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 
 from emulator.config import EmulatorConfig
 from emulator.server import start_emulator
@@ -97,6 +98,32 @@ def test_the_watch_warns_once_the_moment_the_mean_passes_the_limit(capsys):
     w.on_scrape({"b": {"lateness_sum": 1.0 + 90 * 0.003, "lateness_steps": 190}})
     err = capsys.readouterr().err
     assert err.count("warning: kv_aware @ 8: engine steps 20.0 ms late on average") == 1 and len(w.warned) == 1
+
+
+def test_under_json_logs_the_watch_warns_as_one_json_object():
+    """--log-format json: the lateness warning goes through the log stack like every other warning (a
+    container's log collector reads one JSON object a line), not as a console line."""
+    import io
+    import logging
+
+    from kvblocks.logs import configure_logging
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging("json", "warning", stream)
+        w = LatenessWatch("kv_aware @ 8", 0.01, 0.1, {"b": {"lateness_sum": 1.0, "lateness_steps": 100}}, "json")
+        w.on_scrape({"b": {"lateness_sum": 1.0 + 60 * 0.002, "lateness_steps": 160}})  # 20 emulated ms
+        w.on_scrape({"b": {"lateness_sum": 1.0 + 90 * 0.003, "lateness_steps": 190}})
+    finally:
+        root.handlers, root.level = saved
+        structlog.reset_defaults()
+    lines = [ln for ln in stream.getvalue().splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    obj = json.loads(lines[0])
+    assert obj["level"] == "warning" and obj["run"] == "kv_aware @ 8" and obj["lateness_limit_ms"] == 10
+    assert obj["reason"] == "engine steps 20.0 ms late on average" and w.warned == [obj["reason"]]
 
 
 async def test_a_machine_bound_run_is_marked_invalid_in_summary_report_and_console(tmp_path, capsys):
