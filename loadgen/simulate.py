@@ -41,6 +41,7 @@ from kvblocks.kv_events import EventBatch, encode_batch, encode_seq
 from proxy.backends.registry import BackendRegistry
 from proxy.config import ProxyConfig
 from proxy.upstream.health import BackendMonitor
+from proxy.upstream.lora_loader import RuntimeLoraLoader
 from proxy.index.kv_events import KVEventSource
 from proxy.edge.openai_request import parse_chat, parse_completion
 from proxy.routing.router import Router
@@ -91,6 +92,9 @@ class FleetSpec:
     lora_copies: int | None = None
     max_loras: int = 1
     lora_load_s: float = 0.0
+    # The proxy's --lora-runtime-load: an adapter request may go to a backend of its base model without
+    # the adapter, which the proxy's own loader loads there first (every simulated backend allows it).
+    lora_runtime_load: bool = False
     # The real stack's fixed time a request spends outside the engines (client, proxy and backend
     # HTTP, tokenizing): a routed request reaches its engine this many emulated s later. 0 = none;
     # `simulate --against-wall` measures it, a gateway's floor can be given (--overhead-ms).
@@ -150,6 +154,8 @@ class FleetSpec:
         )
         if self.proxy_metrics_interval is not None:
             kw["metrics_interval"] = self.proxy_metrics_interval
+        if self.lora_runtime_load:
+            kw["lora_runtime_load"] = True
         return ProxyConfig(**kw)
 
 
@@ -247,7 +253,8 @@ class _Answer:
 
 
 class SimSession:
-    """The proxy monitor's client session, answering GETs from in-process emulators (no sockets)."""
+    """The proxy's client session for its monitor and adapter loader, answered by in-process emulators
+    (no sockets): GET /health, /v1/models and /metrics; POST /v1/load_lora_adapter."""
 
     def __init__(self, backends: dict[str, SimBackend]) -> None:
         self.backends = backends
@@ -263,6 +270,20 @@ class SimSession:
                 if path == "/metrics":
                     return _Answer(200, b.exposition(PROXY_SERIES))
                 return _Answer(404, b"")
+        raise OSError(f"no simulated backend at {url}")
+
+    def post(self, url: str, json: Any = None, **_: Any) -> _Answer:
+        """vLLM's /v1/load_lora_adapter on the emulator's registry, answered as its server answers it."""
+        for base, b in self.backends.items():
+            if url.startswith(base):
+                if url[len(base):] != "/v1/load_lora_adapter" or not isinstance(json, dict):
+                    return _Answer(404, b"")
+                name, path = json.get("lora_name"), json.get("lora_path")
+                try:
+                    b.lora.load(name if isinstance(name, str) else "", path if isinstance(path, str) else "")
+                except APIError as e:
+                    return _Answer(e.status, e.message.encode())
+                return _Answer(200, f"Success: LoRA adapter '{name}' added successfully.".encode())
         raise OSError(f"no simulated backend at {url}")
 
 
@@ -283,7 +304,9 @@ class Fleet:
             if source is not None:
                 sub = self.router.kv_events.subscribers[url]
                 b.publish_to(lambda frames, sub=sub: asyncio.get_running_loop().create_task(sub.receive(frames)))
-        self.monitor = BackendMonitor(self.router, SimSession(self.backends), cfg.monitoring())
+        session = SimSession(self.backends)
+        self.monitor = BackendMonitor(self.router, session, cfg.monitoring())
+        self.lora_loader = RuntimeLoraLoader(session) if spec.lora_runtime_load else None  # type: ignore[arg-type]
         self.model = spec.emulator_config(0).model
         self.strategy = self.router.strategy
 
@@ -322,6 +345,11 @@ class Fleet:
             rec.status, rec.error = e.status, f"APIError: {e.message}"
             return rec
         b = decision.backend
+        if ctx.lora is not None and self.lora_loader is not None and ctx.lora not in b.adapters:
+            card = router.adapters.card(ctx.lora, router.registry)  # as the forwarder loads it first
+            if card is None or not await self.lora_loader.ensure(b, card):
+                rec.status, rec.error = 503, f"adapter {ctx.lora} could not be loaded on {b.url}"
+                return rec
         inflight = router.begin(ctx, decision, self.strategy, stream=True)
         probe = b.breaker.attempt()
         rec.backend, rec.strategy, rec.matched_blocks = b.url, self.strategy, decision.matched_blocks

@@ -64,6 +64,9 @@ def add_simulate_parser(sub, add_workload_args, doc: str) -> argparse.ArgumentPa
     g.add_argument("--lora-load-s", type=float, default=0.0,
                    help="emulated s a step pays to bring an adapter into a slot, as python -m emulator --lora-load-s "
                         "(default %(default)s)")
+    g.add_argument("--lora-runtime-load", action="store_true",
+                   help="the proxy may send an adapter request to a backend without the adapter, loading it there "
+                        "first, as python -m proxy --lora-runtime-load (every backend allows it; default: off)")
     g.add_argument("--overhead-ms", type=float, default=None,
                    help="emulated ms every request spends outside the engines (HTTP, proxy, tokenizing; a gateway's "
                         "floor): it reaches its engine this long after it is routed (default: 0; with --against-wall "
@@ -200,6 +203,8 @@ def fleet_shape(ns: argparse.Namespace, cfg: RunConfig) -> None:
             raise UsageError("--lora-copies", "places adapters: give --lora-modules (or the lora workload)")
         if not 1 <= ns.lora_copies <= ns.backends:
             raise UsageError("--lora-copies", f"must be within 1..--backends ({ns.backends}); got {ns.lora_copies}")
+    if ns.lora_runtime_load and not mods:
+        raise UsageError("--lora-runtime-load", "loads adapters: give --lora-modules (or the lora workload)")
 
 
 def seeds(ns: argparse.Namespace) -> list[int]:
@@ -227,7 +232,8 @@ def fleet_spec(ns: argparse.Namespace, cfg: RunConfig, backends: int | None = No
                      kv_events=ns.kv_events, policy_params=list(ns.policy_param),
                      served_models=list(cfg.workload.models), model_backends=[] if backends else model_backends(ns, cfg),
                      lora_modules=lora_modules(ns, cfg), lora_copies=ns.lora_copies, max_loras=ns.max_loras,
-                     lora_load_s=ns.lora_load_s, overhead_s=(ns.overhead_ms or 0.0) / 1000)
+                     lora_load_s=ns.lora_load_s, lora_runtime_load=ns.lora_runtime_load,
+                     overhead_s=(ns.overhead_ms or 0.0) / 1000)
 
 
 def describe(spec) -> str:
@@ -237,7 +243,8 @@ def describe(spec) -> str:
     lora = ""
     if spec.lora_modules:
         lora = (f", {len(spec.lora_modules)} LoRA adapters on {spec.lora_copies or spec.backends} backends each, "
-                f"max_loras {spec.max_loras}, load {spec.lora_load_s:g} s")
+                f"max_loras {spec.max_loras}, load {spec.lora_load_s:g} s"
+                + (", loaded elsewhere at run time by the proxy" if spec.lora_runtime_load else ""))
     return (f"simulated in virtual time: the proxy's router over {spec.backends} emulated backends "
             f"({served} on {emu.gpu}, {emu.resolved_num_gpu_blocks} KV blocks, profile {emu.profile}{lora}"
             f"{', KV events followed' if spec.kv_events else ''}"

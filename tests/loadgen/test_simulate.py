@@ -154,6 +154,48 @@ def test_the_proxy_learns_adapters_and_slots_from_the_simulated_backends():
     assert got["01"][0] == ["lora-0", "lora-1"] and got["03"][0] == ["lora-2", "lora-3"]
 
 
+def test_with_runtime_loading_the_proxy_loads_an_adapter_where_it_routes_it():
+    """--lora-runtime-load: each adapter starts on one backend; the proxy may route its requests to any
+    backend, loading the adapter there first through its own loader (POST /v1/load_lora_adapter,
+    answered by the emulator's registry). Round robin sends adapters everywhere and every request is
+    served, with KV events predicted exactly; kv_aware keeps an adapter home until home is busier than
+    a load costs (4 adapters, Zipf: the first takes half the traffic); the same flags, the same records."""
+    mods = [f"lora-{k}=/adapters/lora-{k}" for k in range(4)]
+    spec = FleetSpec(backends=4, lora_modules=mods, lora_copies=1, max_loras=2, lora_load_s=0.02,
+                     lora_runtime_load=True, kv_events=True)
+    home = {k: f"http://sim-backend-{k:02d}:8000" for k in range(4)}
+    away = {}
+    for strategy, rate in (("round_robin", 16.0), ("kv_aware", 16.0), ("kv_aware", 120.0)):
+        cfg = _cfg(name="lora", requests=200, rate=rate, seed=0, adapters=4)
+        wl = build_workload(cfg.workload)
+        result = simulate_run(wl, cfg, spec, strategy)
+        assert len(result.records) == 200 and all(r.ok for r in result.records)
+        away[strategy, rate] = sum(r.backend != home[r.tags["adapter"]] for r in result.records)
+        hits = [r for r in result.records if r.cached_tokens]
+        if strategy == "kv_aware":  # round robin does not read prompts: it predicts nothing
+            assert hits and sum(r.matched_blocks * 16 == r.cached_tokens for r in hits) >= 0.9 * len(hits)
+    assert away[("round_robin", 16.0)] > 100 and away[("kv_aware", 16.0)] == 0 < away[("kv_aware", 120.0)], away
+    assert _records(simulate_run(wl, cfg, spec, "kv_aware")) == _records(result)
+
+
+def test_the_simulated_backends_answer_runtime_loads_as_the_emulator_does():
+    async def main():
+        fleet = Fleet(replace(_lora_spec(), lora_runtime_load=True), "kv_aware")
+        await fleet.start()
+        b = fleet.router.registry.get("http://sim-backend-02:8000")
+        card = fleet.router.adapters.card("lora-0", fleet.router.registry)
+        assert "lora-0" not in b.adapters and card is not None
+        assert await fleet.lora_loader.ensure(b, card)
+        again = await fleet.lora_loader.ensure(b, card)  # known now: no second load
+        await fleet.monitor.check_all_health()  # /v1/models lists it, as the emulator's server would
+        listed = [m["id"] for m in fleet.backends[b.url].models()["data"]]
+        await fleet.stop()
+        return again, fleet.lora_loader.loads, listed, sorted(b.adapters)
+
+    again, loads, listed, adapters = _run_virtual(main)
+    assert again and loads == 1 and "lora-0" in listed and "lora-0" in adapters
+
+
 def test_multimodel_requests_reach_only_backends_of_their_model():
     cfg = _cfg(name="multimodel", requests=40, rate=6.0, models=("m-a", "m-b", "m-c"))
     spec = FleetSpec(backends=4, served_models=["m-a", "m-b", "m-c"], model_backends=[1, 2, 1])
@@ -224,6 +266,7 @@ def test_a_sweep_reuses_stored_points_only_where_they_match(tmp_path):
     (["--workload", "lora", "--max-loras", "0"], "--max-loras"),
     (["--workload", "lora", "--lora-load-s", "-1"], "--lora-load-s"),
     (["--workload", "lora", "--lora-copies", "9"], "--lora-copies"),
+    (["--lora-runtime-load"], "--lora-runtime-load"),
 ])
 def test_simulate_cli_bad_flags_exit_2_naming_the_flag(args, flag, capsys):
     from loadgen.__main__ import main
