@@ -8,11 +8,15 @@
 #     (emulated) to bring an adapter into a slot: which adapters meet on a backend is the router's doing.
 #   lora-free-slots: the same with a slot for every adapter (--max-loras 8K, no load time): what is left
 #     of adapter affinity when adapters cost nothing to mix (their prefix caches alone).
+#   lora-runtime: each adapter on one backend (--lora-copies 1), and the proxy may load it on any other
+#     (--lora-runtime-load, POST /v1/load_lora_adapter): where adapters spread is the router's doing.
+#   lora-one-copy: the same without runtime loading (each adapter's requests have one backend: every
+#     strategy routes alike; the control for what runtime loading is worth).
 #   multimodel: two base models, each on half the fleet, 8K system prompts of 2000 tokens per model
 #     (more than one backend's cache holds: where a prompt goes matters).
 #   multimodel-light: the workload's default prompts (3 of 600 tokens per model, every cache holds them).
 # Run from the repository root (heavy: nice it on a shared machine):
-#   BACKENDS=4 SEEDS=0,1,2 nice -n 5 bash docs/results/run-fleet-sweeps.sh [lora|lora-free-slots|multimodel|multimodel-light ...]
+#   BACKENDS=4 SEEDS=0,1,2 nice -n 5 bash docs/results/run-fleet-sweeps.sh [lora|lora-free-slots|lora-runtime|lora-one-copy|multimodel|multimodel-light ...]
 # After a change to one strategy only, REUSE=sglang,round_robin,least_loaded reads the others' stored
 # points (same workload, load, seed and fleet) instead of simulating them again.
 set -e
@@ -31,9 +35,15 @@ run() {
 }
 run lora --workload lora --adapters $((8 * K)) --max-loras 2 --lora-load-s 0.02 --rates "$(scale 2,4,6,8,10,12,16)" --requests $((600 * K))
 run lora-free-slots --workload lora --adapters $((8 * K)) --max-loras $((8 * K)) --lora-load-s 0 --rates "$(scale 2,4,6,8,10,12,16)" --requests $((600 * K))
+run lora-runtime --workload lora --adapters $((8 * K)) --lora-copies 1 --lora-runtime-load --max-loras 2 --lora-load-s 0.02 --rates "$(scale 4,8,12,16,20,24,32)" --requests $((600 * K))
+STRATS_ONE=${STRATS_ONE:-kv_aware,round_robin}
+COMMON=${COMMON/--strategies $STRATS/--strategies $STRATS_ONE}
+run lora-one-copy --workload lora --adapters $((8 * K)) --lora-copies 1 --max-loras 2 --lora-load-s 0.02 --rates "$(scale 4,8,12,16,20,24,32)" --requests $((600 * K))
+COMMON=${COMMON/--strategies $STRATS_ONE/--strategies $STRATS}
 run multimodel --workload multimodel --models model-a,model-b --system-prompts $((8 * K)) --system-tokens 2000 --rates "$(scale 4,8,12,16,20,24)" --requests $((600 * K))
 run multimodel-light --workload multimodel --models model-a,model-b --rates "$(scale 4,8,16,24)" --requests $((600 * K))
 case " $ONLY " in *" all "*)  # sweep-table joins folders of one workload in a row: one table per variant
   $PY -m loadgen sweep-table docs/results/sim/{lora,multimodel}-$B
-  $PY -m loadgen sweep-table docs/results/sim/{lora-free-slots,multimodel-light}-$B ;;
+  $PY -m loadgen sweep-table docs/results/sim/{lora-free-slots,multimodel-light}-$B
+  $PY -m loadgen sweep-table docs/results/sim/lora-runtime-$B docs/results/sim/lora-one-copy-$B ;;
 esac
