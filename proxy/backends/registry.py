@@ -59,6 +59,8 @@ class ScrapedLoad:
     # Our requests with no first byte at some moment between the scrape's send and its answer: the
     # part of `waiting` we know about. Snapshotted then, so a request that ends later is still ours.
     ours_waiting: int = 0
+    # Our requests in flight at some moment in that window: the part of running + waiting we know about.
+    ours_total: int = 0
     # vllm:lora_requests_info's newest sample: adapter slots and the adapters running or waiting.
     max_loras: int | None = None
     active_loras: frozenset[str] = frozenset()
@@ -93,6 +95,7 @@ class Backend:
     # end) leave the totals through heaps, each entry popped once.
     n_unstarted: int = 0
     left_unstarted: int = 0  # requests that ever left `n_unstarted` (first byte or end): see `scrape_mark`
+    ended: int = 0  # requests that ever left `requests`: see `scrape_mark`
     pending_s: float = 0.0
     n_pending: int = 0
     unstarted_tokens: float = 0.0
@@ -150,6 +153,7 @@ class Backend:
     def remove(self, r: InFlight) -> None:
         if self.requests.pop(r.id, None) is None:
             return
+        self.ended += 1
         if r.lora is not None:
             n = self.loras[r.lora] - 1
             if n:
@@ -242,12 +246,12 @@ class Backend:
                 last_end[r.lora] = end
         return max(0.0, min(last_end.values()) - now)
 
-    def scrape_mark(self) -> int:
+    def scrape_mark(self) -> tuple[int, int]:
         """Taken as a /metrics scrape is sent, and handed back to `note_scrape` with its answer."""
-        return self.left_unstarted
+        return self.left_unstarted, self.ended
 
     def note_scrape(self, running: float | None, waiting: float | None, kv_usage: float | None, at: float,
-                    since: int | None = None) -> None:
+                    since: tuple[int, int] | None = None) -> None:
         """A /metrics scrape came back at `at`; snapshot which of its waiting requests may be ours.
 
         The backend counted its waiting requests at some moment between the scrape's send (`since`,
@@ -256,7 +260,21 @@ class Backend:
         was on its way as someone else's queue (a real-vLLM salt test sent a prompt off its home)."""
         s = self.scraped
         s.running, s.waiting, s.kv_usage, s.at = running, waiting, kv_usage, at
-        s.ours_waiting = self.n_unstarted + (self.left_unstarted - since if since is not None else 0)
+        s.ours_waiting = self.n_unstarted + (self.left_unstarted - since[0] if since is not None else 0)
+        s.ours_total = len(self.requests) + (self.ended - since[1] if since is not None else 0)
+
+    def unseen_load(self) -> tuple[float, float]:
+        """(waiting, running) requests the last scrape counted that are not ours: another router's, or
+        clients' that reach the backend directly. Ours are counted generously (every request in flight
+        at some moment between the scrape's send and answer), so a request of ours is never taken for
+        someone else's; what is left is at least that many others'."""
+        s = self.scraped
+        waiting = s.waiting or 0.0
+        unseen_waiting = max(0.0, waiting - s.ours_waiting)
+        if s.running is None:
+            return unseen_waiting, 0.0
+        unseen = s.running + waiting - s.ours_total
+        return unseen_waiting, max(0.0, unseen - unseen_waiting)
 
     def queue_state_scan(self, now: float, decode_per_token: float, time_scale: float) -> tuple[float, int, float]:
         """`queue_state` by walking every in-flight request: the reference the running totals are tested against."""

@@ -235,11 +235,13 @@ class KvAwarePolicy(Policy):
                 ttft -= saved
             s = b.scraped
             fresh = t - s.at < SCRAPE_FRESH_S
-            if s.waiting and fresh:
-                unseen = s.waiting - s.ours_waiting
+            if fresh and (s.waiting or s.running):  # requests others sent it (another router, direct clients)
+                unseen, unseen_running = b.unseen_load()
                 if unseen > 0:
                     cost += unseen * self._mean_prefill
                     ttft += unseen * self._mean_prefill
+                if unseen_running > 0:  # decoding beside it: its decode slows, its prefill stalls theirs
+                    cost += unseen_running * (own_decode + self.stall_weight * own)
             pinned = b.held_blocks
             if fresh and s.kv_usage is not None and s.kv_usage * cap > pinned:
                 pinned = s.kv_usage * cap

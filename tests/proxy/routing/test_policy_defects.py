@@ -88,6 +88,43 @@ def test_a_request_that_ends_while_the_scrape_is_on_its_way_is_not_someone_elses
     assert pol.costs(r.context(prompt, 64), r.candidates())[i] > costs[i]
 
 
+def test_running_requests_someone_else_sent_are_a_cost_and_ours_are_not_counted_twice():
+    """Another router (or clients reaching vLLM directly) keeps a backend busy decoding: its scrape shows
+    running requests we did not send. They slow this request's decode and its prefill stalls them, so
+    an otherwise equal backend is cheaper. Our own running requests, counted in the same scrape, are
+    not charged again, nor is one that ended while the scrape was on its way."""
+    r = setup_router()
+    pol = r.policies["kv_aware"]
+    prompt = doc_tokens(2, 600)  # shared with nothing: on idle backends every cost is the same
+    busy = r.registry.get(BACKENDS[0])
+    i = r.candidates().index(busy)
+    base = pol.costs(r.context(prompt, 64), r.candidates())
+    assert base[i] == min(base) == max(base), base
+    busy.note_scrape(running=6, waiting=0, kv_usage=0.1, at=clock(), since=busy.scrape_mark())
+    costs = pol.costs(r.context(prompt, 64), r.candidates())
+    assert costs[i] > max(c for j, c in enumerate(costs) if j != i), costs
+    assert r.decide(r.context(prompt, 64)).backend is not busy
+    # Six of ours running there, all in the scrape: nothing unseen (ours cost as ours, once).
+    r2 = setup_router()
+    home = r2.registry.get(BACKENDS[0])
+    recs = []
+    while len(recs) < 6:
+        _, rec = route(r2, doc_tokens(10 + len(recs), 300), strategy="round_robin", keep=True)
+        if rec.backend is home:
+            r2.first_byte(rec)
+            recs.append(rec)
+        else:
+            r2.end(rec)
+    mark = home.scrape_mark()
+    r2.end(recs.pop())  # ended while the scrape was on its way: the backend may still count it
+    home.note_scrape(running=6, waiting=0, kv_usage=0.1, at=clock(), since=mark)
+    assert home.unseen_load() == (0.0, 0.0)
+    home.note_scrape(running=7, waiting=1, kv_usage=0.1, at=clock(), since=home.scrape_mark())
+    assert home.unseen_load() == (1.0, 2.0)  # 5 ours in flight: 3 others', one of them waiting
+    for rec in recs:
+        r2.end(rec)
+
+
 def test_kv_memory_pinned_by_running_requests_is_a_cost():
     """A backend holding the prefix but whose KV memory running requests pin makes the request wait or
     preempt: a cold backend with free memory is cheaper."""
