@@ -425,9 +425,10 @@ def sweep_report(res: SweepResult, first: dict[str, Any], command: str, target: 
         "Goodput = highest offered load met within the SLO there and at every lower load (0 = not even the "
         "lowest), from the means over seeds; per seed, from each seed's runs alone.", "",
         *([f"`{subject}`'s goodput: {verdict_text(res.goodput_verdict, unit)}.", ""] if res.goodput_verdict else []),
-        "Step lateness = how late the emulators' engine steps ran on average (emulated ms): the CPU the run "
-        "had. High values mean the machine, not the strategy, set the latencies: such a point is marked "
-        "not valid (`--lateness-limit`).", "",
+        ("Step lateness is 0 here: in virtual time no engine step runs late, whatever the machine's load." if simulated
+         else "Step lateness = how late the emulators' engine steps ran on average (emulated ms): the CPU the run "
+         "had. High values mean the machine, not the strategy, set the latencies: such a point is marked "
+         "not valid (`--lateness-limit`)."), "",
         *_invalid_summary(res),
         "## Every point", "",
         "| load | strategy | hit rate | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | throughput (req/s) | errors "
