@@ -86,6 +86,11 @@ async def test_adapter_requests_reach_only_the_server_with_it_and_an_unknown_one
         c = client(p)
         seen = {(await complete(c, "sql" if i % 2 else "chat", doc(2500 + i, 40)))[2] for i in range(6)}
         assert seen == {vllm.b.url}  # round robin alternates base traffic; adapter traffic has one home
+        # vLLM's vllm:lora_requests_info gives b's adapter slots (kv_aware's slot term reads them), and
+        # the adapters our requests held there are counted back to zero now that they have ended.
+        b = p.router.registry.get(vllm.b.url)
+        await eventually(lambda: b.scraped.max_loras == 1, timeout=30, what="b's --max-loras from its /metrics")
+        assert b.loras == {} and b.in_flight == 0
         before = [await metric(s.url, "vllm:request_success_total") for s in vllm.servers]
         with pytest.raises(openai.NotFoundError) as err:
             await c.completions.create(model="no-such-adapter", prompt="hello", max_tokens=1)
