@@ -220,19 +220,14 @@ class Backend:
         self._advance(now)
         return self._decode_heap[0][0] - now if self.n_decoding and self._decode_heap else 0.0
 
-    def lora_slot_wait(self, lora: str, now: float, max_loras: int | None, also_active: frozenset[str] = frozenset()) -> float:
-        """Wall seconds until `lora` can run here: 0 when it runs already or a slot is free, else until
-        every in-flight request of one of the adapters holding the slots has ended (vLLM schedules at
-        most `max_loras` distinct adapters in a batch; the rest wait). `also_active`: adapters the
-        backend reported running or waiting that are not ours (another router's), of unknown end."""
+    def lora_slot_wait(self, lora: str, now: float, max_loras: int | None) -> float:
+        """Wall seconds until `lora` can run here: 0 when it runs already, a slot is free or the slots are
+        unknown, else until every in-flight request of one of the adapters holding the slots has ended
+        (vLLM schedules at most `max_loras` distinct adapters in a batch; the rest wait). Walks the
+        in-flight requests, and only when the slots are full."""
         loras = self.loras
-        if max_loras is None or lora in loras or lora in also_active:
+        if max_loras is None or lora in loras or len(loras) < max_loras:
             return 0.0
-        active = len(loras) + sum(1 for a in also_active if a not in loras)
-        if active < max_loras:
-            return 0.0
-        if not loras:  # held by requests we did not send: the first of ours to end is all we know
-            return self.soonest_end(now)
         last_end: dict[str, float] = {}  # adapter -> when its last in-flight request is expected to end
         for r in self.requests.values():
             if r.lora is None:

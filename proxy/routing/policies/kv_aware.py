@@ -125,9 +125,9 @@ class KvAwarePolicy(Policy):
     # lora_swap_s more when vllm:lora_requests_info shows no free adapter slot (it waits for one).
     lora_load_s = 0.5
     lora_swap_s = 1.0
-    # A backend serving the adapter whose --max-loras slots (vllm:lora_requests_info) other adapters'
-    # in-flight requests hold (ours and peer replicas'): the request waits until one adapter's last
-    # request ends (Backend.lora_slot_wait), charged lora_slot_weight x. The scrape's adapter list is
+    # A backend whose --max-loras slots (vllm:lora_requests_info) other adapters' in-flight requests
+    # hold (ours and peer replicas'), whether it serves the adapter or would load it: the request waits
+    # until one adapter's last request ends (Backend.lora_slot_wait), charged lora_slot_weight x. The scrape's adapter list is
     # not used: it still names adapters whose requests ended since, and would charge a wait for them.
     lora_slot_weight = 1.0
 
