@@ -23,13 +23,7 @@ for i in 0 1 2 3; do
   PIDS+=($!)
   BACKENDS+=(--backend "http://127.0.0.1:$((EPORT + i))")
 done
-wait_for() {  # URL: bounded poll until it answers 200
-  for _ in $(seq 150); do
-    $PY -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null && return 0
-    sleep 0.2
-  done
-  echo "$1 never answered; logs in $LOG" >&2; exit 1
-}
+source "$(dirname "$0")/wait-for.sh"  # wait_for URL
 for i in 0 1 2 3; do wait_for "http://127.0.0.1:$((EPORT + i))/health"; done
 RUN="--target http://127.0.0.1:$PPORT/v1 --reset-target --workload lora --adapters 8 --rate 6 --requests 600 --seed 1 --time-scale 1.0 --no-progress"
 proxy() {  # start the proxy with extra flags "$@"; its PID is the last of PIDS

@@ -25,13 +25,7 @@ $PY -m emulator --host 127.0.0.1 --port "$EPORT" --replicas 4 --time-scale 1.0 -
 EPID=$!
 RPID=""
 trap 'kill $EPID ${RPID} 2>/dev/null; wait 2>/dev/null' EXIT
-wait_for() {  # URL: bounded poll until it answers 200
-  for _ in $(seq 150); do
-    $PY -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null && return 0
-    sleep 0.2
-  done
-  echo "$1 never answered; logs in $LOG" >&2; exit 1
-}
+source "$(dirname "$0")/wait-for.sh"  # wait_for URL
 for w in "${WORKERS[@]}"; do wait_for "$w/health"; done
 "$PEERS_PY" -m sglang_router.launch_router --host 127.0.0.1 --port "$RPORT" --worker-urls "${WORKERS[@]}" \
   --policy cache_aware --log-level warn > "$LOG/router.log" 2>&1 &
