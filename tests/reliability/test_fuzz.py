@@ -154,7 +154,10 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> Answer
         h[k] = v
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=CLIENT_TIMEOUT)
     try:
-        conn.request("POST", u.path, body=body, headers=h)
+        try:
+            conn.request("POST", u.path, body=body, headers=h)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered a refused header before reading the body, then closed: read its answer
         r = conn.getresponse()
         return Answer(r.status, r.getheader("Content-Type", ""), r.read())
     finally:
